@@ -1,0 +1,9 @@
+"""Fused drop-in modules: same constructor signature and state_dict as ``fastvit_ops.reference``.
+
+``FAT_LAYERS``, ``FCVIT_LAYERS``, ``CVT_LAYERS`` map a reference layer name to its fused
+drop-in; ``fastvit_ops.models`` builds models with them (the reference is used for any name that
+has no fused layer yet).
+"""
+FAT_LAYERS: dict = {}
+FCVIT_LAYERS: dict = {}
+CVT_LAYERS: dict = {}
