@@ -8,6 +8,52 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels are proven on the CPU interpreter; it must be set before the first
+# `import triton`, which fastvit_ops does lazily.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastvit_ops  # noqa: E402
+from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def backends_for(device: str = "cpu"):
+    """The backends that can run on ``device`` here, each as a pytest param (unavailable ones skip)."""
+    out = []
+    for name in ("reference", "cpu", "cuda", "triton"):
+        ok, why = backend_available(name, torch.device(device))
+        if (name == "cpu" and device != "cpu") or (name == "cuda" and device != "cuda"):
+            continue
+        out.append(pytest.param(name, marks=() if ok else pytest.mark.skip(reason=why), id=name))
+    return out
+
+
+# torch.testing's default tolerances: the floor of the DESIGN.md error rule.
+DEFAULT_TOL = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
+               torch.float64: (1e-7, 1e-7)}
+
+
+def assert_error_rule(name: str, fused: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> None:
+    """DESIGN.md numerics rule: |fused − exact| ≤ max(2·max|eager − exact|, atol + rtol·|exact|).
+
+    ``exact`` is the float64 reference; ``eager`` the eager PyTorch layer in the same dtype as
+    ``fused``. Both errors are reported on failure.
+    """
+    assert fused.shape == exact.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
+    assert fused.dtype == eager.dtype, f"{name}: dtype {fused.dtype} != eager {eager.dtype}"
+    rtol, atol = DEFAULT_TOL[fused.dtype]
+    exact = exact.double()
+    err_f = (fused.double() - exact).abs()
+    err_e = (eager.double() - exact).abs().max().item()
+    allowed = torch.clamp(atol + rtol * exact.abs(), min=2 * err_e)
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values"
+    bad = err_f > allowed
+    assert not bad.any(), (f"{name} ({fused.dtype}): max error {err_f.max().item():.3g} exceeds the rule at "
+                           f"{int(bad.sum())} elements; eager max error {err_e:.3g}")
+
 # The authors' state_dict listings live beside the repository (../shared/checkpoints); CI clones
 # main with shared/ next to it. FASTVIT_OPS_SHARED points elsewhere when needed.
 SHARED = Path(os.environ.get("FASTVIT_OPS_SHARED", Path(__file__).resolve().parents[2] / "shared"))

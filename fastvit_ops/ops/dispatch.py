@@ -1,0 +1,98 @@
+"""Backend selection: ``auto | triton | cuda | cpu | reference``.
+
+The requested backend comes from ``fastvit_ops.backend(name)`` (a context manager), else the
+``FASTVIT_OPS_BACKEND`` environment variable, else ``auto``. A public op reads it once per call
+and passes the *requested* name into its custom op, so the backward of that call uses the same
+choice and ``torch.compile`` keeps the choice in effect when it traced the function.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Callable, Dict, Iterator, Tuple
+
+import torch
+
+from .. import _availability as avail
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+_requested: contextvars.ContextVar = contextvars.ContextVar("fastvit_ops_backend", default=None)
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend requested for ops called now (``auto`` unless overridden)."""
+    name = _requested.get()
+    if name is None:
+        name = os.environ.get("FASTVIT_OPS_BACKEND", "auto") or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"FASTVIT_OPS_BACKEND: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Run the ops called inside the block on backend ``name``.
+
+    ``name`` is one of ``auto, triton, cuda, cpu, reference``. Raises ``ValueError`` for another
+    name. An op asked for a backend that cannot run on its input's device (no extension, no
+    Triton, wrong device) raises ``RuntimeError`` saying why; an op that has no kernel for that
+    backend at all uses its ``auto`` choice.
+    """
+    token = _requested.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _requested.reset(token)
+
+
+def backend_available(name: str, device: torch.device) -> Tuple[bool, str]:
+    """Whether backend ``name`` can run on ``device`` here, and if not, why."""
+    _check_name(name)
+    dev = device.type
+    if name in ("auto", "reference"):
+        return True, "ok"
+    if name == "cpu":
+        if dev != "cpu":
+            return False, f"the cpu backend runs CPU tensors, got a {dev} tensor"
+        return avail.cpu_extension()
+    if name == "cuda":
+        if dev != "cuda":
+            return False, f"the cuda backend runs CUDA tensors, got a {dev} tensor"
+        return avail.cuda_extension()
+    ok, why = avail.triton()
+    if not ok:
+        return False, why
+    if dev == "cuda":
+        return True, "ok"
+    if dev == "cpu" and avail.interpreting():
+        return True, "ok (TRITON_INTERPRET=1)"
+    return False, f"triton needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got {dev}"
+
+
+# Preference order for ``auto``, fastest first, per device type. An op may override it.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve(op: str, requested: str, device: torch.device, impls: Dict[str, Callable],
+            auto_order: Dict[str, tuple] = AUTO_ORDER) -> Tuple[str, Callable]:
+    """Pick the implementation of ``op`` for ``requested`` on ``device``.
+
+    ``impls`` maps backend name → callable; it must contain ``reference``.
+    """
+    _check_name(requested)
+    if requested != "auto" and requested in impls:
+        ok, why = backend_available(requested, device)
+        if not ok:
+            raise RuntimeError(f"{op}: backend {requested!r} is not available: {why}")
+        return requested, impls[requested]
+    for name in auto_order.get(device.type, ("reference",)):
+        if name in impls and backend_available(name, device)[0]:
+            return name, impls[name]
+    return "reference", impls["reference"]

@@ -1,0 +1,250 @@
+"""sigmoid_cross_modulation (SPEC §1.4) on every backend that runs here, against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvit_ops
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from fastvit_ops.ops import cross_modulation as cm
+
+MODES = ["silu", "full"]
+CPU_BACKENDS = backends_for("cpu")
+
+
+def eager(local, global_, mode):
+    """The layer as eager PyTorch writes it (FAT's released code; the paper's extra sigmoid for "full")."""
+    out = F.silu(local) * F.silu(global_)
+    return out * torch.sigmoid(F.silu(local)) if mode == "full" else out
+
+
+def inputs(shape, dtype=torch.float64, device="cpu", scale=3.0):
+    return [(torch.randn(shape, dtype=dtype, device=device) * scale).requires_grad_() for _ in range(2)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 4, 9, 9), (2, 3, 7, 5), (1,), (13,)])
+def test_gradcheck_float64(backend, mode, shape):
+    l, g = inputs(shape)
+    with fastvit_ops.backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: fastvit_ops.sigmoid_cross_modulation(a, b, mode), (l, g))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_forward_backward_equal_eager_float64(backend, mode):
+    # Sizes around the vector width, the staging chunk (1024) and the parallel grain (16384).
+    for n in (1, 7, 17, 1023, 1025, 16384 * 2 + 3):
+        l, g = inputs((n,))
+        dy = torch.randn(n, dtype=torch.float64)
+        with fastvit_ops.backend(backend):
+            out = fastvit_ops.sigmoid_cross_modulation(l, g, mode)
+            dl, dg = torch.autograd.grad(out, (l, g), dy)
+        ref = eager(l, g, mode)
+        rl, rg = torch.autograd.grad(ref, (l, g), dy)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dl, rl, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dg, rg, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_low_precision_error_rule(backend, dtype, mode):
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter computes half-precision math wrongly; GPU tests cover it")
+    shape = (2, 8, 11, 13)
+    l64, g64 = (torch.randn(shape, dtype=torch.float64) * 4 for _ in range(2))
+    dy64 = torch.randn(shape, dtype=torch.float64)
+    # Exact result of the *rounded* inputs, so only the op's own error is measured.
+    l, g, dy = l64.to(dtype), g64.to(dtype), dy64.to(dtype)
+    le, ge = l.double().requires_grad_(), g.double().requires_grad_()
+    exact = eager(le, ge, mode)
+    exact_dl, exact_dg = torch.autograd.grad(exact, (le, ge), dy.double())
+
+    lf, gf = l.clone().requires_grad_(), g.clone().requires_grad_()
+    with fastvit_ops.backend(backend):
+        out = fastvit_ops.sigmoid_cross_modulation(lf, gf, mode)
+        dl, dg = torch.autograd.grad(out, (lf, gf), dy)
+    lr, gr = l.clone().requires_grad_(), g.clone().requires_grad_()
+    ref = eager(lr, gr, mode)
+    rdl, rdg = torch.autograd.grad(ref, (lr, gr), dy)
+    assert out.dtype == dtype and dl.dtype == dtype
+    assert_error_rule("forward", out, ref, exact)
+    assert_error_rule("dlocal", dl, rdl, exact_dl)
+    assert_error_rule("dglobal", dg, rdg, exact_dg)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layouts(backend):
+    """channels_last, sliced, transposed and mixed layouts give the contiguous result."""
+    base = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    other = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    cases = {
+        "channels_last": (base.to(memory_format=torch.channels_last), other.to(memory_format=torch.channels_last)),
+        "mixed": (base.to(memory_format=torch.channels_last), other),
+        "sliced": (torch.randn(2, 6, 9, 20, dtype=torch.float64)[..., ::2], other),
+        "transposed": (base.transpose(2, 3), other.transpose(2, 3)),
+        "expanded": (torch.randn(1, 6, 9, 10, dtype=torch.float64).expand(2, -1, -1, -1), other),
+    }
+    for name, (l, g) in cases.items():
+        l, g = l.requires_grad_() if l.is_leaf else l, g.requires_grad_() if g.is_leaf else g
+        lc = l.detach().contiguous().requires_grad_()
+        gc = g.detach().contiguous().requires_grad_()
+        dy = torch.randn(l.shape, dtype=torch.float64)
+        with fastvit_ops.backend(backend):
+            out = fastvit_ops.sigmoid_cross_modulation(lc, gc)
+            dl, dg = torch.autograd.grad(out, (lc, gc), dy)
+            lx = l.detach().requires_grad_() if l.is_leaf or True else l
+            gx = g.detach().requires_grad_()
+            out2 = fastvit_ops.sigmoid_cross_modulation(lx, gx)
+            dl2, dg2 = torch.autograd.grad(out2, (lx, gx), dy)
+        torch.testing.assert_close(out2, out, msg=name)
+        torch.testing.assert_close(dl2, dl, msg=name)
+        torch.testing.assert_close(dg2, dg, msg=name)
+    cl = cases["channels_last"][0].detach()
+    with fastvit_ops.backend(backend):
+        y = fastvit_ops.sigmoid_cross_modulation(cl, cases["channels_last"][1].detach())
+    assert y.is_contiguous(memory_format=torch.channels_last), "a channels_last input keeps its layout"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty(backend):
+    l = torch.randn(0, 4, 3, 3)
+    with fastvit_ops.backend(backend):
+        assert fastvit_ops.sigmoid_cross_modulation(l, l.clone()).shape == l.shape
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend, mode):
+    l, g = (torch.randn(2, 4, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.fastvit_ops.sigmoid_cross_modulation.default, (l, g, mode, backend))
+    dy = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastvit_ops.sigmoid_cross_modulation_backward.default,
+                          (dy, l.detach(), g.detach(), mode, backend))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def block(a, b):
+        return fastvit_ops.sigmoid_cross_modulation(a * 2, b, "full").sum(dim=1)
+
+    compiled = torch.compile(block, fullgraph=True)
+    l, g = (torch.randn(2, 4, 5, 7, requires_grad=True) for _ in range(2))
+    out = compiled(l, g)
+    ref = block(l, g)
+    torch.testing.assert_close(out, ref)
+    dl, dg = torch.autograd.grad(out.sum(), (l, g))
+    rl, rg = torch.autograd.grad(ref.sum(), (l, g))
+    torch.testing.assert_close(dl, rl)
+    torch.testing.assert_close(dg, rg)
+
+
+def test_triton_launcher_writes_every_element():
+    """Poisoned outputs: every element of a non-multiple-of-block size is written."""
+    if not backend_ok("triton"):
+        pytest.skip("triton not available here")
+    from fastvit_ops.kernels import cross_modulation as k
+
+    n = 1024 + 37
+    l, g, dy = (torch.randn(n) for _ in range(3))
+    out = torch.full((n,), float("nan"))
+    k.cross_modulation_forward(l, g, out, False)
+    dl, dg = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
+    k.cross_modulation_backward(dy, l, g, dl, dg, True)
+    assert not out.isnan().any() and not dl.isnan().any() and not dg.isnan().any()
+    torch.testing.assert_close(out, eager(l, g, "silu"))
+
+
+def backend_ok(name, device="cpu"):
+    return fastvit_ops.backend_available(name, torch.device(device))[0]
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    a = torch.randn(2, 3, 4, 4)
+    op = fastvit_ops.sigmoid_cross_modulation
+    with pytest.raises(ValueError, match="global_: expected shape"):
+        op(a, torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="global_: expected device"):
+        op(a, torch.randn(2, 3, 4, 4, device="meta"))
+    with pytest.raises(TypeError, match="local: expected dtype"):
+        op(torch.ones(2, 3, 4, 4, dtype=torch.int32), a)
+    with pytest.raises(TypeError, match="global_: expected dtype"):
+        op(a, a.double())
+    with pytest.raises(TypeError, match="local: expected a torch.Tensor"):
+        op([1.0], a)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        op(a, a, mode="gelu")
+
+
+def test_backend_selection_errors_and_env(monkeypatch):
+    a = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        with fastvit_ops.backend("cudnn"):
+            pass
+    with fastvit_ops.backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            fastvit_ops.sigmoid_cross_modulation(a, a)
+    monkeypatch.setenv("FASTVIT_OPS_BACKEND", "reference")
+    assert fastvit_ops.get_backend() == "reference"
+    with fastvit_ops.backend("cpu"):
+        assert fastvit_ops.get_backend() == "cpu"
+    assert fastvit_ops.get_backend() == "reference"
+    monkeypatch.setenv("FASTVIT_OPS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTVIT_OPS_BACKEND"):
+        fastvit_ops.sigmoid_cross_modulation(a, a)
+
+
+def test_dispatch_runs_the_requested_backend(monkeypatch):
+    """The name given to backend() decides which implementation runs (forward and backward)."""
+    calls = []
+    for table, kind in ((cm.FORWARD, "fwd"), (cm.BACKWARD, "bwd")):
+        for name, fn in list(table.items()):
+            def spy(*args, _fn=fn, _name=name, _kind=kind):
+                calls.append((_kind, _name))
+                return _fn(*args)
+            monkeypatch.setitem(table, name, spy)
+    l, g = (torch.randn(5, requires_grad=True) for _ in range(2))
+    for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
+        calls.clear()
+        with fastvit_ops.backend(name):
+            fastvit_ops.sigmoid_cross_modulation(l, g).sum().backward()
+        assert calls == [("fwd", name), ("bwd", name)]
+    if backend_ok("cpu"):
+        calls.clear()
+        fastvit_ops.sigmoid_cross_modulation(l, g).sum().backward()
+        assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+
+
+# ---- GPU (run where a CUDA device is lent) ---------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", backends_for("cuda") if HAS_CUDA else [])
+def test_cuda_error_rule(backend, dtype, mode):
+    shape = (4, 32, 56, 56)
+    l, g, dy = (torch.randn(shape, device="cuda").to(dtype) * 3 for _ in range(3))
+    le, ge = l.double().requires_grad_(), g.double().requires_grad_()
+    exact = eager(le, ge, mode)
+    edl, edg = torch.autograd.grad(exact, (le, ge), dy.double())
+    lf, gf = l.clone().requires_grad_(), g.clone().requires_grad_()
+    with fastvit_ops.backend(backend):
+        out = fastvit_ops.sigmoid_cross_modulation(lf, gf, mode)
+        dl, dg = torch.autograd.grad(out, (lf, gf), dy)
+    lr, gr = l.clone().requires_grad_(), g.clone().requires_grad_()
+    ref = eager(lr, gr, mode)
+    rdl, rdg = torch.autograd.grad(ref, (lr, gr), dy)
+    assert_error_rule("forward", out, ref, exact)
+    assert_error_rule("dlocal", dl, rdl, exact_dl := edl)
+    assert_error_rule("dglobal", dg, rdg, edg)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", backends_for("cuda") if HAS_CUDA else [])
+def test_cuda_gradcheck(backend):
+    l, g = inputs((2, 4, 9, 7), device="cuda")
+    with fastvit_ops.backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: fastvit_ops.sigmoid_cross_modulation(a, b, "full"), (l, g))
