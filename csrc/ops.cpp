@@ -7,6 +7,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // mode: 0 = "silu" (SiLU(l)·SiLU(g)), 1 = "full" (SiLU(SiLU(l))·SiLU(g)). Inputs share one dense layout.
   m.def("_cross_modulation_forward(Tensor local, Tensor global_, int mode) -> Tensor");
   m.def("_cross_modulation_backward(Tensor grad, Tensor local, Tensor global_, int mode) -> (Tensor, Tensor)");
+  // -- depthwise conv (dwconv) schemas below --
+  // -- global context schemas below --
+  // -- downsampled attention schemas below --
 }
 
 static bool cuda_compiled() {

@@ -6,7 +6,7 @@ Public API:
     models.create(name), models.list_models()                FAT-B0..B3, FCViT tiny..B48, CvT-13/21
     reference, nn                                            reference layers and fused drop-ins
 """
-from . import _availability
+from . import _availability, models, nn, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .ops.cross_modulation import sigmoid_cross_modulation
 
@@ -17,6 +17,9 @@ __all__ = [
     "backend",
     "backend_available",
     "get_backend",
+    "models",
+    "nn",
+    "reference",
     "sigmoid_cross_modulation",
     "__version__",
 ]

@@ -4,6 +4,10 @@
 drop-in; ``fastvit_ops.models`` builds models with them (the reference is used for any name that
 has no fused layer yet).
 """
-FAT_LAYERS: dict = {}
+from .fat import FASA
+
+FAT_LAYERS: dict = {"FASA": FASA}
 FCVIT_LAYERS: dict = {}
 CVT_LAYERS: dict = {}
+
+__all__ = ["FASA", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]
