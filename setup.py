@@ -34,11 +34,33 @@ def _cuda_header_dirs():
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
+def _find_cuda_home():
+    """Set CUDA_HOME to the toolkit folder before torch looks for it.
+
+    torch guesses CUDA_HOME from the folder above ``which nvcc``; a wrapper script in
+    /usr/local/bin makes that /usr/local, whose lib/ has no libcudart. Prefer a real toolkit.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for cand in ("/usr/local/cuda",) + tuple(sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = cand
+            return
+
+
 def _extensions():
     if _flag("FASTVIT_OPS_SKIP_EXTENSION"):
         return [], {}
+    _find_cuda_home()
     import torch
     from torch.utils import cpp_extension
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """Keep objects in ./build/temp so ``pip install -e .`` rebuilds only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "temp")
 
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
@@ -64,7 +86,7 @@ def _extensions():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

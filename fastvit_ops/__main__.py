@@ -1,0 +1,224 @@
+"""``python -m fastvit_ops {info,check,bench}`` — what is available, is it right, how fast is it.
+
+* ``info``  versions, device, backends available and why not.
+* ``check`` every fused op vs the eager reference at small random shapes, on every backend that
+  runs here; exits 1 on any failure.
+* ``bench`` every fused op at the real layer shapes (FAT-B0 stages at 224², batch 64 on a GPU,
+  8 on a CPU): eager vs torch.compile(eager) vs fused, forward and forward+backward; then
+  inference images/s of fat_b0, fcvit_tiny, cvt_13 with reference vs fused layers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import _availability as avail
+from .benchmarks import load, op_names, runner
+from .benchmarks.shapes import default_batch
+from .ops.dispatch import BACKENDS, backend_available
+
+MODELS = ("fat_b0", "fcvit_tiny", "cvt_13")
+# Wide enough for the bench table when the output is a file or a CI log (rich assumes 80 there).
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _device(arg: Optional[str]) -> torch.device:
+    if arg:
+        dev = torch.device(arg)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ops(arg: Optional[str]) -> List[str]:
+    if not arg:
+        return op_names()
+    ops = [o.strip() for o in arg.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in op_names()]
+    if unknown:
+        raise SystemExit(f"--ops: unknown op(s) {unknown}; expected some of {op_names()}")
+    return ops
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def cmd_info(args) -> int:
+    dev = _device(args.device)
+    env = runner.environment(dev)
+    table = Table(title="fastvit_ops info")
+    table.add_column("item")
+    table.add_column("value")
+    from . import __version__
+    table.add_row("fastvit_ops", __version__)
+    for k, v in env.items():
+        table.add_row(k, v)
+    table.add_row("TRITON_INTERPRET", "1" if avail.interpreting() else "0")
+    console.print(table)
+    bt = Table(title=f"backends on {dev}")
+    bt.add_column("backend")
+    bt.add_column("available")
+    bt.add_column("why")
+    for name in BACKENDS:
+        ok, why = backend_available(name, dev)
+        bt.add_row(name, "yes" if ok else "no", why)
+    console.print(bt)
+    return 0
+
+
+def cmd_check(args) -> int:
+    dev = _device(args.device)
+    ops = _ops(args.ops)
+    total = sum(len(load(op).check_cases(dev)) for op in ops) * len(runner.backends_here(dev))
+    with _progress() as p:
+        task = p.add_task("checking", total=total)
+        rows = runner.run_checks(dev, ops, progress=lambda: p.advance(task))
+    table = Table(title=f"fused ops vs eager reference on {dev}")
+    for col in ("op", "shape", "backend", "fwd max err", "bwd max err", "ok"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["op"], r["shape"], r["backend"], f"{r['forward_max_error']:.2e}",
+                      f"{r['backward_max_error']:.2e}", "[green]ok[/]" if r["ok"] else "[red]FAIL[/]")
+    console.print(table)
+    failed = [r for r in rows if not r["ok"]]
+    if args.json:
+        _write_json(args.json, {"env": runner.environment(dev), "checks": rows})
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) failed[/]")
+        return 1
+    console.print(f"[green]all {len(rows)} checks passed[/]")
+    return 0
+
+
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def cmd_bench(args) -> int:
+    dev = _device(args.device)
+    batch = args.batch or default_batch(dev)
+    ops = _ops(args.ops)
+    cases = []
+    for op in ops:
+        cs = load(op).bench_cases(batch, dev)
+        cases += cs[:1] if args.quick else cs
+    models = [] if args.no_models else ([m.strip() for m in args.models.split(",")] if args.models else list(MODELS))
+    if args.quick:
+        models = models[:1]
+    reps, max_s = (5, 0.5) if args.quick else (20, 2.0)
+    started = time.time()
+    op_rows, model_rows = [], []
+    with _progress() as p:
+        task = p.add_task("benchmarking", total=len(cases) + len(models))
+        for case in cases:
+            p.update(task, description=f"{case.op} {case.shape}")
+            op_rows += runner.bench_case(case, dev, compile_=not args.no_compile, reps=reps, max_seconds=max_s)
+            p.advance(task)
+        for name in models:
+            p.update(task, description=f"model {name}")
+            model_rows.append(runner.model_throughput(name, batch, dev, reps=3 if args.quick else 5,
+                                                      max_seconds=2.0 if args.quick else 4.0))
+            p.advance(task)
+    env = runner.environment(dev)
+    gpu = dev.type == "cuda"
+    table = Table(title=f"fused ops, batch {batch}, {env['device']} ({env['cpu_threads']} threads)" if not gpu
+                  else f"fused ops, batch {batch}, {env['device']}")
+    cols = ["op", "shape", "pass", "eager ms", "compile ms", "fused ms", "× eager", "× compile", "max err"]
+    if gpu:
+        cols += ["GB/s", "TFLOP/s"]
+    for c in cols:
+        table.add_column(c, justify="right" if c not in ("op", "shape", "pass") else "left")
+    for r in op_rows:
+        row = [r["op"], r["shape"], r["pass"], _fmt(r["eager_ms"]), _fmt(r["compile_ms"]), _fmt(r["fused_ms"]),
+               _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"), f"{r['max_error']:.1e}"]
+        if gpu:
+            row += [_fmt(r.get("fused_GBps"), ".0f"), _fmt(r.get("fused_TFLOPs"), ".2f")]
+        table.add_row(*row)
+    console.print(table)
+    if model_rows:
+        mt = Table(title=f"end to end: inference at 224², batch {batch}")
+        for c in ("model", "reference img/s", "fused img/s", "speedup", "max logit err"):
+            mt.add_column(c, justify="left" if c == "model" else "right")
+        for r in model_rows:
+            mt.add_row(r["model"], f"{r['reference_img_s']:.1f}", f"{r['fused_img_s']:.1f}", f"{r['speedup']:.2f}",
+                       f"{r['max_logit_error']:.1e}")
+        console.print(mt)
+    console.print(f"done in {time.time() - started:.0f} s")
+    result = {"env": env, "batch": batch, "ops": op_rows, "models": model_rows}
+    if args.json:
+        _write_json(args.json, result)
+    if args.plot:
+        _plot(args.plot, op_rows, env)
+    return 0
+
+
+def _write_json(path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    console.print(f"wrote {path}")
+
+
+def _plot(path, rows, env) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']}\n{r['shape']} {r['pass']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 5))
+    ax.bar([i - 0.2 for i in x], [r["speedup_vs_eager"] for r in rows], width=0.4, label="vs eager")
+    ax.bar([i + 0.2 for i in x], [r["speedup_vs_compile"] or 0 for r in rows], width=0.4, label="vs torch.compile")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup of fused (×)")
+    ax.set_title(f"fastvit_ops fused ops — {env['device']}, torch {env['torch']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"wrote {path}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvit_ops", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, device, available backends")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("check", help="fused ops vs reference at small random shapes; exit 1 on failure")
+    p.add_argument("--device")
+    p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("bench", help="eager vs torch.compile vs fused at the real layer shapes")
+    p.add_argument("--device")
+    p.add_argument("--batch", type=int, help="batch size (default 64 on GPU, 8 on CPU)")
+    p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
+    p.add_argument("--quick", action="store_true", help="first shape per op, one model, fewer repetitions")
+    p.add_argument("--models", help=f"comma-separated models for the end-to-end rows (default {','.join(MODELS)})")
+    p.add_argument("--no-models", action="store_true", help="skip the end-to-end rows")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups")
+    p.set_defaults(fn=cmd_bench)
+    args = parser.parse_args(argv)
+    if getattr(args, "batch", None) is not None and args.batch < 1:
+        parser.error("--batch must be >= 1")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

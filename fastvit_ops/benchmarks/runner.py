@@ -1,0 +1,132 @@
+"""What ``python -m fastvit_ops check`` and ``bench`` run: op checks, op timings, model throughput."""
+from __future__ import annotations
+
+import platform
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .. import _availability as avail
+from ..ops.dispatch import backend, backend_available
+from . import Case, load, op_names
+from .timing import forward_backward_fn, forward_fn, max_error, median_ms
+
+# Tolerances for ``check`` (fused vs eager on the same inputs), per dtype: (rtol, atol).
+CHECK_TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3),
+             torch.bfloat16: (5e-2, 1e-2)}
+
+
+def environment(device) -> Dict[str, str]:
+    """Versions and device, recorded with every result."""
+    dev = torch.device(device)
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "triton": avail.triton()[1] if avail.triton()[0] else "not installed",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_threads": str(torch.get_num_threads()),
+        "extension": "ok" if avail.extension()[0] is not None else "missing",
+    }
+    if dev.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        info["device"] = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+    return info
+
+
+def backends_here(device) -> List[str]:
+    """Backends that can run on ``device`` now (``reference`` first)."""
+    return [b for b in ("reference", "cpu", "cuda", "triton") if backend_available(b, torch.device(device))[0]]
+
+
+def _grads(f, inputs):
+    out = f(*inputs)
+    leaves = [t for t in inputs if t.requires_grad]
+    g = torch.randn_like(out)
+    return out, torch.autograd.grad(out, leaves, g) if leaves else (), g
+
+
+def check_case(case: Case, name: str) -> Dict:
+    """Run ``case`` on backend ``name``: max forward / backward error vs eager, and pass/fail."""
+    inputs = case.make_inputs()
+    dtype = inputs[0].dtype
+    rtol, atol = CHECK_TOL[dtype]
+    out_ref = case.eager(*inputs)
+    leaves = [t for t in inputs if t.requires_grad]
+    gout = torch.randn_like(out_ref)
+    grads_ref = torch.autograd.grad(out_ref, leaves, gout) if case.backward and leaves else ()
+    with backend(name):
+        out = case.fused(*inputs)
+        grads = torch.autograd.grad(out, leaves, gout) if case.backward and leaves else ()
+    ok = out.shape == out_ref.shape and torch.allclose(out.double(), out_ref.double(), rtol=rtol, atol=atol)
+    for a, b in zip(grads, grads_ref):
+        ok = ok and torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
+    return {
+        "op": case.op, "shape": case.shape, "backend": name,
+        "forward_max_error": max_error(out, out_ref),
+        "backward_max_error": max((max_error(a, b) for a, b in zip(grads, grads_ref)), default=0.0),
+        "ok": bool(ok),
+    }
+
+
+def run_checks(device, ops: Optional[Sequence[str]] = None, progress=None) -> List[Dict]:
+    rows = []
+    names = backends_here(device)
+    for op in ops or op_names():
+        for case in load(op).check_cases(device):
+            for name in names:
+                rows.append(check_case(case, name))
+                if progress:
+                    progress()
+    return rows
+
+
+def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_seconds: float = 2.0) -> List[Dict]:
+    """Time eager / torch.compile(eager) / fused for the forward and, if any, forward+backward."""
+    inputs = case.make_inputs()
+    eager_out = case.eager(*inputs)
+    fused_out = case.fused(*inputs)
+    err = max_error(fused_out, eager_out)
+    compiled = torch.compile(case.eager) if compile_ else None
+    rows = []
+    passes = [("fwd", forward_fn)] + ([("fwd+bwd", forward_backward_fn)] if case.backward else [])
+    for label, make in passes:
+        t = {"eager": median_ms(make(case.eager, inputs), device, reps=reps, max_seconds=max_seconds),
+             "fused": median_ms(make(case.fused, inputs), device, reps=reps, max_seconds=max_seconds)}
+        if compiled is not None:
+            t["compile"] = median_ms(make(compiled, inputs), device, warmup=2, reps=reps, max_seconds=max_seconds)
+        row = {"op": case.op, "shape": case.shape, "pass": label, "eager_ms": t["eager"],
+               "compile_ms": t.get("compile"), "fused_ms": t["fused"],
+               "speedup_vs_eager": t["eager"] / t["fused"],
+               "speedup_vs_compile": (t["compile"] / t["fused"]) if "compile" in t else None,
+               "max_error": err}
+        if label == "fwd" and case.bytes:
+            row["fused_GBps"] = case.bytes / (t["fused"] * 1e-3) / 1e9
+        if label == "fwd" and case.flops:
+            row["fused_TFLOPs"] = case.flops / (t["fused"] * 1e-3) / 1e12
+        rows.append(row)
+    return rows
+
+
+def model_throughput(name: str, batch: int, device, size: int = 224, reps: int = 5,
+                     max_seconds: float = 4.0) -> Dict:
+    """Inference images/s of model ``name``: reference layers vs fused layers (same weights)."""
+    from .. import models
+
+    ref = models.create(name, reference=True).to(device).eval()
+    fused = models.create(name).to(device).eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        err = max_error(fused(x), ref(x))
+    ms_ref = median_ms(forward_fn(ref, [x]), device, warmup=1, reps=reps, max_seconds=max_seconds)
+    ms_fused = median_ms(forward_fn(fused, [x]), device, warmup=1, reps=reps, max_seconds=max_seconds)
+    return {"model": name, "batch": batch, "size": size,
+            "reference_img_s": batch / (ms_ref * 1e-3), "fused_img_s": batch / (ms_fused * 1e-3),
+            "speedup": ms_ref / ms_fused, "max_logit_error": err}

@@ -1,0 +1,60 @@
+"""Timing helpers: medians of wall time, CUDA-synchronized, after warm-up past JIT compiles."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
+              max_seconds: float = 2.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    Runs ``warmup`` calls first (compiles, autotuning, allocator), then up to ``reps`` timed
+    calls, stopping early once ``max_seconds`` of timed calls have passed (at least 3 calls).
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def forward_fn(f: Callable, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """``f(*inputs)`` without building a graph."""
+    def run():
+        with torch.no_grad():
+            return f(*inputs)
+    return run
+
+
+def forward_backward_fn(f: Callable, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
+    """``f(*inputs)`` then the gradients w.r.t. every input that requires grad (no accumulation)."""
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grad_out = {}
+
+    def run():
+        out = f(*inputs)
+        if "g" not in grad_out:
+            grad_out["g"] = torch.randn_like(out)
+        return torch.autograd.grad(out, leaves, grad_out["g"])
+    return run
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
