@@ -1,0 +1,77 @@
+"""python -m fastvit_ops {info,check,bench}: they run, report, and fail when an op is wrong."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastvit_ops.__main__ import main
+from fastvit_ops.benchmarks import cross_modulation as cm_cases
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "reference" in out and "cpu" in out
+
+
+def test_check_passes(capsys, tmp_path):
+    path = tmp_path / "check.json"
+    assert main(["check", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["checks"]
+    assert rows and all(r["ok"] for r in rows)
+    assert {r["backend"] for r in rows} >= {"reference"}
+
+
+def test_check_fails_on_a_wrong_op(monkeypatch, capsys):
+    """A fused op that is off by a little must make `check` exit 1."""
+    wrong = lambda a, b: cm_cases.eager(a, b) * 1.01  # noqa: E731
+    monkeypatch.setattr(cm_cases, "fused", wrong)
+    orig = cm_cases._case
+
+    def patched(shape, device, dtype, label):
+        c = orig(shape, device, dtype, label)
+        c.fused = wrong
+        return c
+    monkeypatch.setattr(cm_cases, "_case", patched)
+    assert main(["check", "--ops", "sigmoid_cross_modulation"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_quick_writes_json_and_plot(tmp_path):
+    js, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--quick", "--batch", "1", "--no-compile", "--models", "fat_b0",
+                 "--json", str(js), "--plot", str(png)]) == 0
+    res = json.loads(js.read_text())
+    assert res["batch"] == 1 and res["env"]["torch"] == torch.__version__
+    ops = {r["op"] for r in res["ops"]}
+    assert "sigmoid_cross_modulation" in ops
+    assert all(r["fused_ms"] > 0 and r["eager_ms"] > 0 for r in res["ops"])
+    assert res["models"][0]["model"] == "fat_b0" and res["models"][0]["max_logit_error"] < 1e-3
+    assert png.stat().st_size > 1000
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["bench", "--ops", "no_such_op"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch", "0"])
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "fastvit_ops", "info"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "backends on" in r.stdout
+
+
+def test_bench_suites_run(tmp_path):
+    """The pytest-benchmark suites in bench/ run (timing disabled, batch 1, no torch.compile)."""
+    import pathlib
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    r = subprocess.run([sys.executable, "-m", "pytest", str(bench), "--benchmark-disable", "-q", "-k", "not compile",
+                        "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=1200,
+                       cwd=bench, env={**__import__("os").environ, "FASTVIT_BENCH_BATCH": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
