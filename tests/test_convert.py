@@ -1,0 +1,87 @@
+"""fastvit_ops.convert / revert: layers swapped for fused drop-ins, weights and outputs kept."""
+import pytest
+import torch
+from torch import nn
+
+import fastvit_ops
+from fastvit_ops import models
+from fastvit_ops.convert import convert, revert
+from fastvit_ops.reference import fat as ref_fat
+
+
+@pytest.mark.parametrize("name", ["fat_b0", "fcvit_tiny", "cvt_13"])
+def test_convert_keeps_outputs_and_state(name):
+    ref = models.create(name, reference=True).eval()
+    fused = convert(ref)
+    assert fused is not ref
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    fused_types = tuple({*fastvit_ops.nn.FAT_LAYERS.values(), *fastvit_ops.nn.FCVIT_LAYERS.values(),
+                         *fastvit_ops.nn.CVT_LAYERS.values()})
+    assert not any(isinstance(m, fused_types) for m in ref.modules()), "inplace=False leaves the input alone"
+    report = fused.fastvit_ops_report
+    assert sum(report.values()) == sum(isinstance(m, fused_types) or type(m).__name__ == "DepthwiseConv2d"
+                                       for m in fused.modules()) or report
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_fat_b0_counts_and_grads():
+    ref = models.create("fat_b0", reference=True)
+    fused = convert(ref)
+    rep = fused.fastvit_ops_report
+    assert sum(v for k, v in rep.items() if k.startswith("FASA")) == 12  # depths 2+2+6+2
+    assert sum(v for k, v in rep.items() if "DepthwiseConv2d" in k or "depthwise" in k) == 55
+    x = torch.randn(2, 3, 64, 64)
+    fused(x).square().mean().backward()
+    ref(x).square().mean().backward()
+    for (n, a), b in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_inplace_and_revert_roundtrip():
+    model = models.create("fat_b0", reference=True).eval()
+    params = [p.data_ptr() for p in model.parameters()]
+    out = convert(model, inplace=True)
+    assert [p.data_ptr() for p in out.parameters()] == params, "inplace conversion keeps the same tensors"
+    back = revert(out)
+    assert not any(type(m) in fastvit_ops.nn.FAT_LAYERS.values() for m in back.modules())
+    assert back.fastvit_ops_report
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), out(x), rtol=1e-4, atol=1e-4)
+
+
+def test_duck_typed_authors_fasa():
+    """A class named FASA with the authors' attributes (not ours) is converted by duck typing."""
+    class FASA(nn.Module):  # stands in for the authors' class: same name and attributes, not ours
+        def __init__(self, *args):
+            super().__init__()
+            self.__dict__.update(ref_fat.FASA(*args).__dict__)
+
+        forward, attention, modulate = ref_fat.FASA.forward, ref_fat.FASA.attention, ref_fat.FASA.modulate
+
+    AuthorsFASA = FASA
+    m = AuthorsFASA(32, 3, 2, 4).eval()
+    wrapper = nn.Sequential(m)
+    conv = convert(wrapper)
+    assert isinstance(conv[0], fastvit_ops.nn.FAT_LAYERS["FASA"])
+    assert any("duck-typed" in k for k in conv.fastvit_ops_report)
+    x = torch.randn(2, 32, 15, 13)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), wrapper(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plain_depthwise_convs_only():
+    model = nn.Sequential(nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Conv2d(8, 8, 4, padding=2, groups=8), nn.Conv2d(8, 8, 3, padding=1, dilation=2, groups=8))
+    conv = convert(model)
+    assert conv.fastvit_ops_report == {"depthwise nn.Conv2d": 1}
+    assert type(conv[1]) is nn.Conv2d and type(conv[2]) is nn.Conv2d and type(conv[3]) is nn.Conv2d
+    x = torch.randn(1, 8, 9, 11)
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(TypeError, match="model: expected an nn.Module"):
+        convert("fat_b0")
