@@ -2,6 +2,10 @@
 
 Public API:
     sigmoid_cross_modulation(local, global_, mode="silu")   FASA's gate (SPEC §1.4)
+    global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias, groups=8, eps=1e-5)
+                                                             FCViT x + GC(x) (SPEC §1.2)
+    token_global_similarity(x, rescale_weight, rescale_bias, groups=8, eps=1e-5)
+                                                             S' (B, G, H, W) (SPEC §1.2 steps 1–4)
     backend(name) / get_backend()                            backend selection (auto|triton|cuda|cpu|reference)
     models.create(name), models.list_models()                FAT-B0..B3, FCViT tiny..B48, CvT-13/21
     convert(model) / revert(model)                           swap layers for fused drop-ins, weights kept
@@ -11,6 +15,7 @@ from . import _availability, models, nn, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
 from .ops.cross_modulation import sigmoid_cross_modulation
+from .ops.global_context import global_context, token_global_similarity
 
 __version__ = "0.1.0"
 
@@ -25,6 +30,8 @@ __all__ = [
     "nn",
     "reference",
     "sigmoid_cross_modulation",
+    "global_context",
+    "token_global_similarity",
     "__version__",
 ]
 

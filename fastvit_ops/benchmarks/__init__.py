@@ -39,6 +39,7 @@ class Case:
 # op name → module (relative to this package) with bench_cases / check_cases.
 OP_MODULES = {
     "sigmoid_cross_modulation": ".cross_modulation",
+    "global_context": ".global_context",
 }
 
 

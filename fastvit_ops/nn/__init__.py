@@ -5,9 +5,10 @@ drop-in; ``fastvit_ops.models`` builds models with them (the reference is used f
 has no fused layer yet).
 """
 from .fat import FASA
+from .fcvit import GlobalContext, TokenMixer
 
 FAT_LAYERS: dict = {"FASA": FASA}
-FCVIT_LAYERS: dict = {}
+FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer}
 CVT_LAYERS: dict = {}
 
-__all__ = ["FASA", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]
+__all__ = ["FASA", "GlobalContext", "TokenMixer", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]

@@ -1,0 +1,59 @@
+"""Fused FCViT layers: drop-ins for ``fastvit_ops.reference.fcvit`` (same constructors and
+state_dicts, so the authors' ``fcvit_*`` checkpoints load unchanged)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..ops.global_context import _global_context, token_global_similarity
+from ..reference import fcvit as ref
+
+
+def _add_context(gc, x: Tensor) -> Tensor:
+    """``x + gc(x)`` in one fused op when ``gc`` is a (reference or fused) GlobalContext."""
+    if isinstance(gc, ref.GlobalContext):
+        return _global_context(x, gc.fc1.weight, gc.fc1.bias, gc.fc2.weight, gc.fc2.bias,
+                               gc.rescale_weight, gc.rescale_bias, gc.groups, gc.eps, True)
+    return x + gc(x)
+
+
+class GlobalContext(ref.GlobalContext):
+    """``reference.fcvit.GlobalContext`` (SPEC §1.2) on the fused kernels of
+    :mod:`fastvit_ops.ops.global_context`.
+
+    Same constructor ``GlobalContext(dim, groups=8, reduction=8, eps=1e-5)`` and parameters
+    (``rescale_weight``, ``rescale_bias``, ``fc1``, ``fc2``). ``forward`` returns ``GC(x)`` only,
+    like the released module; :class:`TokenMixer` fuses the ``x +`` as well.
+    (B, C, H, W) → (B, C, H, W), same dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _global_context(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                               self.rescale_weight, self.rescale_bias, self.groups, self.eps,
+                               False)
+
+    def similarity(self, x: Tensor, g: Optional[Tensor] = None) -> Tensor:
+        """``S'`` (B, G, H, W) via :func:`token_global_similarity`; a caller-supplied ``g`` that
+        need not be ``x``'s channel means takes the reference path."""
+        if g is not None:
+            return super().similarity(x, g)
+        return token_global_similarity(x, self.rescale_weight, self.rescale_bias, self.groups,
+                                       self.eps)
+
+
+class TokenMixer(ref.TokenMixer):
+    """``reference.fcvit.TokenMixer`` with each ``Z + GC(Z)`` as one fused op
+    (:func:`fastvit_ops.global_context`); the depthwise convs are whatever ``layers`` maps
+    ``DepthwiseConv2d`` to. Same constructor, parameters and state_dict; (B, C, H, W) →
+    (B, C, H, W), same dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _add_context(self.gc1, x)
+        x = self.act(self.fc1(self.dw1(x)))
+        x = _add_context(self.gc2, x)
+        return self.act(self.fc2(self.dw2(x)))
+
+
+__all__ = ["GlobalContext", "TokenMixer"]

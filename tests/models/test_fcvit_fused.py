@@ -1,0 +1,85 @@
+"""FCViT-tiny built from the fused global-context layers matches the reference model (fp32, batch 2,
+224²): logits and every parameter gradient to ≤ 1e-4 relative error."""
+import pytest
+import torch
+
+import fastvit_ops
+from conftest import backends_for
+from fastvit_ops.nn.fcvit import GlobalContext, TokenMixer
+from fastvit_ops.reference import fcvit as ref
+from fastvit_ops.reference.fcvit import CONFIGS, FCViT
+
+FUSED = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _randomize_gc_and_scales(model):
+    """Layer scale 0.5 (not 1e-5) and random α, β, so the token mixers — and the global context in
+    them — move the logits; otherwise a wrong GC could hide below the tolerance."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ref.GlobalContext):
+                m.rescale_weight.copy_(1 + 0.3 * torch.randn_like(m.rescale_weight))
+                m.rescale_bias.copy_(0.3 * torch.randn_like(m.rescale_bias))
+                m.fc1.bias.normal_(0, 0.02)
+                m.fc2.bias.normal_(0, 0.02)
+            if isinstance(m, ref.FCViTBlock):
+                m.layer_scale_1.fill_(0.5)
+                m.layer_scale_2.fill_(0.5)
+
+
+def test_fused_layers_are_used_and_state_dict_unchanged():
+    model = FCViT(**CONFIGS["fcvit_tiny"], layers=FUSED)
+    n_blocks = sum(CONFIGS["fcvit_tiny"]["depths"])
+    assert sum(type(m) is GlobalContext for m in model.modules()) == 2 * n_blocks
+    assert sum(type(m) is TokenMixer for m in model.modules()) == n_blocks
+    reference = FCViT(**CONFIGS["fcvit_tiny"])
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == \
+        [(k, v.shape) for k, v in reference.state_dict().items()]
+    model.load_state_dict(reference.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("backend", [p for p in backends_for("cpu") if p.id in ("cpu", "reference")])
+def test_fcvit_tiny_fused_matches_reference(backend):
+    torch.manual_seed(torch.initial_seed() % 2**31)
+    reference = FCViT(**CONFIGS["fcvit_tiny"])
+    _randomize_gc_and_scales(reference)
+    fused = FCViT(**CONFIGS["fcvit_tiny"], layers=FUSED)
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    y_ref = reference(x)
+    with fastvit_ops.backend(backend):
+        y = fused(x)
+    err = rel_err(y, y_ref)
+    assert err <= 1e-4, f"logits: relative error {err:.3g}"
+    # the global context matters: dropping it changes the logits far beyond the tolerance
+    with torch.no_grad():
+        off = FCViT(**CONFIGS["fcvit_tiny"])
+        off.load_state_dict(reference.state_dict())
+        for m in off.modules():
+            if isinstance(m, ref.GlobalContext):
+                m.rescale_weight.zero_()
+                m.rescale_bias.zero_()
+        assert rel_err(off(x), y_ref) > 1e-2
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    with fastvit_ops.backend(backend):
+        y.backward(dy)
+    grads_ref = dict(reference.named_parameters())
+    total = torch.sqrt(sum(p.grad.double().norm() ** 2 for p in reference.parameters()))
+    worst = []
+    for name, p in fused.named_parameters():
+        if name.endswith("proj.bias"):
+            # a conv bias right before a training-mode BatchNorm: its exact gradient is 0 (BN
+            # removes it) and both models give rounding noise, so bound it by the total norm
+            e = ((p.grad - grads_ref[name].grad).double().norm() / total).item()
+        else:
+            e = rel_err(p.grad, grads_ref[name].grad)
+        worst.append((e, name))
+    worst.sort(reverse=True)
+    assert worst[0][0] <= 1e-4, f"parameter gradients: worst relative errors {worst[:3]}"
+    gc_grads = [name for _, name in worst if "gc1.rescale" in name or "gc2.fc1" in name]
+    assert gc_grads  # the GC parameters were compared
