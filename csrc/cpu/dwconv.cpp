@@ -1,0 +1,750 @@
+// Depthwise 2-D convolution on CPU (SPEC §1.1), forward and backward, fused SiLU/GELU epilogue
+// and residual add.
+//
+// Work item = one (b, c) plane, spread over at::parallel_for. Each plane is first copied (and
+// converted to the fp32/fp64 accumulation type) into a zero-padded scratch buffer, so the inner
+// loops carry no border branches: output rows are computed in blocks of NB vectors of L lanes held
+// in registers, looping over the k×k taps (GCC vector extensions; target_clones picks the widest
+// ISA at load time). For stride 2 the padded columns are stored de-interleaved (even columns, then
+// odd ones), so every tap still reads a contiguous run.
+//   forward : y = act(conv(x) + bias) [+ x]
+//   backward: g = dy · act'(pre) (pre recomputed, never stored); dx = conv of g with the flipped
+//             kernel (g zero-upsampled for stride 2, zero rows skipped) [+ dy];
+//             dw, dbias = per-plane partial sums, reduced over the batch in a fixed order
+//             (deterministic, no atomics).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace fastvit_ops {
+namespace {
+
+enum Activation : int64_t { kNone = 0, kSilu = 1, kGelu = 2 };
+
+#define DW_INLINE inline __attribute__((always_inline))
+
+template <typename A, int L>
+struct Vec {
+  typedef A type __attribute__((vector_size(sizeof(A) * L)));
+};
+
+template <typename A, int L>
+DW_INLINE typename Vec<A, L>::type vload(const A* p) {
+  typename Vec<A, L>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+template <typename A, int L>
+DW_INLINE void vstore(A* p, typename Vec<A, L>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// One padded plane in scratch: `rows` rows of `s` column phases, each `wq` wide. Padded
+// coordinate (r, c) lives at r * rowlen + (c % s) * wq + c / s.
+struct Geo {
+  int64_t rows, wq, rowlen, size;
+  int s;
+};
+
+Geo make_geo(int64_t rows, int64_t wq, int s, int64_t slack) {
+  Geo g;
+  g.rows = rows;
+  g.wq = wq;
+  g.s = s;
+  g.rowlen = s * wq;
+  g.size = rows * g.rowlen + g.rowlen + slack;  // vector blocks may read past the last row
+  return g;
+}
+
+// What one conv pass over a padded buffer needs.
+struct ConvArgs {
+  const int64_t* off;  // column offset of tap v within a row (k + 4 entries, padded)
+  int64_t rowlen, Ho, Wo, ldo;
+  int64_t row_lo, row_hi;  // buffer rows that may be non-zero: [row_lo, row_hi) every `up` rows
+  int k, s, up;
+};
+
+// Adds buffer row `row` (at column block j0) to the output rows LO..HI−1 of a block of R rows:
+// acc[ii] += Σ_v w[rel − s·ii, v] · row[tap v]. Each input vector loaded feeds all active rows.
+template <typename A, int L, int NB, int R, int LO, int HI>
+DW_INLINE void row_taps(typename Vec<A, L>::type (&acc)[R][NB], const A* __restrict row, const A* __restrict w,
+                        int64_t rel, int s, int k, const int64_t* __restrict off) {
+  using V = typename Vec<A, L>::type;
+  const A* wr[R];
+  for (int ii = LO; ii < HI; ++ii) wr[ii] = w + (rel - s * ii) * k;
+  for (int v = 0; v < k; ++v) {
+    const A* q = row + off[v];
+    V xv[NB];
+    for (int b = 0; b < NB; ++b) xv[b] = vload<A, L>(q + b * L);
+    for (int ii = LO; ii < HI; ++ii) {
+      const A wv = wr[ii][v];
+      for (int b = 0; b < NB; ++b) acc[ii][b] += wv * xv[b];
+    }
+  }
+}
+
+// out[i, j] = init + Σ_{u,v} w[u, v] · buf[s·i + u, tap v at column j], for j < Wo rounded up to
+// the block width and i < Ho rounded up to R (the extra lanes/rows are garbage the caller ignores).
+// R output rows are computed together, so each input vector loaded feeds up to R rows; the rows a
+// buffer row reaches (LO..HI) pick a specialised loop, so no FMA is spent on a missing tap.
+// Buffer rows that only hold padding (or the zero rows of an upsampled gradient) are skipped.
+template <typename A, int L, int NB, int R>
+DW_INLINE void conv_plane(const A* __restrict buf, const A* __restrict w, A init, A* __restrict out,
+                          const ConvArgs& a) {
+  using V = typename Vec<A, L>::type;
+  constexpr int BW = L * NB;
+  const int k = a.k, s = a.s;
+  for (int64_t i0 = 0; i0 < a.Ho; i0 += R) {
+    const int64_t r_begin = std::max<int64_t>(s * i0, a.row_lo);
+    const int64_t r_end = std::min<int64_t>(s * (i0 + R - 1) + k, a.row_hi);
+    for (int64_t j0 = 0; j0 < a.Wo; j0 += BW) {
+      V acc[R][NB];
+      for (int ii = 0; ii < R; ++ii)
+        for (int b = 0; b < NB; ++b) acc[ii][b] = V{} + init;
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        if (a.up == 2 && ((r - a.row_lo) & 1)) continue;
+        const A* row = buf + r * a.rowlen + j0;
+        const int64_t rel = r - s * i0;  // output row ii uses tap row rel − s·ii
+        const int lo = rel < k ? 0 : static_cast<int>((rel - k) / s + 1);
+        const int hi = static_cast<int>(std::min<int64_t>(R, rel / s + 1));
+#define DW_ROWS(LO, HI)                                                   \
+  case (LO) * 16 + (HI):                                                  \
+    if constexpr ((HI) <= R) row_taps<A, L, NB, R, LO, HI>(acc, row, w, rel, s, k, a.off); \
+    break;
+        if constexpr (R == 4) {
+          switch (lo * 16 + hi) {
+          DW_ROWS(0, 1) DW_ROWS(0, 2) DW_ROWS(0, 3) DW_ROWS(0, 4) DW_ROWS(1, 2) DW_ROWS(1, 3) DW_ROWS(1, 4)
+          DW_ROWS(2, 3) DW_ROWS(2, 4) DW_ROWS(3, 4)
+            default: break;
+          }
+        } else {
+          switch (lo * 16 + hi) {
+          DW_ROWS(0, 1) DW_ROWS(0, 2) DW_ROWS(0, 3) DW_ROWS(0, 4) DW_ROWS(0, 5) DW_ROWS(0, 6) DW_ROWS(0, 7)
+          DW_ROWS(0, 8) DW_ROWS(1, 2) DW_ROWS(1, 3) DW_ROWS(1, 4) DW_ROWS(1, 5) DW_ROWS(1, 6) DW_ROWS(1, 7)
+          DW_ROWS(1, 8) DW_ROWS(2, 3) DW_ROWS(2, 4) DW_ROWS(2, 5) DW_ROWS(2, 6) DW_ROWS(2, 7) DW_ROWS(2, 8)
+          DW_ROWS(3, 4) DW_ROWS(3, 5) DW_ROWS(3, 6) DW_ROWS(3, 7) DW_ROWS(3, 8) DW_ROWS(4, 5) DW_ROWS(4, 6)
+          DW_ROWS(4, 7) DW_ROWS(4, 8) DW_ROWS(5, 6) DW_ROWS(5, 7) DW_ROWS(5, 8) DW_ROWS(6, 7) DW_ROWS(6, 8)
+          DW_ROWS(7, 8)
+            default: break;
+          }
+        }
+#undef DW_ROWS
+      }
+      for (int ii = 0; ii < R; ++ii)
+        for (int b = 0; b < NB; ++b) vstore<A, L>(out + (i0 + ii) * a.ldo + j0 + b * L, acc[ii][b]);
+    }
+  }
+}
+
+// The block shape for a row of Wo outputs: narrow rows use half-width vectors so 7-wide planes do
+// not waste most lanes; wide rows keep up to 4 vectors per row in flight. 4 rows per block, or all
+// of a plane of ≤ 8 rows (≤ 16 wide) at once when its filter is large (measured: 8-row blocks only
+// pay there; a compile-time filter width measured slower, so k stays a runtime loop bound).
+template <typename A, int L, int NB>
+DW_INLINE void conv_plane_rows(const A* buf, const A* w, A init, A* out, const ConvArgs& a) {
+  if constexpr (NB == 1) {
+    if (a.Ho <= 8 && a.k >= 7) return conv_plane<A, L, NB, 8>(buf, w, init, out, a);
+  }
+  conv_plane<A, L, NB, 4>(buf, w, init, out, a);
+}
+
+template <typename A>
+DW_INLINE void conv_plane_any(const A* buf, const A* w, A init, A* out, const ConvArgs& a) {
+  constexpr int L = 64 / sizeof(A);
+  if (a.Wo <= L / 2) {
+    conv_plane_rows<A, L / 2, 1>(buf, w, init, out, a);
+  } else if (a.Wo <= L) {
+    conv_plane_rows<A, L, 1>(buf, w, init, out, a);
+  } else if (a.Wo <= 2 * L) {
+    conv_plane_rows<A, L, 2>(buf, w, init, out, a);
+  } else {
+    conv_plane<A, L, 4, 4>(buf, w, init, out, a);
+  }
+}
+
+FASTVIT_VEC_CLONES
+void conv_plane_f32(const float* buf, const float* w, float init, float* out, const ConvArgs& a) {
+  conv_plane_any<float>(buf, w, init, out, a);
+}
+
+FASTVIT_VEC_CLONES
+void conv_plane_f64(const double* buf, const double* w, double init, double* out, const ConvArgs& a) {
+  conv_plane_any<double>(buf, w, init, out, a);
+}
+
+inline void conv_plane_dispatch(const float* buf, const float* w, float init, float* out, const ConvArgs& a) {
+  conv_plane_f32(buf, w, init, out, a);
+}
+inline void conv_plane_dispatch(const double* buf, const double* w, double init, double* out, const ConvArgs& a) {
+  conv_plane_f64(buf, w, init, out, a);
+}
+
+// dw[u·k + v] = Σ_{i, j<Wo} g[i, j] · buf[s·i + u, tap v at column j]. g rows are zero past Wo
+// (up to a multiple of L), so the extra lanes add nothing. Four taps share each load of g.
+// Summation order is fixed: deterministic.
+template <typename A, int L>
+DW_INLINE void wgrad_plane(const A* __restrict g, int64_t ldg, const A* __restrict buf, const ConvArgs& a,
+                           int64_t x_lo, int64_t x_hi, A* __restrict dw) {
+  using V = typename Vec<A, L>::type;
+  const int k = a.k, s = a.s;
+  for (int u = 0; u < k; ++u) {
+    // Output rows whose tap row s·i + u holds input (not padding).
+    const int64_t i_lo = std::max<int64_t>(0, (x_lo - u + s - 1) / s);
+    const int64_t i_hi = std::min<int64_t>(a.Ho, x_hi - u <= 0 ? 0 : (x_hi - u - 1) / s + 1);
+    for (int v0 = 0; v0 < k; v0 += 4) {
+      V acc0 = V{}, acc1 = V{}, acc2 = V{}, acc3 = V{};
+      const int64_t o0 = a.off[v0], o1 = a.off[v0 + 1], o2 = a.off[v0 + 2], o3 = a.off[v0 + 3];
+      for (int64_t i = i_lo; i < i_hi; ++i) {
+        const A* gr = g + i * ldg;
+        const A* xr = buf + (s * i + u) * a.rowlen;
+        for (int64_t j = 0; j < a.Wo; j += L) {
+          const V gv = vload<A, L>(gr + j);
+          acc0 += gv * vload<A, L>(xr + o0 + j);
+          acc1 += gv * vload<A, L>(xr + o1 + j);
+          acc2 += gv * vload<A, L>(xr + o2 + j);
+          acc3 += gv * vload<A, L>(xr + o3 + j);
+        }
+      }
+      A sums[4] = {0, 0, 0, 0};
+      for (int l = 0; l < L; ++l) {
+        sums[0] += acc0[l];
+        sums[1] += acc1[l];
+        sums[2] += acc2[l];
+        sums[3] += acc3[l];
+      }
+      for (int t = 0; t < 4 && v0 + t < k; ++t) dw[u * k + v0 + t] = sums[t];
+    }
+  }
+}
+
+// Stride 1: dw[u, v] = Σ_r Σ_j g[r − u, j] · x[r, tap v at j], a U×V block of taps at a time: each
+// x vector loaded feeds U tap rows and each g vector V tap columns (U·V FMAs per U + V loads).
+// g must have U − 1 zero rows above and below its Ho rows.
+template <typename A, int L, int U, int V>
+DW_INLINE void wgrad_block_s1(const A* __restrict g, int64_t ldg, const A* __restrict buf, const ConvArgs& a,
+                              int64_t x_lo, int64_t x_hi, int u0, int v0, A* __restrict dw) {
+  using Vt = typename Vec<A, L>::type;
+  Vt acc[U][V];
+  for (int uu = 0; uu < U; ++uu)
+    for (int vv = 0; vv < V; ++vv) acc[uu][vv] = Vt{};
+  const int64_t r_begin = std::max<int64_t>(x_lo, u0);
+  const int64_t r_end = std::min<int64_t>(x_hi, u0 + U - 1 + a.Ho);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    const A* xr = buf + r * a.rowlen;
+    const A* gr = g + (r - u0) * ldg;
+    for (int64_t j = 0; j < a.Wo; j += L) {
+      Vt xv[V];
+      for (int vv = 0; vv < V; ++vv) xv[vv] = vload<A, L>(xr + a.off[v0 + vv] + j);
+      for (int uu = 0; uu < U; ++uu) {
+        const Vt gv = vload<A, L>(gr - uu * ldg + j);
+        for (int vv = 0; vv < V; ++vv) acc[uu][vv] += gv * xv[vv];
+      }
+    }
+  }
+  for (int uu = 0; uu < U; ++uu)
+    for (int vv = 0; vv < V; ++vv) {
+      A sum = 0;
+      for (int l = 0; l < L; ++l) sum += acc[uu][vv][l];
+      dw[(u0 + uu) * a.k + v0 + vv] = sum;
+    }
+}
+
+template <typename A, int L>
+DW_INLINE void wgrad_plane_s1(const A* g, int64_t ldg, const A* buf, const ConvArgs& a, int64_t x_lo,
+                              int64_t x_hi, A* dw) {
+  const int k = a.k;
+  for (int u0 = 0; u0 < k; u0 += 4) {
+    const int U = std::min(4, k - u0);
+    for (int v0 = 0; v0 < k; v0 += 4) {
+      const int V = std::min(4, k - v0);
+#define DW_WG_CASE(UU, VV) \
+  case (UU) * 8 + (VV):    \
+    wgrad_block_s1<A, L, UU, VV>(g, ldg, buf, a, x_lo, x_hi, u0, v0, dw); \
+    break;
+      switch (U * 8 + V) {
+        DW_WG_CASE(1, 1) DW_WG_CASE(1, 2) DW_WG_CASE(1, 3) DW_WG_CASE(1, 4)
+        DW_WG_CASE(2, 1) DW_WG_CASE(2, 2) DW_WG_CASE(2, 3) DW_WG_CASE(2, 4)
+        DW_WG_CASE(3, 1) DW_WG_CASE(3, 2) DW_WG_CASE(3, 3) DW_WG_CASE(3, 4)
+        DW_WG_CASE(4, 1) DW_WG_CASE(4, 2) DW_WG_CASE(4, 3) DW_WG_CASE(4, 4)
+        default: break;
+      }
+#undef DW_WG_CASE
+    }
+  }
+}
+
+FASTVIT_VEC_CLONES
+void wgrad_plane_f32(const float* g, int64_t ldg, const float* buf, const ConvArgs& a, int64_t x_lo,
+                     int64_t x_hi, float* dw) {
+  if (a.s == 1) {
+    if (a.Wo <= 8) {
+      wgrad_plane_s1<float, 8>(g, ldg, buf, a, x_lo, x_hi, dw);
+    } else {
+      wgrad_plane_s1<float, 16>(g, ldg, buf, a, x_lo, x_hi, dw);
+    }
+  } else if (a.Wo <= 8) {
+    wgrad_plane<float, 8>(g, ldg, buf, a, x_lo, x_hi, dw);
+  } else {
+    wgrad_plane<float, 16>(g, ldg, buf, a, x_lo, x_hi, dw);
+  }
+}
+
+FASTVIT_VEC_CLONES
+void wgrad_plane_f64(const double* g, int64_t ldg, const double* buf, const ConvArgs& a, int64_t x_lo,
+                     int64_t x_hi, double* dw) {
+  if (a.s == 1) {
+    if (a.Wo <= 4) {
+      wgrad_plane_s1<double, 4>(g, ldg, buf, a, x_lo, x_hi, dw);
+    } else {
+      wgrad_plane_s1<double, 8>(g, ldg, buf, a, x_lo, x_hi, dw);
+    }
+  } else if (a.Wo <= 4) {
+    wgrad_plane<double, 4>(g, ldg, buf, a, x_lo, x_hi, dw);
+  } else {
+    wgrad_plane<double, 8>(g, ldg, buf, a, x_lo, x_hi, dw);
+  }
+}
+
+inline void wgrad_dispatch(const float* g, int64_t ldg, const float* buf, const ConvArgs& a, int64_t lo,
+                           int64_t hi, float* dw) {
+  wgrad_plane_f32(g, ldg, buf, a, lo, hi, dw);
+}
+inline void wgrad_dispatch(const double* g, int64_t ldg, const double* buf, const ConvArgs& a, int64_t lo,
+                           int64_t hi, double* dw) {
+  wgrad_plane_f64(g, ldg, buf, a, lo, hi, dw);
+}
+
+// Σ of a rows × n block (row stride ld): vector lanes then a scalar tail, in a fixed order.
+template <typename A, int L>
+DW_INLINE A sum_block(const A* __restrict p, int64_t ld, int64_t rows, int64_t n) {
+  using V = typename Vec<A, L>::type;
+  V acc = V{};
+  A tail = 0;
+  const int64_t nv = n - n % L;
+  for (int64_t i = 0; i < rows; ++i) {
+    const A* r = p + i * ld;
+    for (int64_t j = 0; j < nv; j += L) acc += vload<A, L>(r + j);
+    for (int64_t j = nv; j < n; ++j) tail += r[j];
+  }
+  A sum = tail;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  return sum;
+}
+
+FASTVIT_VEC_CLONES
+float sum_block_f32(const float* p, int64_t ld, int64_t rows, int64_t n) { return sum_block<float, 16>(p, ld, rows, n); }
+
+FASTVIT_VEC_CLONES
+double sum_block_f64(const double* p, int64_t ld, int64_t rows, int64_t n) { return sum_block<double, 8>(p, ld, rows, n); }
+
+inline float sum_block_any(const float* p, int64_t ld, int64_t rows, int64_t n) { return sum_block_f32(p, ld, rows, n); }
+inline double sum_block_any(const double* p, int64_t ld, int64_t rows, int64_t n) { return sum_block_f64(p, ld, rows, n); }
+
+// ---- activations (fp32: branch-free, vectorizable; fp64: libm) --------------------------------
+// erf for fp32, Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, at fp32 rounding level).
+static inline float erf_f32(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float r = 1.0f - p * t * vec::exp_nonpos(-ax * ax);
+  return std::copysign(r, x);
+}
+
+static inline float act_f(float x, int act) {
+  if (act == kSilu) return x * vec::sigmoid(x);
+  return 0.5f * x * (1.0f + erf_f32(x * 0.70710678118654752f));
+}
+
+static inline float act_grad_f(float x, int act) {
+  if (act == kSilu) {
+    const float s = vec::sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+  }
+  const float cdf = 0.5f * (1.0f + erf_f32(x * 0.70710678118654752f));
+  return cdf + x * 0.39894228040143268f * vec::exp_nonpos(-0.5f * x * x);
+}
+
+FASTVIT_VEC_CLONES
+void activate_f32(float* a, int64_t n, int act) {
+  if (act == kSilu) {
+    for (int64_t i = 0; i < n; ++i) a[i] = act_f(a[i], kSilu);
+  } else {
+    for (int64_t i = 0; i < n; ++i) a[i] = act_f(a[i], kGelu);
+  }
+}
+
+// g[i] ← g[i] · act'(pre[i])
+FASTVIT_VEC_CLONES
+void act_backward_f32(const float* pre, float* g, int64_t n, int act) {
+  if (act == kSilu) {
+    for (int64_t i = 0; i < n; ++i) g[i] *= act_grad_f(pre[i], kSilu);
+  } else {
+    for (int64_t i = 0; i < n; ++i) g[i] *= act_grad_f(pre[i], kGelu);
+  }
+}
+
+void activate_f64(double* a, int64_t n, int act) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = a[i];
+    a[i] = act == kSilu ? x / (1.0 + std::exp(-x)) : 0.5 * x * (1.0 + std::erf(x * M_SQRT1_2));
+  }
+}
+
+void act_backward_f64(const double* pre, double* g, int64_t n, int act) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = pre[i];
+    double d;
+    if (act == kSilu) {
+      const double s = 1.0 / (1.0 + std::exp(-x));
+      d = s * (1.0 + x * (1.0 - s));
+    } else {
+      d = 0.5 * (1.0 + std::erf(x * M_SQRT1_2)) + x * 0.39894228040143268 * std::exp(-0.5 * x * x);
+    }
+    g[i] *= d;
+  }
+}
+
+inline void activate(float* a, int64_t n, int act) { activate_f32(a, n, act); }
+inline void activate(double* a, int64_t n, int act) { activate_f64(a, n, act); }
+inline void act_backward(const float* p, float* g, int64_t n, int act) { act_backward_f32(p, g, n, act); }
+inline void act_backward(const double* p, double* g, int64_t n, int act) { act_backward_f64(p, g, n, act); }
+
+// ---- packing ------------------------------------------------------------------------------------
+// Place src[i, j] (strides sH, sW) at padded (off + up·i, off + up·j). Every plane of one call
+// writes the same positions, so `buf` is zeroed once (at allocation) and its padding stays zero.
+template <typename T, typename A>
+void pack_plane(const T* src, int64_t sH, int64_t sW, int64_t H, int64_t W, A* buf, const Geo& g,
+                int64_t off, int up) {
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t r = off + up * i;
+    if (r >= g.rows) break;
+    A* row = buf + r * g.rowlen;
+    const T* sr = src + i * sH;
+    if (g.s == 1 && up == 1) {
+      const int64_t n = std::min<int64_t>(W, g.wq - off);
+      if (sW == 1) {
+        for (int64_t j = 0; j < n; ++j) row[off + j] = static_cast<A>(sr[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) row[off + j] = static_cast<A>(sr[j * sW]);
+      }
+    } else if (g.s == 1) {  // zero-upsampled (dgrad of a stride-2 conv)
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t c = off + up * j;
+        if (c >= g.wq) break;
+        row[c] = static_cast<A>(sr[j * sW]);
+      }
+    } else {  // stride 2: even padded columns, then odd ones; padded column 2q + ph = input off + j
+      for (int64_t ph = 0; ph < 2; ++ph) {
+        const int64_t q0 = (off - ph + 1) / 2;  // first q with 2q + ph − off ≥ 0
+        const int64_t last = W - 1 + off - ph;  // 2q + ph − off ≤ W − 1
+        const int64_t q1 = last < 0 ? 0 : std::min<int64_t>(g.wq, last / 2 + 1);
+        A* dst = row + ph * g.wq;
+        const T* s0 = sr + (2 * q0 + ph - off) * sW;
+        for (int64_t q = q0; q < q1; ++q) dst[q] = static_cast<A>(s0[2 * (q - q0) * sW]);
+      }
+    }
+  }
+}
+
+// Ask for the next plane while this one computes (rows are contiguous only when sW == 1).
+template <typename T>
+inline void prefetch_plane(const T* src, int64_t sH, int64_t sW, int64_t H, int64_t W) {
+  if (sW != 1) return;
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t j = 0; j < W; j += kLine) __builtin_prefetch(src + i * sH + j);
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Row stride of a conv output buffer: Wo rounded up to the block width conv_plane_any picks for it
+// (so small planes do not pay epilogue work on 64-wide rows); also ≥ the wgrad vector width.
+template <typename A>
+int64_t out_ld(int64_t wo) {
+  constexpr int64_t L = 64 / sizeof(A);
+  if (wo <= L / 2) return L / 2;
+  if (wo <= L) return L;
+  if (wo <= 2 * L) return 2 * L;
+  return round_up(wo, 4 * L);
+}
+
+// Everything about one call's shapes.
+struct Shape {
+  int64_t B, C, H, W, Ho, Wo;
+  int k, s, p;
+};
+
+Shape make_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t padding) {
+  Shape sh;
+  sh.B = x.size(0);
+  sh.C = x.size(1);
+  sh.H = x.size(2);
+  sh.W = x.size(3);
+  sh.k = static_cast<int>(weight.size(2));
+  sh.s = static_cast<int>(stride);
+  sh.p = static_cast<int>(padding);
+  sh.Ho = (sh.H + 2 * sh.p - sh.k) / sh.s + 1;
+  sh.Wo = (sh.W + 2 * sh.p - sh.k) / sh.s + 1;
+  return sh;
+}
+
+// Forward geometry: the input padded by p, columns de-interleaved by the stride.
+Geo forward_geo(const Shape& sh) {
+  return make_geo(sh.s * (sh.Ho - 1) + sh.k, sh.Wo + (sh.k - 1) / sh.s, sh.s, 128 + sh.k);
+}
+
+std::vector<int64_t> tap_offsets(int k, const Geo& g) {
+  std::vector<int64_t> off(k + 4);
+  for (int v = 0; v < k; ++v) off[v] = (v % g.s) * g.wq + v / g.s;
+  for (int v = k; v < k + 4; ++v) off[v] = off[k - 1];
+  return off;
+}
+
+// Work per plane decides the grain so tiny planes are batched into one task.
+int64_t plane_grain(const Shape& sh) {
+  const int64_t work = std::max<int64_t>(1, sh.Ho * sh.Wo * sh.k * sh.k);
+  return std::max<int64_t>(1, 65536 / work);
+}
+
+void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                int64_t stride, int64_t padding, int64_t activation, bool residual) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W)");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
+                  weight.size(2) == weight.size(3),
+              op, ": weight must be (C, 1, k, k)");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype differs from x");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == x.size(1), op, ": bias must be (C,)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype differs from x");
+  }
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2");
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(k >= 1 && k <= 31 && k % 2 == 1, op, ": kernel size must be odd, 1..31");
+  TORCH_CHECK(padding >= 0 && padding < k, op, ": padding must be in [0, k)");
+  TORCH_CHECK(activation >= 0 && activation <= 2, op, ": activation must be 0, 1 or 2");
+  TORCH_CHECK(x.size(2) + 2 * padding >= k && x.size(3) + 2 * padding >= k, op, ": input smaller than the kernel");
+  TORCH_CHECK(!residual || (stride == 1 && 2 * padding == k - 1), op, ": residual needs stride 1 and 'same' padding");
+}
+
+// ---- forward --------------------------------------------------------------------------------------
+template <typename T, typename A>
+void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Shape& sh, int act, bool residual) {
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const Geo geo = forward_geo(sh);
+  const std::vector<int64_t> off = tap_offsets(sh.k, geo);
+  const int64_t ldo = out_ld<A>(sh.Wo);
+  ConvArgs a{off.data(), geo.rowlen, sh.Ho, sh.Wo, ldo, sh.p, sh.p + sh.H, sh.k, sh.s, 1};
+  const int64_t kk = static_cast<int64_t>(sh.k) * sh.k;
+  at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(geo.size), acc(round_up(sh.Ho, 8) * ldo);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / sh.C, c = plane % sh.C;
+      if (plane + 1 < end) prefetch_plane(xp + ((plane + 1) / sh.C) * sB + ((plane + 1) % sh.C) * sC, sH, sW, sh.H, sh.W);
+      pack_plane<T, A>(xp + b * sB + c * sC, sH, sW, sh.H, sh.W, buf.data(), geo, sh.p, 1);
+      conv_plane_dispatch(buf.data(), w + c * kk, bias ? bias[c] : A(0), acc.data(), a);
+      if (act != kNone) activate(acc.data(), sh.Ho * ldo, act);
+      T* yp = y + plane * sh.Ho * sh.Wo;
+      for (int64_t i = 0; i < sh.Ho; ++i) {
+        const A* ar = acc.data() + i * ldo;
+        T* yr = yp + i * sh.Wo;
+        if (residual) {  // stride 1, same padding: x[i, j] sits at padded (i + p, j + p)
+          const A* xr = buf.data() + (i + sh.p) * geo.rowlen + sh.p;
+          for (int64_t j = 0; j < sh.Wo; ++j) yr[j] = static_cast<T>(ar[j] + xr[j]);
+        } else {
+          for (int64_t j = 0; j < sh.Wo; ++j) yr[j] = static_cast<T>(ar[j]);
+        }
+      }
+    }
+  });
+}
+
+template <typename A>
+at::Tensor to_acc(const at::Tensor& t) {
+  return t.to(std::is_same_v<A, double> ? at::kDouble : at::kFloat).contiguous();
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                   int64_t stride, int64_t padding, int64_t activation, bool residual) {
+  check_args("_dwconv2d_forward", x, weight, bias, stride, padding, activation, residual);
+  TORCH_CHECK(x.device().is_cpu(), "_dwconv2d_forward: expected CPU tensors");
+  const Shape sh = make_shape(x, weight, stride, padding);
+  at::Tensor y = at::empty({sh.B, sh.C, sh.Ho, sh.Wo}, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv2d_fwd", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor wa = to_acc<A>(weight);
+    at::Tensor ba;
+    if (bias.has_value()) ba = to_acc<A>(*bias);
+    forward_impl<scalar_t, A>(x, wa.const_data_ptr<A>(), bias.has_value() ? ba.const_data_ptr<A>() : nullptr,
+                              y.mutable_data_ptr<scalar_t>(), sh, static_cast<int>(activation), residual);
+  });
+  return y;
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+template <typename T, typename A>
+void backward_impl(const at::Tensor& grad, const at::Tensor& x, const A* w, const A* wflip, const A* bias,
+                   T* dx, A* dw_part, A* db_part, const Shape& sh, int act, bool residual) {
+  // dx == nullptr: no dgrad; dw_part == nullptr: no wgrad.
+  const T* xp = x.const_data_ptr<T>();
+  const T* gp = grad.const_data_ptr<T>();
+  const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t gB = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  const int k = sh.k, s = sh.s, p = sh.p;
+  const int64_t kk = static_cast<int64_t>(k) * k;
+
+  // Forward (recompute + wgrad) geometry.
+  const Geo geo = forward_geo(sh);
+  const std::vector<int64_t> off = tap_offsets(k, geo);
+  const int64_t ld = out_ld<A>(sh.Wo);
+  ConvArgs fa{off.data(), geo.rowlen, sh.Ho, sh.Wo, ld, p, p + sh.H, k, s, 1};
+
+  // dgrad: g placed at (k-1-p + s·i, k-1-p + s·j) (zero-upsampled for stride 2), then a stride-1
+  // correlation with the flipped kernel gives dx over (H, W).
+  const int64_t off2 = k - 1 - p;
+  const Geo geo2 = make_geo(sh.H + k - 1, sh.W + k - 1, 1, 128 + k);
+  const std::vector<int64_t> offd = tap_offsets(k, geo2);
+  const int64_t ldx = out_ld<A>(sh.W);
+  ConvArgs da{offd.data(), geo2.rowlen, sh.H, sh.W, ldx, off2, off2 + s * (sh.Ho - 1) + 1, k, 1, s};
+
+  at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
+    // g keeps 3 zero rows above and below (wgrad_block_s1 reads rows r − u for u up to 3 past).
+    std::vector<A> xbuf(geo.size), gstore((sh.Ho + 6) * ld), pre(act != kNone ? round_up(sh.Ho, 8) * ld : 0), gbuf(geo2.size),
+        acc(round_up(sh.H, 8) * ldx);
+    A* g = gstore.data() + 3 * ld;  // zero-initialised; rows/lanes past (Ho, Wo) are never written
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / sh.C, c = plane % sh.C;
+      // g = dy · act'(pre) is materialised only when the epilogue or wgrad needs it; a dgrad-only
+      // pass packs dy straight into the dgrad buffer.
+      const bool need_g = act != kNone || dw_part != nullptr;
+      if (need_g) pack_plane<T, A>(xp + b * sB + c * sC, sH, sW, sh.H, sh.W, xbuf.data(), geo, p, 1);
+      if (plane + 1 < end) {
+        const int64_t nb = (plane + 1) / sh.C, nc = (plane + 1) % sh.C;
+        if (need_g) prefetch_plane(xp + nb * sB + nc * sC, sH, sW, sh.H, sh.W);
+        prefetch_plane(gp + nb * gB + nc * gC, gH, gW, sh.Ho, sh.Wo);
+      }
+      const T* dy = gp + b * gB + c * gC;
+      if (need_g) {
+        // g rows are zero past Wo (wgrad's vector lanes), and the 3 rows around them stay zero.
+        for (int64_t i = 0; i < sh.Ho; ++i) {
+          A* gr = g + i * ld;
+          for (int64_t j = 0; j < sh.Wo; ++j) gr[j] = static_cast<A>(dy[i * gH + j * gW]);
+        }
+        if (act != kNone) {
+          conv_plane_dispatch(xbuf.data(), w + c * kk, bias ? bias[c] : A(0), pre.data(), fa);
+          act_backward(pre.data(), g, sh.Ho * ld, act);
+          for (int64_t i = 0; i < sh.Ho; ++i) std::fill(g + i * ld + sh.Wo, g + (i + 1) * ld, A(0));
+        }
+        db_part[plane] = sum_block_any(g, ld, sh.Ho, sh.Wo);
+        if (dw_part != nullptr) wgrad_dispatch(g, ld, xbuf.data(), fa, p, p + sh.H, dw_part + plane * kk);
+      }
+      if (!need_g && dx == nullptr) {  // only dbias asked for
+        A sum = 0;
+        for (int64_t i = 0; i < sh.Ho; ++i)
+          for (int64_t j = 0; j < sh.Wo; ++j) sum += static_cast<A>(dy[i * gH + j * gW]);
+        db_part[plane] = sum;
+      }
+      if (dx != nullptr) {
+        if (need_g) {
+          pack_plane<A, A>(g, ld, 1, sh.Ho, sh.Wo, gbuf.data(), geo2, off2, s);
+        } else {
+          pack_plane<T, A>(dy, gH, gW, sh.Ho, sh.Wo, gbuf.data(), geo2, off2, s);
+          // gbuf holds dy and zeros only: its sum is dbias's partial.
+          db_part[plane] = sum_block_any(gbuf.data(), geo2.rowlen, geo2.rows, geo2.rowlen);
+        }
+        conv_plane_dispatch(gbuf.data(), wflip + c * kk, A(0), acc.data(), da);
+        T* dxp = dx + plane * sh.H * sh.W;
+        for (int64_t i = 0; i < sh.H; ++i) {
+          const A* ar = acc.data() + i * ldx;
+          T* dr = dxp + i * sh.W;
+          if (residual) {  // stride 1, same size: dy[i, j] flows straight through
+            for (int64_t j = 0; j < sh.W; ++j) dr[j] = static_cast<T>(ar[j] + static_cast<A>(dy[i * gH + j * gW]));
+          } else {
+            for (int64_t j = 0; j < sh.W; ++j) dr[j] = static_cast<T>(ar[j]);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& x,
+                                                        const at::Tensor& weight,
+                                                        const c10::optional<at::Tensor>& bias, int64_t stride,
+                                                        int64_t padding, int64_t activation, bool residual,
+                                                        bool need_dx, bool need_dw) {
+  check_args("_dwconv2d_backward", x, weight, bias, stride, padding, activation, residual);
+  TORCH_CHECK(x.device().is_cpu() && grad.device().is_cpu(), "_dwconv2d_backward: expected CPU tensors");
+  TORCH_CHECK(grad.scalar_type() == x.scalar_type(), "_dwconv2d_backward: grad dtype differs from x");
+  const Shape sh = make_shape(x, weight, stride, padding);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == sh.B && grad.size(1) == sh.C && grad.size(2) == sh.Ho &&
+                  grad.size(3) == sh.Wo,
+              "_dwconv2d_backward: grad must have the output's shape");
+  at::Tensor dx = need_dx ? at::empty({sh.B, sh.C, sh.H, sh.W}, x.options())
+                          : at::zeros({sh.B, sh.C, sh.H, sh.W}, x.options());
+  const int64_t kk = static_cast<int64_t>(sh.k) * sh.k;
+  at::Tensor dw, db;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv2d_bwd", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto acc_type = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+    const at::Tensor wa = to_acc<A>(weight);
+    const at::Tensor wf = wa.flip({2, 3}).contiguous();
+    at::Tensor ba;
+    if (bias.has_value()) ba = to_acc<A>(*bias);
+    at::Tensor dw_part = at::empty({need_dw ? sh.B : 0, sh.C, kk}, x.options().dtype(acc_type));
+    at::Tensor db_part = at::empty({sh.B, sh.C}, x.options().dtype(acc_type));
+    at::Tensor dw_acc = at::zeros({sh.C, kk}, x.options().dtype(acc_type));
+    at::Tensor db_acc = at::zeros({sh.C}, x.options().dtype(acc_type));
+    if (sh.B * sh.C > 0 && sh.Ho * sh.Wo > 0) {
+      backward_impl<scalar_t, A>(grad, x, wa.const_data_ptr<A>(), wf.const_data_ptr<A>(),
+                                 bias.has_value() ? ba.const_data_ptr<A>() : nullptr,
+                                 need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
+                                 need_dw ? dw_part.mutable_data_ptr<A>() : nullptr, db_part.mutable_data_ptr<A>(), sh,
+                                 static_cast<int>(activation), residual);
+      // Second pass: sum the per-plane partials over the batch in a fixed order (deterministic).
+      const A* dwp = dw_part.const_data_ptr<A>();
+      const A* dbp = db_part.const_data_ptr<A>();
+      A* dwa = dw_acc.mutable_data_ptr<A>();
+      A* dba = db_acc.mutable_data_ptr<A>();
+      at::parallel_for(0, sh.C, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          for (int64_t b = 0; b < sh.B; ++b) {
+            if (need_dw) {
+              const A* src = dwp + (b * sh.C + c) * kk;
+              for (int64_t t = 0; t < kk; ++t) dwa[c * kk + t] += src[t];
+            }
+            dba[c] += dbp[b * sh.C + c];
+          }
+        }
+      });
+    } else if (need_dx && dx.numel() > 0) {
+      dx.zero_();
+    }
+    dw = dw_acc.view({sh.C, 1, sh.k, sh.k}).to(weight.scalar_type());
+    db = db_acc.to(x.scalar_type());
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvit_ops, CPU, m) {
+  m.impl("_dwconv2d_forward", &forward);
+  m.impl("_dwconv2d_backward", &backward);
+}
+
+}  // namespace fastvit_ops

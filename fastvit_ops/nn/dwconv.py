@@ -1,0 +1,108 @@
+"""Fused depthwise conv: drop-in for ``fastvit_ops.reference.common.DepthwiseConv2d`` (SPEC §1.1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.dwconv import MAX_KERNEL, dwconv2d
+from ..reference import common as ref
+
+
+class DepthwiseConv2d(ref.DepthwiseConv2d):
+    """``nn.Conv2d(C, C, k, stride, padding, groups=C)`` running :func:`fastvit_ops.ops.dwconv.dwconv2d`.
+
+    Same constructor ``DepthwiseConv2d(channels, kernel_size, stride=1, bias=True, padding=None)``
+    (padding None → k // 2), parameters and state_dict keys (``weight`` (C, 1, k, k), ``bias`` (C,))
+    as the reference layer and the authors' ``nn.Conv2d``, so checkpoints load unchanged.
+    ``forward(x, activation=None, residual=False)`` optionally fuses SiLU/GELU and ``+ x``.
+
+    Raises ``ValueError`` at construction for an even kernel, k > 31, or a stride other than 1, 2.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, bias: bool = True,
+                 padding: Optional[int] = None):
+        if kernel_size % 2 == 0 or not 1 <= kernel_size <= MAX_KERNEL:
+            raise ValueError(f"kernel_size: expected an odd size in [1, {MAX_KERNEL}], got {kernel_size}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride: expected 1 or 2, got {stride}")
+        super().__init__(channels, kernel_size, stride=stride, bias=bias, padding=padding)
+
+    def forward(self, x: Tensor, activation: Optional[str] = None, residual: bool = False) -> Tensor:
+        return dwconv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], activation, residual)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """A fused copy of a depthwise ``nn.Conv2d`` (same weights, device and dtype).
+
+        Raises ``TypeError`` for a non-``nn.Conv2d`` and ``ValueError`` for a conv that is not a
+        depthwise one this op runs: groups ≠ in = out channels, non-square or even kernel, k > 31,
+        unequal or unsupported stride/padding, dilation ≠ 1, or a padding mode other than zeros.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        C = conv.in_channels
+        if conv.out_channels != C or conv.groups != C:
+            raise ValueError(f"conv: expected a depthwise conv (groups = in = out channels), got in={C}, "
+                             f"out={conv.out_channels}, groups={conv.groups}")
+        kh, kw = conv.kernel_size
+        if kh != kw:
+            raise ValueError(f"conv: expected a square kernel, got {conv.kernel_size}")
+        if tuple(conv.dilation) != (1, 1):
+            raise ValueError(f"conv: dilation is not supported, got {conv.dilation}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv: padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        sh, sw = conv.stride
+        if sh != sw:
+            raise ValueError(f"conv: expected equal strides, got {conv.stride}")
+        if isinstance(conv.padding, str):
+            padding = 0 if conv.padding == "valid" else kh // 2
+        else:
+            ph, pw = conv.padding
+            if ph != pw:
+                raise ValueError(f"conv: expected equal paddings, got {conv.padding}")
+            padding = ph
+        if not 0 <= padding < kh:
+            raise ValueError(f"conv: padding must be in [0, k) = [0, {kh}), got {padding}")
+        out = cls(C, kh, stride=sh, bias=conv.bias is not None, padding=padding)
+        out = out.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            out.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                out.bias.copy_(conv.bias)
+        out.train(conv.training)
+        return out
+
+    @torch.no_grad()
+    def fold_bn(self, bn: nn.BatchNorm2d) -> "DepthwiseConv2d":
+        """A new conv equal to ``bn(self(x))`` with ``bn`` in eval mode (running statistics).
+
+        ``w' = w·γ/√(var + eps)``, ``b' = (b − mean)·γ/√(var + eps) + β`` (computed in fp64, stored
+        in this conv's dtype); the result always has a bias. For inference: the fold is exact only
+        for the statistics ``bn`` holds now. Raises ``TypeError`` for a non-BatchNorm2d and
+        ``ValueError`` for a channel mismatch or a BatchNorm without running statistics.
+        """
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn: expected an nn.BatchNorm2d, got {type(bn).__name__}")
+        C = self.weight.shape[0]
+        if bn.num_features != C:
+            raise ValueError(f"bn: expected {C} features, got {bn.num_features}")
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("bn: needs running statistics (track_running_stats=True) to fold")
+        scale = bn.running_var.double().add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.double()
+        shift = -bn.running_mean.double() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.double()
+        bias = self.bias.double() * scale + shift if self.bias is not None else shift
+        out = type(self)(C, self.kernel_size[0], stride=self.stride[0], bias=True, padding=self.padding[0])
+        out = out.to(device=self.weight.device, dtype=self.weight.dtype)
+        out.weight.copy_(self.weight.double() * scale.view(C, 1, 1, 1))
+        out.bias.copy_(bias)
+        out.train(self.training)
+        return out
+
+
+__all__ = ["DepthwiseConv2d"]

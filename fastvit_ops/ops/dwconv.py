@@ -1,0 +1,260 @@
+"""Depthwise 2-D convolution with fused epilogues (SPEC §1.1): custom op, autograd, dispatch.
+
+``y = act(conv(x, weight) + bias) [+ x]`` with ``conv`` the depthwise (groups = C) cross-correlation
+of ``nn.Conv2d(C, C, k, stride, padding, groups=C)``. The backward recomputes the pre-activation
+instead of storing it, and reduces dweight/dbias from per-block partial sums in a fixed order
+(deterministic, no atomics) on every backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dispatch
+from .validate import check_choice, check_like, check_tensor
+
+ACTIVATIONS = (None, "silu", "gelu")
+_ACT_ID = {None: 0, "silu": 1, "gelu": 2}
+_ACT_NAME = {0: None, 1: "silu", 2: "gelu"}
+MAX_KERNEL = 31
+OP = "dwconv2d"
+
+
+def output_size(n: int, k: int, stride: int, padding: int) -> int:
+    """Output length of one spatial dim: ``(n + 2·padding − k) // stride + 1``."""
+    return (n + 2 * padding - k) // stride + 1
+
+
+def _channels_last(t: Tensor) -> bool:
+    # NCHW-contiguous wins when a tensor is both (C == 1 or H == W == 1).
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _empty_out(like: Tensor, shape, dtype=None) -> Tensor:
+    """Uninitialised output in ``like``'s layout: channels_last if ``like`` is, else contiguous."""
+    fmt = torch.channels_last if _channels_last(like) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def _in_layout(like: Tensor, t: Tensor) -> Tensor:
+    """``t`` with exactly the strides ``_empty_out(like, t.shape)`` has (what register_fake promises)."""
+    out = _empty_out(like, t.shape, t.dtype)
+    if out.stride() == t.stride():
+        return t
+    return out.copy_(t)
+
+
+def _out_shape(x: Tensor, k: int, stride: int, padding: int):
+    B, C, H, W = x.shape
+    return (B, C, output_size(H, k, stride, padding), output_size(W, k, stride, padding))
+
+
+# ---- reference (the oracle; autograd-free composite on every device) ------------------------------
+def _act(y: Tensor, act: int) -> Tensor:
+    if act == 1:
+        return F.silu(y)
+    if act == 2:
+        return F.gelu(y)
+    return y
+
+
+def _act_grad(pre: Tensor, act: int) -> Tensor:
+    """d act / d pre, closed form (a custom op's kernel runs below autograd)."""
+    if act == 1:
+        s = torch.sigmoid(pre)
+        return s * (1 + pre * (1 - s))
+    cdf = 0.5 * (1 + torch.erf(pre * 0.7071067811865476))
+    return cdf + pre * torch.exp(-0.5 * pre * pre) * 0.3989422804014327
+
+
+def reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
+              padding: Optional[int] = None, activation: Optional[str] = None, residual: bool = False) -> Tensor:
+    """Eager PyTorch: ``act(F.conv2d(x, weight, bias, stride, padding, groups=C)) [+ x]``."""
+    k = weight.shape[-1]
+    p = k // 2 if padding is None else padding
+    y = _act(F.conv2d(x, weight, bias, stride, p, 1, x.shape[1]), _ACT_ID[activation])
+    return y + x if residual else y
+
+
+def _reference_fwd(x, weight, bias, stride, padding, act, residual):
+    y = _act(F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1]), act)
+    return y + x if residual else y
+
+
+def _reference_bwd(grad, x, weight, bias, stride, padding, act, residual, need_dx=True, need_dw=True):
+    C = x.shape[1]
+    g = grad
+    if act:
+        # Recompute the pre-activation; the activation's derivative in fp32 for half types, rounded
+        # back like eager's SiLU/GELU backward does before the conv backward.
+        pre = F.conv2d(x, weight, bias, stride, padding, 1, C)
+        wide = pre.dtype in (torch.float16, torch.bfloat16)
+        g = (grad.float() * _act_grad(pre.float(), act)).to(grad.dtype) if wide else grad * _act_grad(pre, act)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        g, x, weight, [C], [stride, stride], [padding, padding], [1, 1], False, [0, 0], C, [need_dx, need_dw, True])
+    dx = torch.zeros_like(x) if dx is None else dx
+    dw = torch.zeros_like(weight) if dw is None else dw
+    if residual:
+        dx = dx + grad
+    return dx, dw, db
+
+
+# ---- compiled (C++ CPU / CUDA) and Triton kernels --------------------------------------------------
+def _ext_fwd(x, weight, bias, stride, padding, act, residual):
+    return torch.ops.fastvit_ops._dwconv2d_forward(x, weight, bias, stride, padding, act, residual)
+
+
+def _ext_bwd(grad, x, weight, bias, stride, padding, act, residual, need_dx=True, need_dw=True):
+    return torch.ops.fastvit_ops._dwconv2d_backward(grad, x, weight, bias, stride, padding, act, residual,
+                                                    need_dx, need_dw)
+
+
+def _triton_fwd(x, weight, bias, stride, padding, act, residual):
+    from fastvit_ops.kernels import dwconv as k
+
+    return k.dwconv_forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                            stride, padding, act, residual)
+
+
+def _triton_bwd(grad, x, weight, bias, stride, padding, act, residual, need_dx=True, need_dw=True):
+    from fastvit_ops.kernels import dwconv as k
+
+    return k.dwconv_backward(grad.contiguous(), x.contiguous(), weight.contiguous(),
+                             None if bias is None else bias.contiguous(), stride, padding, act, residual,
+                             need_dx, need_dw)
+
+
+FORWARD = {"reference": _reference_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd, "triton": _triton_fwd}
+BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "triton": _triton_bwd}
+
+
+# ---- custom ops ------------------------------------------------------------------------------------
+@torch.library.custom_op("fastvit_ops::dwconv2d", mutates_args=())
+def _op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int, activation: int,
+        residual: bool, backend: str) -> Tensor:
+    _, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
+    return _in_layout(x, fn(x, weight, bias, stride, padding, activation, residual))
+
+
+@_op.register_fake
+def _(x, weight, bias, stride, padding, activation, residual, backend):
+    return _empty_out(x, _out_shape(x, weight.shape[-1], stride, padding))
+
+
+@torch.library.custom_op("fastvit_ops::dwconv2d_backward", mutates_args=())
+def _op_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                 activation: int, residual: bool, need_dx: bool, need_dw: bool,
+                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dx (dweight) is zeros when need_dx (need_dw) is False."""
+    _, fn = dispatch.resolve(OP, backend, x.device, BACKWARD)
+    dx, dw, db = fn(grad, x, weight, bias, stride, padding, activation, residual, need_dx, need_dw)
+    return _in_layout(x, dx), dw.contiguous(), db.contiguous()
+
+
+@_op_backward.register_fake
+def _(grad, x, weight, bias, stride, padding, activation, residual, need_dx, need_dw, backend):
+    C = x.shape[1]
+    return (_empty_out(x, x.shape), weight.new_empty(weight.shape),
+            weight.new_empty((C,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, activation, residual, backend = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.args = (stride, padding, activation, residual, backend)
+
+
+def _backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    stride, padding, activation, residual, backend = ctx.args
+    need = ctx.needs_input_grad
+    dx, dw, db = _op_backward(grad, x, weight, bias, stride, padding, activation, residual, need[0], need[1],
+                              backend)
+    return (dx if need[0] else None, dw if need[1] else None, db if bias is not None and need[2] else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("fastvit_ops::dwconv2d", _backward, setup_context=_setup_context)
+
+
+# ---- public API --------------------------------------------------------------------------------------
+def _check_int_pair(name: str, value, allowed=None) -> int:
+    """An int, or a pair of equal ints (``nn.Conv2d`` style); returns the int."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}: expected an int or a pair of equal ints, got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if allowed is not None and value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value}")
+    return value
+
+
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
+             padding: Optional[int] = None, activation: Optional[str] = None, residual: bool = False) -> Tensor:
+    """Depthwise 2-D convolution with a fused epilogue (SPEC §1.1).
+
+    Computes ``y = act(conv(x, weight) + bias)``, plus ``x`` when ``residual`` (FAT's CPE and the
+    ConvFFN inner residual, ``x + DW_k(x)``), where ``conv`` is
+    ``F.conv2d(x, weight, None, stride, padding, groups=C)``, i.e. the ``nn.Conv2d(C, C, k, stride,
+    padding, groups=C)`` the authors' FAT/FCViT/CvT code uses (same weight layout).
+
+    Args:
+        x: (B, C, H, W), NCHW or channels_last (any strides); float16, bfloat16, float32 or float64.
+            H, W ≥ 1.
+        weight: (C, 1, k, k), k odd, 1 ≤ k ≤ 31; same dtype and device as ``x``.
+        bias: None or (C,); same dtype and device as ``x``.
+        stride: 1 or 2 (or a pair of equal values).
+        padding: zero padding on every side, 0 ≤ padding < k; None means k // 2 ("same" at stride 1,
+            ``ceil(H/2)`` at stride 2).
+        activation: None, ``"silu"`` or ``"gelu"`` (exact, erf), applied after the bias.
+        residual: add ``x`` after the activation; needs stride 1 and padding k // 2.
+
+    Returns:
+        (B, C, H_out, W_out) with ``H_out = (H + 2·padding − k) // stride + 1``, in ``x``'s dtype and
+        layout (channels_last stays channels_last). fp32 accumulation for half inputs (fp64 for
+        fp64). Differentiable in ``x``, ``weight`` and ``bias``; gradients come back in the inputs'
+        layouts, dweight/dbias reduced in a fixed order (deterministic).
+
+    Raises:
+        TypeError: a non-tensor or non-floating input, dtypes that differ, a non-int stride/padding.
+        ValueError: x not 4-D, weight not (C, 1, k, k), even k or k > 31, stride not 1 or 2, padding
+            outside [0, k), an input smaller than the kernel, devices that differ, an unknown
+            activation, residual with stride 2 or non-"same" padding.
+        RuntimeError: the backend requested with ``fastvit_ops.backend`` cannot run here.
+    """
+    check_tensor("x", x, ndim=4)
+    check_tensor("weight", weight)
+    check_like("weight", weight, "x", x, shape=False)
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight: expected shape (C, 1, k, k) with C = {C} (x.shape[1]), got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k % 2 == 0 or not 1 <= k <= MAX_KERNEL:
+        raise ValueError(f"weight: kernel size must be odd and in [1, {MAX_KERNEL}], got {k}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_like("bias", bias, "x", x, shape=False)
+        if tuple(bias.shape) != (C,):
+            raise ValueError(f"bias: expected shape ({C},), got {tuple(bias.shape)}")
+    stride = _check_int_pair("stride", stride, (1, 2))
+    padding = k // 2 if padding is None else _check_int_pair("padding", padding)
+    if not 0 <= padding < k:
+        raise ValueError(f"padding: expected 0 <= padding < k = {k}, got {padding}")
+    check_choice("activation", activation, ACTIVATIONS)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
+    if residual and (stride != 1 or padding != k // 2):
+        raise ValueError(f"residual: needs stride 1 and padding k // 2 = {k // 2} (output the size of x), "
+                         f"got stride {stride}, padding {padding}")
+    H, W = x.shape[2], x.shape[3]
+    if H < 1 or W < 1 or H + 2 * padding < k or W + 2 * padding < k:
+        raise ValueError(f"x: spatial size {(H, W)} with padding {padding} is smaller than the kernel ({k}, {k})")
+    return _op(x, weight, bias, stride, padding, _ACT_ID[activation], residual, dispatch.get_backend())
+
+
+__all__ = ["dwconv2d", "reference", "output_size", "ACTIVATIONS", "MAX_KERNEL"]

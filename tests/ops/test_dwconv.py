@@ -1,0 +1,484 @@
+"""dwconv2d (SPEC §1.1) on every backend that runs here, against the float64 eager reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastvit_ops
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from fastvit_ops.nn.dwconv import DepthwiseConv2d
+from fastvit_ops.ops import dwconv as dw
+from fastvit_ops.ops.dwconv import dwconv2d
+from fastvit_ops.reference.common import DepthwiseConv2d as RefDepthwiseConv2d
+
+CPU_BACKENDS = backends_for("cpu")
+ACTS = [None, "silu", "gelu"]
+
+
+def eager(x, w, b, stride=1, padding=None, activation=None, residual=False):
+    """What the models write: nn.Conv2d(groups=C), then the activation module, then ``x +``."""
+    k = w.shape[-1]
+    y = F.conv2d(x, w, b, stride, k // 2 if padding is None else padding, 1, x.shape[1])
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    return x + y if residual else y
+
+
+def make(shape, k, dtype=torch.float64, device="cpu", bias=True, scale=1.0):
+    C = shape[1]
+    x = (torch.randn(shape, dtype=dtype, device=device) * scale).requires_grad_()
+    w = (torch.randn(C, 1, k, k, dtype=dtype, device=device) / k).requires_grad_()
+    b = torch.randn(C, dtype=dtype, device=device).requires_grad_() if bias else None
+    return x, w, b
+
+
+def backend_ok(name, device="cpu"):
+    return fastvit_ops.backend_available(name, torch.device(device))[0]
+
+
+def _configs():
+    """k ∈ {1, 3, 5, 11} × stride 1/2 × each epilogue, + residual (stride 1); odd H, W = 7 × 9."""
+    out = []
+    for k in (1, 3, 5, 11):
+        for stride in (1, 2):
+            for act in ACTS:
+                out.append(pytest.param(k, stride, act, False, id=f"k{k}-s{stride}-{act}"))
+        for act in (None, "gelu"):
+            out.append(pytest.param(k, 1, act, True, id=f"k{k}-s1-{act}-residual"))
+    return out
+
+
+# ---- gradients ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,stride,act,residual", _configs())
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_float64(backend, k, stride, act, residual):
+    # The interpreter runs Triton at ms per op: one channel and the fast (random-projection)
+    # gradcheck there.
+    fast = backend == "triton"
+    x, w, b = make((1, 1 if fast else 2, 7, 9), k)
+    with fastvit_ops.backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda x_, w_, b_: dwconv2d(x_, w_, b_, stride, None, act, residual), (x, w, b), fast_mode=fast)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_no_bias_and_explicit_padding(backend):
+    x, w, _ = make((2, 3, 6, 5), 3)
+    with fastvit_ops.backend(backend):
+        assert torch.autograd.gradcheck(lambda x_, w_: dwconv2d(x_, w_, None, 2, 0, "silu"), (x, w),
+                                        fast_mode=backend == "triton")
+        assert torch.autograd.gradcheck(lambda x_, w_: dwconv2d(x_, w_, None, 1, 2), (x, w),
+                                        fast_mode=backend == "triton")
+
+
+def _check_against_eager(shape, k, stride, padding, act, residual, backend, tol=1e-10):
+    x, w, b = make(shape, k, scale=2.0)
+    with fastvit_ops.backend(backend):
+        y = dwconv2d(x, w, b, stride, padding, act, residual)
+    ref = eager(x, w, b, stride, padding, act, residual)
+    dy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), dy)
+    want = torch.autograd.grad(ref, (x, w, b), dy)
+    label = f"{shape} k={k} s={stride} p={padding} {act} res={residual}"
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol, msg=label)
+    for name, g, r in zip(("dx", "dw", "db"), got, want):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol, msg=f"{name} {label}")
+
+
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.id != "triton"])
+def test_matches_eager_float64_many_shapes(backend):
+    """Widths around the vector and block widths (8, 16, 32, 64), tall/flat planes, k up to 31,
+    padding 0 / k//2 / k−1, both strides."""
+    cases = [((2, 3, 5, 1), 1), ((1, 2, 1, 1), 3), ((2, 2, 8, 8), 3), ((1, 3, 9, 17), 5), ((1, 2, 33, 16), 7),
+             ((1, 2, 12, 65), 9), ((1, 1, 70, 3), 3), ((2, 2, 16, 16), 31), ((1, 2, 20, 40), 13), ((1, 1, 4, 130), 11)]
+    for shape, k in cases:
+        for stride in (1, 2):
+            for padding in sorted({k // 2, 0, k - 1}):
+                if shape[2] + 2 * padding < k or shape[3] + 2 * padding < k:
+                    continue
+                act = ACTS[(k + stride + padding) % 3]
+                _check_against_eager(shape, k, stride, padding, act, False, backend)
+        _check_against_eager(shape, k, 1, k // 2, "silu", True, backend)
+
+
+def test_triton_matches_eager_float64():
+    if not backend_ok("triton"):
+        pytest.skip("triton not available here")
+    for shape, k, stride, padding in [((1, 2, 5, 6), 3, 2, 1), ((1, 1, 6, 5), 5, 1, 0), ((1, 1, 4, 4), 7, 2, 3)]:
+        _check_against_eager(shape, k, stride, padding, "gelu", False, "triton")
+
+
+# ---- numerics in low precision -----------------------------------------------------------------------
+@pytest.mark.parametrize("act,residual", [(None, False), ("silu", False), ("gelu", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_low_precision_error_rule(backend, dtype, act, residual):
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter computes half-precision math wrongly; GPU tests cover it")
+    shape, k = ((1, 3, 6, 7), 5) if backend == "triton" else ((2, 8, 13, 11), 7)
+    x64, w64, b64 = (t.detach() for t in make(shape, k, scale=2.0))
+    # The exact result of the *rounded* inputs, so only the op's own error is measured.
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    ins64 = [t.double().requires_grad_() for t in (x, w, b)]
+    exact = eager(*ins64, 1, None, act, residual)
+    exact_g = torch.autograd.grad(exact, ins64, dy.double())
+
+    ins = [t.clone().requires_grad_() for t in (x, w, b)]
+    with fastvit_ops.backend(backend):
+        out = dwconv2d(*ins, 1, None, act, residual)
+        got_g = torch.autograd.grad(out, ins, dy)
+    ins_e = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = eager(*ins_e, 1, None, act, residual)
+    ref_g = torch.autograd.grad(ref, ins_e, dy)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in got_g)
+    assert_error_rule("forward", out, ref, exact)
+    for name, g, r, e in zip(("dx", "dweight", "dbias"), got_g, ref_g, exact_g):
+        assert_error_rule(name, g, r, e)
+
+
+# ---- layouts ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layouts(backend):
+    """channels_last, sliced and transposed inputs give the contiguous result; channels_last stays
+    channels_last for the output and dx."""
+    base = torch.randn(2, 6, 9, 10, dtype=torch.float64)
+    cases = {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "sliced": torch.randn(2, 6, 9, 20, dtype=torch.float64)[..., ::2],
+        "transposed": base.transpose(2, 3),
+        "channel_slice": torch.randn(2, 12, 9, 10, dtype=torch.float64)[:, ::2],
+    }
+    w = torch.randn(6, 1, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    for name, x in cases.items():
+        for stride, act, residual in ((1, "gelu", True), (2, None, False)):
+            xc = x.detach().contiguous().requires_grad_()
+            xs = x.detach().requires_grad_()
+            with fastvit_ops.backend(backend):
+                out = dwconv2d(xc, w, b, stride, None, act, residual)
+                dy = torch.randn_like(out)
+                ref_g = torch.autograd.grad(out, (xc,), dy)[0]
+                out2 = dwconv2d(xs, w, b, stride, None, act, residual)
+                g2 = torch.autograd.grad(out2, (xs,), dy)[0]
+            torch.testing.assert_close(out2, out, msg=name)
+            torch.testing.assert_close(g2, ref_g, msg=name)
+            if name == "channels_last":
+                assert out2.is_contiguous(memory_format=torch.channels_last), "output keeps channels_last"
+                assert g2.is_contiguous(memory_format=torch.channels_last), "dx keeps channels_last"
+    # A non-contiguous weight (a strided view) and a non-contiguous bias.
+    wbig = torch.randn(6, 1, 3, 6, dtype=torch.float64)[..., ::2]
+    bbig = torch.randn(12, dtype=torch.float64)[::2]
+    x = base.clone()
+    with fastvit_ops.backend(backend):
+        out = dwconv2d(x, wbig, bbig)
+    torch.testing.assert_close(out, eager(x, wbig, bbig))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    with fastvit_ops.backend(backend):
+        y = dwconv2d(x, w, None, 2)
+        assert y.shape == (0, 4, 3, 3)
+        dx, dw_ = torch.autograd.grad(y.sum(), (x, w))
+    assert dx.shape == x.shape and torch.equal(dw_, torch.zeros_like(w))
+
+
+def test_deterministic_backward():
+    """The cpu backward reduces dweight/dbias in a fixed order: bitwise equal across runs and threads."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    x, w, b = make((4, 8, 21, 19), 7, dtype=torch.float32)
+    dy = torch.randn(4, 8, 21, 19)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            with fastvit_ops.backend("cpu"):
+                results.append(torch.autograd.grad(dwconv2d(x, w, b, 1, None, "silu"), (x, w, b), dy))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert torch.equal(a, c)
+
+
+def test_poisoned_outputs_are_written(monkeypatch):
+    """Triton launchers allocate with torch.empty: fill those with NaN so an unwritten element shows."""
+    if not backend_ok("triton"):
+        pytest.skip("triton not available here")
+    from fastvit_ops.kernels import dwconv as kmod
+
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **kw):
+        return real_empty(*a, **kw).fill_(float("nan"))
+
+    def nan_empty_like(*a, **kw):
+        return real_empty_like(*a, **kw).fill_(float("nan"))
+
+    monkeypatch.setattr(kmod.torch, "empty", nan_empty)
+    monkeypatch.setattr(kmod.torch, "empty_like", nan_empty_like)
+    x, w, b = make((1, 2, 5, 7), 3)
+    dy = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    y = kmod.dwconv_forward(x.detach(), w.detach(), b.detach(), 2, 1, 1, False)
+    dx, dw_, db = kmod.dwconv_backward(dy, x.detach(), w.detach(), b.detach(), 2, 1, 1, False)
+    monkeypatch.undo()
+    for t in (y, dx, dw_, db):
+        assert not t.isnan().any()
+    ref = eager(x, w, b, 2, 1, "silu")
+    torch.testing.assert_close(y, ref.detach())
+    torch.testing.assert_close(dx, torch.autograd.grad(ref, x, dy)[0])
+
+
+# ---- torch.library / torch.compile ------------------------------------------------------------------------
+@pytest.mark.parametrize("act_id,residual,stride", [(0, False, 2), (2, True, 1), (1, False, 1)])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend, act_id, residual, stride):
+    x, w, b = make((2, 3, 5, 7), 3)
+    torch.library.opcheck(torch.ops.fastvit_ops.dwconv2d.default, (x, w, b, stride, 1, act_id, residual, backend))
+    torch.library.opcheck(torch.ops.fastvit_ops.dwconv2d.default, (x, w, None, stride, 1, act_id, residual, backend))
+    xcl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.fastvit_ops.dwconv2d.default, (xcl, w, b, stride, 1, act_id, residual, backend))
+    y = dw.reference(x.detach(), w.detach(), b.detach(), stride, 1, dw._ACT_NAME[act_id], residual)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastvit_ops.dwconv2d_backward.default,
+                          (dy, x.detach(), w.detach(), b.detach(), stride, 1, act_id, residual, True, True, backend))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def block(x, w, b):
+        y = dwconv2d(x * 2, w, b, 1, None, "gelu", True)
+        return dwconv2d(y, w, None, 2).sum(dim=1)
+
+    compiled = torch.compile(block, fullgraph=True)
+    x, w, b = make((2, 4, 9, 7), 3, dtype=torch.float32)
+    out = compiled(x, w, b)
+    ref = block(x, w, b)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out.sum(), (x, w, b))
+    want = torch.autograd.grad(ref.sum(), (x, w, b))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, w, b), eager(eager(x * 2, w, b, 1, None, "gelu", True), w, None, 2).sum(1))
+
+
+# ---- dispatch ----------------------------------------------------------------------------------------------
+def test_dispatch_runs_the_requested_backend(monkeypatch):
+    calls = []
+    for table, kind in ((dw.FORWARD, "fwd"), (dw.BACKWARD, "bwd")):
+        for name, fn in list(table.items()):
+            def spy(*args, _fn=fn, _name=name, _kind=kind):
+                calls.append((_kind, _name))
+                return _fn(*args)
+            monkeypatch.setitem(table, name, spy)
+    x, w, b = make((1, 2, 5, 5), 3)
+    for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
+        calls.clear()
+        with fastvit_ops.backend(name):
+            dwconv2d(x, w, b).sum().backward()
+        assert calls == [("fwd", name), ("bwd", name)]
+    if backend_ok("cpu"):
+        calls.clear()
+        dwconv2d(x, w, b).sum().backward()
+        assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+
+
+def test_backward_skips_unneeded_gradients():
+    """Only the gradients autograd asks for are returned (and the others are not computed)."""
+    x, w, b = make((1, 2, 6, 6), 3)
+    for backend in [p.id for p in CPU_BACKENDS if backend_ok(p.id)]:
+        with fastvit_ops.backend(backend):
+            y = dwconv2d(x, w.detach(), None)
+            (gx,) = torch.autograd.grad(y.sum(), (x,))
+            y = dwconv2d(x.detach(), w, b)
+            gw, gb = torch.autograd.grad(y.sum(), (w, b))
+        ref = eager(x, w, b)
+        rx, rw, rb = torch.autograd.grad(ref.sum(), (x, w, b))
+        torch.testing.assert_close(gx, rx)
+        torch.testing.assert_close(gw, rw)
+        torch.testing.assert_close(gb, rb)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 4, 8, 8)
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match="weight: kernel size must be odd"):
+        dwconv2d(x, torch.randn(4, 1, 4, 4))
+    with pytest.raises(ValueError, match="weight: kernel size must be odd"):
+        dwconv2d(torch.randn(1, 4, 40, 40), torch.randn(4, 1, 33, 33))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(C, 1, k, k\)"):
+        dwconv2d(x, torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(C, 1, k, k\)"):
+        dwconv2d(x, torch.randn(5, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(C, 1, k, k\)"):
+        dwconv2d(x, torch.randn(4, 1, 3, 5))
+    with pytest.raises(ValueError, match="stride: expected one of"):
+        dwconv2d(x, w, stride=3)
+    with pytest.raises(ValueError, match="stride: expected an int or a pair of equal ints"):
+        dwconv2d(x, w, stride=(1, 2))
+    with pytest.raises(TypeError, match="stride: expected an int"):
+        dwconv2d(x, w, stride=1.0)
+    with pytest.raises(ValueError, match="padding: expected 0 <= padding < k"):
+        dwconv2d(x, w, padding=3)
+    with pytest.raises(ValueError, match="padding: expected 0 <= padding < k"):
+        dwconv2d(x, w, padding=-1)
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        dwconv2d(x, w.double())
+    with pytest.raises(TypeError, match="bias: expected dtype"):
+        dwconv2d(x, w, torch.randn(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight: expected device"):
+        dwconv2d(x, w.to("meta"))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(4,\)"):
+        dwconv2d(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="x: expected a 4-D tensor"):
+        dwconv2d(torch.randn(4, 8, 8), w)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        dwconv2d(x.int(), w)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        dwconv2d([1.0], w)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        dwconv2d(x, w, activation="relu")
+    with pytest.raises(ValueError, match="residual: needs stride 1"):
+        dwconv2d(x, w, stride=2, residual=True)
+    with pytest.raises(ValueError, match="residual: needs stride 1"):
+        dwconv2d(x, w, padding=0, residual=True)
+    with pytest.raises(ValueError, match="x: spatial size"):
+        dwconv2d(torch.randn(1, 4, 2, 8), w, padding=0)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        with fastvit_ops.backend("cuda"):
+            dwconv2d(x, w)
+
+
+def test_compiled_kernels_reject_bad_arguments():
+    """The C++ op checks its own arguments too (it can be called directly through torch.ops)."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
+    op = torch.ops.fastvit_ops._dwconv2d_forward
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        op(x, w, None, 3, 1, 0, False)
+    with pytest.raises(RuntimeError, match="kernel size must be odd"):
+        op(x, torch.randn(2, 1, 2, 2), None, 1, 0, 0, False)
+    with pytest.raises(RuntimeError, match="residual needs stride 1"):
+        op(x, w, None, 2, 1, 0, True)
+
+
+# ---- the nn module -----------------------------------------------------------------------------------------
+def test_module_is_a_drop_in():
+    torch.manual_seed(0)
+    for stride, bias, padding in ((1, True, None), (2, False, None), (1, True, 0)):
+        ref = RefDepthwiseConv2d(6, 5, stride=stride, bias=bias, padding=padding).double()
+        mod = DepthwiseConv2d(6, 5, stride=stride, bias=bias, padding=padding).double()
+        assert isinstance(mod, RefDepthwiseConv2d)
+        assert list(mod.state_dict()) == list(ref.state_dict())
+        mod.load_state_dict(ref.state_dict(), strict=True)
+        x = torch.randn(2, 6, 11, 10, dtype=torch.float64)
+        torch.testing.assert_close(mod(x), ref(x))
+        torch.testing.assert_close(mod(x, activation="gelu"), F.gelu(ref(x)))
+    mod = DepthwiseConv2d(6, 3).double()
+    x = torch.randn(1, 6, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(mod(x, residual=True), x + F.conv2d(x, mod.weight, mod.bias, 1, 1, 1, 6))
+    with pytest.raises(ValueError, match="kernel_size"):
+        DepthwiseConv2d(4, 4)
+    with pytest.raises(ValueError, match="stride"):
+        DepthwiseConv2d(4, 3, stride=3)
+
+
+def test_module_from_conv():
+    conv = nn.Conv2d(8, 8, 7, stride=2, padding=3, groups=8).double()
+    mod = DepthwiseConv2d.from_conv(conv)
+    x = torch.randn(2, 8, 13, 12, dtype=torch.float64)
+    torch.testing.assert_close(mod(x), conv(x))
+    assert mod.weight.dtype == torch.float64 and mod.weight is not conv.weight
+    same = DepthwiseConv2d.from_conv(nn.Conv2d(4, 4, 3, padding="same", groups=4, bias=False))
+    assert same.padding == (1, 1) and same.bias is None
+    with pytest.raises(TypeError, match="conv: expected an nn.Conv2d"):
+        DepthwiseConv2d.from_conv(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="depthwise"):
+        DepthwiseConv2d.from_conv(nn.Conv2d(4, 8, 3, groups=4))
+    with pytest.raises(ValueError, match="dilation"):
+        DepthwiseConv2d.from_conv(nn.Conv2d(4, 4, 3, dilation=2, groups=4))
+    with pytest.raises(ValueError, match="padding_mode"):
+        DepthwiseConv2d.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", groups=4))
+    with pytest.raises(ValueError, match="square"):
+        DepthwiseConv2d.from_conv(nn.Conv2d(4, 4, (3, 5), groups=4))
+    with pytest.raises(ValueError, match="kernel_size"):
+        DepthwiseConv2d.from_conv(nn.Conv2d(4, 4, 2, groups=4))
+
+
+def test_module_fold_bn():
+    mod = DepthwiseConv2d(6, 3, stride=2, bias=False).double()
+    bn = nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn.eval()
+    folded = mod.fold_bn(bn)
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(folded(x), bn(mod(x)))
+    assert folded.bias is not None and mod.bias is None
+    with pytest.raises(ValueError, match="bn: expected 6 features"):
+        mod.fold_bn(nn.BatchNorm2d(5))
+    with pytest.raises(ValueError, match="running statistics"):
+        mod.fold_bn(nn.BatchNorm2d(6, track_running_stats=False))
+    with pytest.raises(TypeError, match="bn: expected an nn.BatchNorm2d"):
+        mod.fold_bn(nn.LayerNorm(6))
+
+
+# ---- GPU (run where a CUDA device is lent) ---------------------------------------------------------------
+GPU_CASES = [((4, 32, 56, 56), 3, 1, None, True), ((4, 80, 28, 28), 5, 2, None, False),
+             ((4, 160, 14, 14), 7, 1, "silu", False), ((4, 256, 7, 7), 9, 1, "gelu", True),
+             ((2, 64, 32, 32), 31, 1, None, False), ((2, 32, 17, 23), 11, 2, "gelu", False)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", backends_for("cuda") if HAS_CUDA else [])
+def test_cuda_error_rule(backend, dtype):
+    for shape, k, stride, act, residual in GPU_CASES:
+        x64, w64, b64 = (t.detach() for t in make(shape, k, device="cuda", scale=2.0))
+        x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+        ins64 = [t.double().requires_grad_() for t in (x, w, b)]
+        exact = eager(*ins64, stride, None, act, residual)
+        dy = torch.randn(exact.shape, device="cuda").to(dtype)
+        exact_g = torch.autograd.grad(exact, ins64, dy.double())
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        with fastvit_ops.backend(backend):
+            out = dwconv2d(*ins, stride, None, act, residual)
+            got_g = torch.autograd.grad(out, ins, dy)
+        ins_e = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref = eager(*ins_e, stride, None, act, residual)
+        ref_g = torch.autograd.grad(ref, ins_e, dy)
+        assert_error_rule(f"forward {shape} k={k}", out, ref, exact)
+        for name, g, r, e in zip(("dx", "dweight", "dbias"), got_g, ref_g, exact_g):
+            assert_error_rule(f"{name} {shape} k={k}", g, r, e)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", backends_for("cuda") if HAS_CUDA else [])
+def test_cuda_gradcheck_and_layouts(backend):
+    for k, stride, act, residual in ((3, 1, "silu", True), (5, 2, "gelu", False), (11, 1, None, False)):
+        x, w, b = make((1, 2, 7, 9), k, device="cuda")
+        with fastvit_ops.backend(backend):
+            assert torch.autograd.gradcheck(lambda x_, w_, b_: dwconv2d(x_, w_, b_, stride, None, act, residual),
+                                            (x, w, b))
+    x, w, b = make((2, 8, 12, 10), 5, device="cuda", dtype=torch.float32)
+    xcl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    with fastvit_ops.backend(backend):
+        y = dwconv2d(xcl, w, b, 1, None, "gelu", True)
+        (gx,) = torch.autograd.grad(y.sum(), (xcl,))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, eager(x, w, b, 1, None, "gelu", True))
+    torch.testing.assert_close(gx, torch.autograd.grad(eager(x, w, b, 1, None, "gelu", True).sum(), (x,))[0])
