@@ -1,0 +1,91 @@
+"""Fused CvT attention: a drop-in for ``fastvit_ops.reference.cvt.Attention`` (same state_dict)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.attention import TOKENS, attention_core
+from ..reference import cvt as ref
+
+try:  # the fused depthwise conv (SPEC §1.1); plain F.conv2d otherwise
+    from ..ops.dwconv import dwconv2d as _dwconv2d
+except ImportError:  # pragma: no cover - depends on which ops are installed
+    _dwconv2d = None
+
+
+def _folded(proj: nn.Sequential) -> Tuple[Tensor, Tensor]:
+    """``conv`` (DW, no bias) → eval ``bn`` as one DW conv: weight ``w·γ/σ``, bias ``β − μ·γ/σ``."""
+    conv, bn = proj.conv, proj.bn
+    inv = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * inv
+    if conv.bias is not None:
+        bias = bias + conv.bias * inv
+    return conv.weight * inv.view(-1, 1, 1, 1), bias
+
+
+class ConvProjectionAttention(ref.Attention):
+    """``reference.cvt.Attention`` (``method="dw_bn"``) on the fused kernels (SPEC §1.3, §4).
+
+    Same constructor, parameters and state_dict keys as the authors' ``Attention``.
+
+    * :meth:`forward_conv` in eval mode folds each BN into its DW_3 and computes the k and v
+      projections (same stride) in a single depthwise pass with two outputs per channel; the q
+      projection (stride 1) uses the fused depthwise conv. The cls token bypasses the convs.
+      Training mode (batch-statistics BN) keeps the reference projections.
+    * :meth:`forward` runs the attention with :func:`fastvit_ops.ops.attention.attention_core`
+      straight on the (B, T, C) token layout (heads are strided views, no transposes), writing
+      the output in (B, T, C) order for ``proj``; the ``dim^(−1/2)`` scale of the released code.
+      Attention dropout in training (``attn_drop > 0``) falls back to the reference core.
+
+    ``forward(x, h, w)``: ``(B, [1 +] h·w, dim_in)`` → ``(B, [1 +] h·w, dim_out)``.
+    """
+
+    def forward_conv(self, x: Tensor, h: int, w: int) -> Tuple[Tensor, Tensor, Tensor]:
+        projs = (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
+        if self.training or self.method != "dw_bn" or any(p is None for p in projs):
+            return super().forward_conv(x, h, w)
+        if self.with_cls_token:
+            cls_token, x = torch.split(x, [1, h * w], dim=1)
+        B, _, C = x.shape
+        img = x.transpose(1, 2).reshape(B, C, h, w)
+        cq, ck, cv = (p.conv for p in projs)
+        wq, bq = _folded(self.conv_proj_q)
+        if _dwconv2d is not None and cq.stride[0] == cq.stride[1] and cq.padding[0] == cq.padding[1]:
+            q = _dwconv2d(img, wq, bq, cq.stride[0], cq.padding[0])
+        else:
+            q = F.conv2d(img, wq, bq, cq.stride, cq.padding, groups=C)
+        if ck.stride == cv.stride and ck.padding == cv.padding and ck.kernel_size == cv.kernel_size:
+            # k and v in one pass: channel multiplier 2, outputs interleaved (c_k, c_v) per channel.
+            wk, bk = _folded(self.conv_proj_k)
+            wv, bv = _folded(self.conv_proj_v)
+            kv = F.conv2d(img, torch.stack([wk, wv], 1).flatten(0, 1), torch.stack([bk, bv], 1).flatten(),
+                          ck.stride, ck.padding, groups=C)
+            k, v = kv[:, 0::2], kv[:, 1::2]
+        else:
+            wk, bk = _folded(self.conv_proj_k)
+            wv, bv = _folded(self.conv_proj_v)
+            k = F.conv2d(img, wk, bk, ck.stride, ck.padding, groups=C)
+            v = F.conv2d(img, wv, bv, cv.stride, cv.padding, groups=C)
+        q, k, v = (t.flatten(2).transpose(1, 2) for t in (q, k, v))
+        if self.with_cls_token:
+            q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+        return q, k, v
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        if self.training and self.attn_drop.p > 0:
+            return super().forward(x, h, w)
+        if (self.conv_proj_q is not None or self.conv_proj_k is not None
+                or self.conv_proj_v is not None):
+            q, k, v = self.forward_conv(x, h, w)
+        else:
+            q = k = v = x
+        q = self._split_heads(self.proj_q(q))   # (B, heads, T, d) views of (B, T, C)
+        k = self._split_heads(self.proj_k(k))
+        v = self._split_heads(self.proj_v(v))
+        out = attention_core(q, k, v, self.scale, None, TOKENS)
+        B, _, N, _ = out.shape
+        out = out.transpose(1, 2).reshape(B, N, self.dim)  # a view: the kernel wrote (B, T, C)
+        return self.proj_drop(self.proj(out))
