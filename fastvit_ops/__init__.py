@@ -2,6 +2,11 @@
 
 Public API:
     sigmoid_cross_modulation(local, global_, mode="silu")   FASA's gate (SPEC §1.4)
+    dwconv2d(x, weight, bias=None, stride=1, padding=None, activation=None, residual=False)
+                                                             large-kernel depthwise conv (SPEC §1.1)
+    downsampled_attention(q, k, v, scale=None)               short-KV attention (SPEC §1.3)
+    downsampled_attention_nchw(q_map, k, v, num_heads, scale=None, gate=None)
+                                                             channels-first queries, fused SiLU gate
     global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias, groups=8, eps=1e-5)
                                                              FCViT x + GC(x) (SPEC §1.2)
     token_global_similarity(x, rescale_weight, rescale_bias, groups=8, eps=1e-5)
@@ -14,7 +19,9 @@ Public API:
 from . import _availability, models, nn, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
+from .ops.attention import downsampled_attention, downsampled_attention_nchw
 from .ops.cross_modulation import sigmoid_cross_modulation
+from .ops.dwconv import dwconv2d
 from .ops.global_context import global_context, token_global_similarity
 
 __version__ = "0.1.0"
@@ -30,6 +37,9 @@ __all__ = [
     "nn",
     "reference",
     "sigmoid_cross_modulation",
+    "dwconv2d",
+    "downsampled_attention",
+    "downsampled_attention_nchw",
     "global_context",
     "token_global_similarity",
     "__version__",

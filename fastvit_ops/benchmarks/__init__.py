@@ -40,6 +40,8 @@ class Case:
 OP_MODULES = {
     "sigmoid_cross_modulation": ".cross_modulation",
     "global_context": ".global_context",
+    "dwconv2d": ".dwconv",
+    "downsampled_attention": ".attention",
 }
 
 

@@ -5,10 +5,14 @@ drop-in; ``fastvit_ops.models`` builds models with them (the reference is used f
 has no fused layer yet).
 """
 from .fat import FASA
+from .cvt import ConvProjectionAttention
+from .dwconv import DepthwiseConv2d
 from .fcvit import GlobalContext, TokenMixer
+from .vt import FilterTokenizer, Projector, RecurrentTokenizer, TokenTransformer
 
-FAT_LAYERS: dict = {"FASA": FASA}
-FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer}
-CVT_LAYERS: dict = {}
+FAT_LAYERS: dict = {"FASA": FASA, "DepthwiseConv2d": DepthwiseConv2d}
+FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer, "DepthwiseConv2d": DepthwiseConv2d}
+CVT_LAYERS: dict = {"Attention": ConvProjectionAttention}
 
-__all__ = ["FASA", "GlobalContext", "TokenMixer", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]
+__all__ = ["FASA", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ConvProjectionAttention", "FilterTokenizer",
+           "RecurrentTokenizer", "TokenTransformer", "Projector", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]
