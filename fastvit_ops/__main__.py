@@ -110,8 +110,11 @@ def cmd_bench(args) -> int:
     batch = args.batch or default_batch(dev)
     ops = _ops(args.ops)
     cases = []
+    shape_prefixes = None if args.all_shapes else [m.strip() for m in args.shapes.split(",") if m.strip()]
     for op in ops:
         cs = load(op).bench_cases(batch, dev)
+        if shape_prefixes:
+            cs = [c for c in cs if any(c.shape.startswith(m) for m in shape_prefixes)]
         cases += cs[:1] if args.quick else cs
     models = [] if args.no_models else ([m.strip() for m in args.models.split(",")] if args.models else list(MODELS))
     if args.quick:
@@ -208,6 +211,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch", type=int, help="batch size (default 64 on GPU, 8 on CPU)")
     p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
     p.add_argument("--quick", action="store_true", help="first shape per op, one model, fewer repetitions")
+    p.add_argument("--shapes", default="FAT-B0,FCViT-tiny",
+                   help="comma-separated model prefixes of the layer shapes to run (default FAT-B0,FCViT-tiny; "
+                        "also FAT-B1, FAT-B2/B3, FCViT-B12, CvT-13)")
+    p.add_argument("--all-shapes", action="store_true", help="every layer shape the ops define")
     p.add_argument("--models", help=f"comma-separated models for the end-to-end rows (default {','.join(MODELS)})")
     p.add_argument("--no-models", action="store_true", help="skip the end-to-end rows")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
