@@ -44,5 +44,15 @@ static inline float sigmoid(float x) {
 
 static inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
+// σ(a) and σ(b) with one division (the divider is the bottleneck of these loops): with
+// e = exp(-|x|) and n = (x ≥ 0 ? 1 : e), σ(x) = n / (1 + e); both share 1 / ((1 + ea)(1 + eb)).
+static inline void sigmoid2(float a, float b, float& sa, float& sb) {
+  float ea = exp_nonpos(-std::fabs(a)), eb = exp_nonpos(-std::fabs(b));
+  float da = 1.0f + ea, db = 1.0f + eb;
+  float inv = 1.0f / (da * db);
+  sa = (a >= 0.0f ? 1.0f : ea) * db * inv;
+  sb = (b >= 0.0f ? 1.0f : eb) * da * inv;
+}
+
 }  // namespace vec
 }  // namespace fastvit_ops
