@@ -22,6 +22,29 @@ class DepthwiseConv2d(nn.Conv2d):
                          groups=channels, bias=bias)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm ``DropPath``, which FAT, FCViT and CvT all use).
+
+    Input ``(B, ...)``: in training, each sample's branch is zeroed with probability ``drop_prob``
+    and the kept ones are scaled by ``1 / (1 - drop_prob)``; identity in eval or at rate 0. No
+    parameters, so no state_dict keys.
+    """
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
 class GroupNorm1(nn.GroupNorm):
     """``GN`` of SPEC.md: ``nn.GroupNorm(1, C)``, what FAT and FCViT call "LayerNorm"."""
 

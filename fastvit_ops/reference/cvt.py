@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import DepthwiseConv2d, resolve_layers
+from .common import DepthwiseConv2d, DropPath, resolve_layers
 
 __all__ = [
     "LayerNorm", "QuickGELU", "DropPath", "Mlp", "Attention", "Block", "ConvEmbed",
@@ -61,28 +61,6 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (training only; identity in eval or with ``drop_prob == 0``).
-
-    Input ``(B, ...)``; each sample's branch is zeroed with probability ``drop_prob`` and the kept
-    ones are scaled by ``1 / (1 - drop_prob)`` (the timm rule the authors import). No parameters.
-    """
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class Mlp(nn.Module):

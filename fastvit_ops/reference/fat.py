@@ -30,36 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint as _checkpoint
 
-from .common import DepthwiseConv2d, GroupNorm1, resolve_layers
+from .common import DepthwiseConv2d, DropPath, GroupNorm1, resolve_layers
 
 __all__ = [
     "DropPath", "FASA", "ConvFFN", "FATBlock", "FATLayer", "ConvBNReLU", "PatchEmbedding", "FAT",
     "REFERENCE_LAYERS", "CONFIGS",
 ]
-
-
-def drop_path(x: torch.Tensor, p: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Stochastic depth on a residual branch ``x`` (B, ...): zero whole samples with probability
-    ``p`` and scale the kept ones by ``1 / (1 - p)`` (timm ``DropPath``, which the authors use)."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask / keep
-
-
-class DropPath(nn.Module):
-    """Module form of :func:`drop_path` (no parameters, so no state_dict keys)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class FASA(nn.Module):

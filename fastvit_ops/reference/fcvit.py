@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .common import DepthwiseConv2d, GroupNorm1, resolve_layers
+from .common import DepthwiseConv2d, DropPath, GroupNorm1, resolve_layers
 
 __all__ = [
     "GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed", "DropPath",
@@ -50,24 +50,6 @@ def _init_conv_linear(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm ``DropPath``): identity in eval mode or at rate 0."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 class GlobalContext(nn.Module):

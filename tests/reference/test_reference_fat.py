@@ -261,7 +261,7 @@ def test_drop_path():
     dropped = (y == 0).flatten(1).all(1)
     assert bool((kept | dropped).all()) and kept.any() and dropped.any()
     model = FAT(**CONFIGS["fat_b0"], drop_path_rate=0.1)
-    rates = [blk.drop_path.p for layer in model.layers for blk in layer.blocks]
+    rates = [blk.drop_path.drop_prob for layer in model.layers for blk in layer.blocks]
     assert rates[0] == 0.0 and math.isclose(rates[-1], 0.1, rel_tol=1e-6)
     assert all(a < b for a, b in zip(rates, rates[1:]))
 
