@@ -178,17 +178,20 @@ def _plot(path, rows, env) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['op']}\n{r['shape']} {r['pass']}" for r in rows]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 5))
-    ax.bar([i - 0.2 for i in x], [r["speedup_vs_eager"] for r in rows], width=0.4, label="vs eager")
-    ax.bar([i + 0.2 for i in x], [r["speedup_vs_compile"] or 0 for r in rows], width=0.4, label="vs torch.compile")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speedup of fused (×)")
+    # Horizontal bars: one row per (op, shape, pass) stays readable at ~100 rows.
+    labels = [f"{r['op']} {r['shape']} {r['pass']}" for r in rows]
+    y = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.22 * len(rows)))
+    ax.barh([i - 0.2 for i in y], [r["speedup_vs_eager"] for r in rows], height=0.4, label="vs eager")
+    ax.barh([i + 0.2 for i in y], [r["speedup_vs_compile"] or 0 for r in rows], height=0.4, label="vs torch.compile")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of fused (×, log scale)")
     ax.set_title(f"fastvit_ops fused ops — {env['device']}, torch {env['torch']}")
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     console.print(f"wrote {path}")
