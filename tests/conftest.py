@@ -31,6 +31,21 @@ def backends_for(device: str = "cpu"):
     return out
 
 
+def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
+    """Random weights everywhere and non-trivial BN running statistics (eval-mode BN folding matters)."""
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn_like(t) * 0.1)
+            else:
+                t.copy_(torch.randn_like(t) * scale)
+    return module
+
+
 # torch.testing's default tolerances: the floor of the DESIGN.md error rule.
 DEFAULT_TOL = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5), torch.float32: (1.3e-6, 1e-5),
                torch.float64: (1e-7, 1e-7)}

@@ -1,30 +1,15 @@
 """fat_b0 and cvt_13 built from the fused attention layers match the reference models (SPEC §2, §4)."""
 import pytest
 import torch
-from torch import nn
 
 import fastvit_ops
+from conftest import randomize_
 from fastvit_ops.nn.cvt import ConvProjectionAttention
 from fastvit_ops.nn.fat import FASA
 from fastvit_ops.reference import cvt as ref_cvt
 from fastvit_ops.reference import fat as ref_fat
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if fastvit_ops.backend_available(b, torch.device("cpu"))[0]]
-
-
-def randomize_(module: nn.Module, scale: float = 0.2):
-    """Random weights and non-trivial BN running statistics (eval-mode BN folding matters)."""
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif name.endswith("running_mean"):
-                t.copy_(torch.randn_like(t) * 0.1)
-            else:
-                t.copy_(torch.randn_like(t) * scale)
-    return module
 
 
 def rel(a, b):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import checkpoint_spec
+from conftest import checkpoint_spec, randomize_
 from fastvit_ops.models import fat as fat_models
 from fastvit_ops.reference.common import DepthwiseConv2d, GroupNorm1, resolve_layers
 from fastvit_ops.reference.fat import (CONFIGS, FASA, FAT, REFERENCE_LAYERS, ConvFFN, DropPath,
@@ -33,21 +33,6 @@ B0_STAGES = [(32, 3, 2, 8), (80, 5, 5, 4), (160, 7, 10, 2), (256, 9, 16, 1)]
 
 def _key_shapes(model):
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-
-
-def _randomize_(module: nn.Module, scale: float = 0.2):
-    """Random weights everywhere and non-trivial BN running statistics (eval-mode BN matters)."""
-    with torch.no_grad():
-        for name, t in module.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif name.endswith("running_mean"):
-                t.copy_(torch.randn_like(t) * 0.1)
-            else:
-                t.copy_(torch.randn_like(t) * scale)
-    return module
 
 
 # ----------------------------------------------------------------------------- state_dict
@@ -164,7 +149,7 @@ def _fasa_by_hand(m: FASA, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dim,kernel,heads,window", B0_STAGES)
 def test_fasa_odd_size_matches_hand_computation(dim, kernel, heads, window):
-    m = _randomize_(FASA(dim, kernel, heads, window)).double().eval()
+    m = randomize_(FASA(dim, kernel, heads, window)).double().eval()
     x = torch.randn(2, dim, 27, 25, dtype=torch.float64)
     with torch.no_grad():
         y = m(x)
@@ -225,8 +210,8 @@ def test_fasa_rejects_bad_window():
 
 def test_convffn_strides():
     x = torch.randn(2, 16, 9, 7)
-    f1 = _randomize_(ConvFFN(16, 64, 5, 1, 16)).eval()
-    f2 = _randomize_(ConvFFN(16, 64, 5, 2, 24)).eval()
+    f1 = randomize_(ConvFFN(16, 64, 5, 1, 16)).eval()
+    f2 = randomize_(ConvFFN(16, 64, 5, 2, 24)).eval()
     with torch.no_grad():
         y1, y2 = f1(x), f2(x)
         u1 = F.gelu(f1.fc1(x))
@@ -241,7 +226,7 @@ def test_convffn_strides():
 
 
 def test_strided_block_shortcut():
-    blk = _randomize_(FATBlock(16, 24, 3, 2, 2, 5, 4, 2)).eval()
+    blk = randomize_(FATBlock(16, 24, 3, 2, 2, 5, 4, 2)).eval()
     x = torch.randn(2, 16, 9, 7)
     with torch.no_grad():
         y = blk(x)
@@ -270,7 +255,7 @@ def test_drop_path():
 
 
 def test_load_reference_state_dict_into_default_model():
-    ref = _randomize_(fat_models.fat_b0(reference=True))
+    ref = randomize_(fat_models.fat_b0(reference=True))
     model = fat_models.fat_b0()
     result = model.load_state_dict(ref.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
