@@ -7,7 +7,9 @@ instead of storing it, and reduces dweight/dbias from per-block partial sums in 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+import time
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -127,15 +129,90 @@ def _triton_bwd(grad, x, weight, bias, stride, padding, act, residual, need_dx=T
                              need_dx, need_dw)
 
 
+def _onednn_fwd(x, weight, bias, stride, padding, act, residual):
+    """PyTorch's own CPU convolution (oneDNN) with the epilogue applied in place afterwards."""
+    y = F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+    if act == 1:
+        F.silu(y, inplace=True)
+    elif act == 2:
+        torch.ops.aten.gelu_(y)
+    return y.add_(x) if residual else y
+
+
 FORWARD = {"reference": _reference_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd, "triton": _triton_fwd}
 BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "triton": _triton_bwd}
+
+
+# ---- per-shape choice of the CPU forward under ``auto`` ------------------------------------------------
+# Our kernel wins by 3-30x on large planes and large k, but oneDNN's channel-blocked forward can win
+# on small planes and at stride 2 (per-plane overhead). Under ``auto`` on CPU each distinct call
+# signature is timed once (both forwards, a few runs each, like cudnn.benchmark) and the faster is
+# kept; the backward is always ours. ``backend("cpu")`` always runs our kernel, and
+# FASTVIT_OPS_DWCONV_TUNE=0 turns the timing off (our kernel everywhere, run-to-run identical choice).
+CPU_FORWARD = {"cpu": lambda *a: FORWARD["cpu"](*a), "onednn": _onednn_fwd}
+_cpu_choice: Dict[tuple, str] = {}
+
+
+def _tuning_enabled() -> bool:
+    return os.environ.get("FASTVIT_OPS_DWCONV_TUNE", "1") not in ("0", "false", "False", "")
+
+
+def _time_ms(fn, args, runs: int) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                       activation: int, residual: bool) -> str:
+    """``"cpu"`` (our kernel) or ``"onednn"``: the faster CPU forward for this call signature.
+
+    Measured on first use and cached per (shape, layout, dtype, kernel, stride, padding, epilogue,
+    bias, thread count). The slower candidate is cut short: when its first run already takes 3x the
+    other's best, it is not run again.
+    """
+    if not _tuning_enabled():
+        return "cpu"
+    key = (tuple(x.shape), _channels_last(x), x.dtype, weight.shape[-1], stride, padding, activation, residual,
+           bias is None, torch.get_num_threads())
+    choice = _cpu_choice.get(key)
+    if choice is None:
+        args = (x, weight, bias, stride, padding, activation, residual)
+        ours = CPU_FORWARD["cpu"]
+        ours(*args)  # warm up
+        t_ours = _time_ms(ours, args, 3)
+        try:
+            t_first = _time_ms(_onednn_fwd, args, 1)  # includes oneDNN's primitive creation
+        except RuntimeError:  # a dtype/layout PyTorch's CPU conv does not take
+            t_first = float("inf")
+        if t_first > 3 * t_ours:
+            choice = "cpu"
+        else:
+            choice = "onednn" if _time_ms(_onednn_fwd, args, 3) < t_ours else "cpu"
+        _cpu_choice[key] = choice
+    return choice
+
+
+def cpu_forward_choices() -> Dict[tuple, str]:
+    """A copy of the cached per-shape CPU forward choices (for inspection and tests)."""
+    return dict(_cpu_choice)
+
+
+def clear_cpu_forward_choices() -> None:
+    """Forget the cached choices; the next call of each signature is timed again."""
+    _cpu_choice.clear()
 
 
 # ---- custom ops ------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit_ops::dwconv2d", mutates_args=())
 def _op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int, activation: int,
         residual: bool, backend: str) -> Tensor:
-    _, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
+    name, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
+    if backend == "auto" and name == "cpu":
+        fn = CPU_FORWARD[cpu_forward_choice(x, weight, bias, stride, padding, activation, residual)]
     return _in_layout(x, fn(x, weight, bias, stride, padding, activation, residual))
 
 
@@ -214,6 +291,11 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
         activation: None, ``"silu"`` or ``"gelu"`` (exact, erf), applied after the bias.
         residual: add ``x`` after the activation; needs stride 1 and padding k // 2.
 
+    Backends: under ``auto`` on CPU the forward of each call signature (shape, layout, dtype, k,
+    stride, padding, epilogue) is timed once against PyTorch's oneDNN convolution and the faster is
+    kept (see :func:`cpu_forward_choice`; ``FASTVIT_OPS_DWCONV_TUNE=0`` disables it); the backward
+    is always the fused C++ kernel. ``backend("cpu")`` always runs the C++ kernel.
+
     Returns:
         (B, C, H_out, W_out) with ``H_out = (H + 2·padding − k) // stride + 1``, in ``x``'s dtype and
         layout (channels_last stays channels_last). fp32 accumulation for half inputs (fp64 for
@@ -257,4 +339,5 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
     return _op(x, weight, bias, stride, padding, _ACT_ID[activation], residual, dispatch.get_backend())
 
 
-__all__ = ["dwconv2d", "reference", "output_size", "ACTIVATIONS", "MAX_KERNEL"]
+__all__ = ["dwconv2d", "reference", "output_size", "cpu_forward_choice", "cpu_forward_choices",
+           "clear_cpu_forward_choices", "ACTIVATIONS", "MAX_KERNEL"]

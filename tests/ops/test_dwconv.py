@@ -288,8 +288,50 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
         assert calls == [("fwd", name), ("bwd", name)]
     if backend_ok("cpu"):
         calls.clear()
+        monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "0")
         dwconv2d(x, w, b).sum().backward()
         assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+def test_auto_times_each_cpu_forward_once_and_caches_it(monkeypatch):
+    monkeypatch.setattr(dw, "_cpu_choice", {})
+    timed = []
+    real = dw._time_ms
+    monkeypatch.setattr(dw, "_time_ms", lambda fn, args, runs: timed.append(fn) or real(fn, args, runs))
+    x, w, b = make((2, 3, 7, 6), 5)
+    for _ in range(3):
+        dwconv2d(x, w, b, 2, None, "gelu")
+    (key, choice), = dw.cpu_forward_choices().items()
+    assert choice in ("cpu", "onednn") and key[0] == (2, 3, 7, 6) and key[3:8] == (5, 2, 2, 2, False)
+    assert 2 <= len(timed) <= 3, "timed on the first call only"
+    dwconv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, None, "gelu")
+    assert len(dw.cpu_forward_choices()) == 2, "layout is part of the key"
+    dw.clear_cpu_forward_choices()
+    assert dw.cpu_forward_choices() == {}
+    monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "0")
+    assert dw.cpu_forward_choice(x, w, b, 2, 2, 2, False) == "cpu"
+    assert dw.cpu_forward_choices() == {}
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("choice", ["cpu", "onednn"])
+def test_auto_cpu_forward_either_choice_is_right(monkeypatch, choice):
+    """Whichever forward ``auto`` keeps, values, layout and (fused C++) gradients match the reference."""
+    monkeypatch.setattr(dw, "cpu_forward_choice", lambda *a: choice)
+    for shape, k, stride, act, residual, cl in [((2, 5, 9, 7), 3, 1, "silu", True, False),
+                                               ((1, 4, 11, 8), 5, 2, "gelu", False, True),
+                                               ((2, 3, 6, 6), 7, 1, None, True, True)]:
+        x, w, b = make(shape, k, dtype=torch.float64)
+        if cl:
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = dwconv2d(x, w, b, stride, None, act, residual)
+        ref = eager(x, w, b, stride, None, act, residual)
+        torch.testing.assert_close(y, ref)
+        assert y.is_contiguous(memory_format=torch.channels_last) == cl
+        dy = torch.randn_like(y)
+        for g, r in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(ref, (x, w, b), dy)):
+            torch.testing.assert_close(g, r)
 
 
 def test_backward_skips_unneeded_gradients():
