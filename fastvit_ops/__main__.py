@@ -5,7 +5,9 @@
   runs here; exits 1 on any failure.
 * ``bench`` every fused op at the real layer shapes (FAT-B0 stages at 224², batch 64 on a GPU,
   8 on a CPU): eager vs torch.compile(eager) vs fused, forward and forward+backward; then
-  inference images/s of fat_b0, fcvit_tiny, cvt_13 with reference vs fused layers.
+  end to end, images/s and peak memory of fat_b0, fcvit_tiny, cvt_13 (``--models``): reference
+  eager, reference torch.compile, converted (fused), converted + torch.compile, for inference and,
+  with ``--train``, a training step (forward, backward, SGD update).
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ from rich.table import Table
 
 from . import _availability as avail
 from .benchmarks import load, op_names, runner
+from .benchmarks import models as model_bench
 from .benchmarks.shapes import default_batch
 from .ops.dispatch import BACKENDS, backend_available
 
-MODELS = ("fat_b0", "fcvit_tiny", "cvt_13")
 # Wide enough for the bench table when the output is a file or a CI log (rich assumes 80 there).
 console = Console(width=None if sys.stdout.isatty() else 200)
 
@@ -108,7 +110,7 @@ def _fmt(v, spec=".3f"):
 def cmd_bench(args) -> int:
     dev = _device(args.device)
     batch = args.batch or default_batch(dev)
-    ops = _ops(args.ops)
+    ops = [] if args.no_ops else _ops(args.ops)
     cases = []
     shape_prefixes = None if args.all_shapes else [m.strip() for m in args.shapes.split(",") if m.strip()]
     for op in ops:
@@ -116,23 +118,27 @@ def cmd_bench(args) -> int:
         if shape_prefixes:
             cs = [c for c in cs if any(c.shape.startswith(m) for m in shape_prefixes)]
         cases += cs[:1] if args.quick else cs
-    models = [] if args.no_models else ([m.strip() for m in args.models.split(",")] if args.models else list(MODELS))
+    models = [] if args.no_models else _models(args.models)
     if args.quick:
         models = models[:1]
+    modes = ("inference", "train") if args.train else ("inference",)
+    variants = model_bench.VARIANTS if not args.no_compile else ("reference", "fused")
     reps, max_s = (5, 0.5) if args.quick else (20, 2.0)
     started = time.time()
     op_rows, model_rows = [], []
     with _progress() as p:
-        task = p.add_task("benchmarking", total=len(cases) + len(models))
+        task = p.add_task("benchmarking", total=len(cases) + len(models) * len(modes))
         for case in cases:
             p.update(task, description=f"{case.op} {case.shape}")
             op_rows += runner.bench_case(case, dev, compile_=not args.no_compile, reps=reps, max_seconds=max_s)
             p.advance(task)
         for name in models:
-            p.update(task, description=f"model {name}")
-            model_rows.append(runner.model_throughput(name, batch, dev, reps=3 if args.quick else 5,
-                                                      max_seconds=2.0 if args.quick else 4.0))
-            p.advance(task)
+            for mode in modes:
+                p.update(task, description=f"model {name} {mode}")
+                model_rows.append(model_bench.throughput(name, batch, dev, mode, variants=variants,
+                                                         rounds=3 if args.quick else 7,
+                                                         max_seconds=5.0 if args.quick else 30.0))
+                p.advance(task)
     env = runner.environment(dev)
     gpu = dev.type == "cuda"
     table = Table(title=f"fused ops, batch {batch}, {env['device']} ({env['cpu_threads']} threads)" if not gpu
@@ -150,20 +156,51 @@ def cmd_bench(args) -> int:
         table.add_row(*row)
     console.print(table)
     if model_rows:
-        mt = Table(title=f"end to end: inference at 224², batch {batch}")
-        for c in ("model", "reference img/s", "fused img/s", "speedup", "max logit err"):
-            mt.add_column(c, justify="left" if c == "model" else "right")
-        for r in model_rows:
-            mt.add_row(r["model"], f"{r['reference_img_s']:.1f}", f"{r['fused_img_s']:.1f}", f"{r['speedup']:.2f}",
-                       f"{r['max_logit_error']:.1e}")
-        console.print(mt)
+        _model_table(model_rows, batch, variants)
     console.print(f"done in {time.time() - started:.0f} s")
     result = {"env": env, "batch": batch, "ops": op_rows, "models": model_rows}
     if args.json:
         _write_json(args.json, result)
     if args.plot:
-        _plot(args.plot, op_rows, env)
+        if op_rows:
+            _plot(args.plot, op_rows, env)
+        if model_rows:
+            _plot_models(args.plot if not op_rows else _suffixed(args.plot, "_models"), model_rows, env)
     return 0
+
+
+def _models(arg: Optional[str]) -> List[str]:
+    if not arg:
+        return list(model_bench.DEFAULT_MODELS)
+    if arg == "all":
+        return list(model_bench.MODELS)
+    names = [m.strip() for m in arg.split(",") if m.strip()]
+    unknown = [m for m in names if m not in model_bench.MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown model(s) {unknown}; expected 'all' or some of {model_bench.MODELS}")
+    return names
+
+
+_VARIANT_LABEL = {"reference": "reference", "reference_compile": "ref+compile", "fused": "fused",
+                  "fused_compile": "fused+compile"}
+
+
+def _model_table(rows, batch, variants) -> None:
+    mt = Table(title=f"end to end at 224², batch {batch}: images/s (× reference eager), peak MiB")
+    for c in ["model", "mode"] + [_VARIANT_LABEL[v] for v in variants] + ["peak MiB ref / fused", "max logit err"]:
+        mt.add_column(c, justify="left" if c in ("model", "mode") else "right")
+    for r in rows:
+        cells = [f"{r[v + '_img_s']:.1f} ({r[v + '_speedup']:.2f}×)" for v in variants]
+        mt.add_row(r["model"], r["mode"], *cells, f"{r['reference_peak_mib']:.0f} / {r['fused_peak_mib']:.0f}",
+                   f"{r['max_logit_error']:.1e}")
+    console.print(mt)
+
+
+def _suffixed(path: str, suffix: str) -> str:
+    import os
+
+    root, ext = os.path.splitext(path)
+    return f"{root}{suffix}{ext or '.png'}"
 
 
 def _write_json(path, obj) -> None:
@@ -197,6 +234,33 @@ def _plot(path, rows, env) -> None:
     console.print(f"wrote {path}")
 
 
+def _plot_models(path, rows, env) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in model_bench.MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        mrows = [r for r in rows if r["mode"] == mode]
+        variants = [v for v in model_bench.VARIANTS if f"{v}_img_s" in mrows[0]]
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            ax.bar([j + (i - (len(variants) - 1) / 2) * width for j in range(len(mrows))],
+                   [r[f"{v}_img_s"] for r in mrows], width=width, label=_VARIANT_LABEL[v])
+        ax.set_xticks(range(len(mrows)))
+        ax.set_xticklabels([r["model"] for r in mrows])
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{mode}, batch {mrows[0]['batch']}, {mrows[0]['size']}²")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"fastvit_ops end to end — {env['device']} ({env['cpu_threads']} threads), torch {env['torch']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"wrote {path}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastvit_ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,8 +282,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="comma-separated model prefixes of the layer shapes to run (default FAT-B0,FCViT-tiny; "
                         "also FAT-B1, FAT-B2/B3, FCViT-B12, CvT-13)")
     p.add_argument("--all-shapes", action="store_true", help="every layer shape the ops define")
-    p.add_argument("--models", help=f"comma-separated models for the end-to-end rows (default {','.join(MODELS)})")
+    p.add_argument("--models", help=f"comma-separated models for the end-to-end rows, or 'all' "
+                                    f"(default {','.join(model_bench.DEFAULT_MODELS)}; all: {','.join(model_bench.MODELS)})")
+    p.add_argument("--train", action="store_true", help="also time a training step (forward, backward, SGD update)")
     p.add_argument("--no-models", action="store_true", help="skip the end-to-end rows")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op rows (end-to-end rows only)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups")

@@ -41,15 +41,32 @@ def test_check_fails_on_a_wrong_op(monkeypatch, capsys):
 
 def test_bench_quick_writes_json_and_plot(tmp_path):
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert main(["bench", "--quick", "--batch", "1", "--no-compile", "--models", "fat_b0",
+    assert main(["bench", "--quick", "--batch", "1", "--no-compile", "--models", "fat_b0", "--train",
                  "--json", str(js), "--plot", str(png)]) == 0
     res = json.loads(js.read_text())
     assert res["batch"] == 1 and res["env"]["torch"] == torch.__version__
     ops = {r["op"] for r in res["ops"]}
     assert "sigmoid_cross_modulation" in ops
     assert all(r["fused_ms"] > 0 and r["eager_ms"] > 0 for r in res["ops"])
-    assert res["models"][0]["model"] == "fat_b0" and res["models"][0]["max_logit_error"] < 1e-3
+    assert [(r["model"], r["mode"]) for r in res["models"]] == [("fat_b0", "inference"), ("fat_b0", "train")]
+    for r in res["models"]:
+        assert r["max_logit_error"] < 1e-3
+        assert r["reference_img_s"] > 0 and r["fused_img_s"] > 0 and "fused_compile_img_s" not in r
+        assert r["reference_peak_mib"] > 0 and r["fused_peak_mib"] > 0
     assert png.stat().st_size > 1000
+    assert (tmp_path / "bench_models.png").stat().st_size > 1000
+
+
+def test_bench_models_only_with_compile(tmp_path):
+    """--no-ops gives the end-to-end rows alone, with all four variants when compile is on."""
+    js = tmp_path / "m.json"
+    assert main(["bench", "--no-ops", "--quick", "--batch", "1", "--models", "cvt_13", "--json", str(js)]) == 0
+    (row,) = json.loads(js.read_text())["models"]
+    assert json.loads(js.read_text())["ops"] == []
+    for v in ("reference", "reference_compile", "fused", "fused_compile"):
+        assert row[f"{v}_img_s"] > 0 and row[f"{v}_speedup"] > 0
+    with pytest.raises(SystemExit):
+        main(["bench", "--no-ops", "--models", "no_such_model"])
 
 
 def test_bad_arguments():

@@ -112,21 +112,3 @@ def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_se
             row["fused_TFLOPs"] = case.flops / (t["fused"] * 1e-3) / 1e12
         rows.append(row)
     return rows
-
-
-def model_throughput(name: str, batch: int, device, size: int = 224, reps: int = 5,
-                     max_seconds: float = 4.0) -> Dict:
-    """Inference images/s of model ``name``: reference layers vs fused layers (same weights)."""
-    from .. import models
-
-    ref = models.create(name, reference=True).to(device).eval()
-    fused = models.create(name).to(device).eval()
-    fused.load_state_dict(ref.state_dict())
-    x = torch.randn(batch, 3, size, size, device=device)
-    with torch.no_grad():
-        err = max_error(fused(x), ref(x))
-    ms_ref = median_ms(forward_fn(ref, [x]), device, warmup=1, reps=reps, max_seconds=max_seconds)
-    ms_fused = median_ms(forward_fn(fused, [x]), device, warmup=1, reps=reps, max_seconds=max_seconds)
-    return {"model": name, "batch": batch, "size": size,
-            "reference_img_s": batch / (ms_ref * 1e-3), "fused_img_s": batch / (ms_fused * 1e-3),
-            "speedup": ms_ref / ms_fused, "max_logit_error": err}
