@@ -13,12 +13,16 @@ Public API:
                                                              S' (B, G, H, W) (SPEC §1.2 steps 1–4)
     backend(name) / get_backend()                            backend selection (auto|triton|cuda|cpu|reference)
     models.create(name), models.list_models()                FAT-B0..B3, FCViT tiny..B48, CvT-13/21
+    fused_fasa(x, fasa)                                      FAT's whole FASA forward, fused, for any FASA module (SPEC §2)
     convert(model) / revert(model)                           swap layers for fused drop-ins, weights kept
+    fuse_for_inference(model, inplace=False)                 eval-only BatchNorm folding into adjacent convs
     reference, nn                                            reference layers and fused drop-ins
 """
 from . import _availability, models, nn, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
+from .fuse import fuse_for_inference
+from .nn.fat import fused_fasa
 from .ops.attention import downsampled_attention, downsampled_attention_nchw
 from .ops.cross_modulation import sigmoid_cross_modulation
 from .ops.dwconv import dwconv2d
@@ -29,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "convert",
+    "fuse_for_inference",
+    "fused_fasa",
     "revert",
     "backend",
     "backend_available",
@@ -48,3 +54,8 @@ __all__ = [
 # Importing the extension registers the compiled kernels under torch.ops.fastvit_ops; when it is
 # missing the package still works on the reference (and Triton) backends.
 _availability.extension()
+
+# Custom ops run with autocast off on the dtypes they get (see fastvit_ops/_autocast.py).
+from . import _autocast  # noqa: E402
+
+_autocast.register()

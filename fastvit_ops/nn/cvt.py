@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..ops.attention import TOKENS, attention_core
 from ..reference import cvt as ref
+from ._amp import autocast_like_conv
 
 try:  # the fused depthwise conv (SPEC §1.1); plain F.conv2d otherwise
     from ..ops.dwconv import dwconv2d as _dwconv2d
@@ -17,8 +18,11 @@ except ImportError:  # pragma: no cover - depends on which ops are installed
 
 
 def _folded(proj: nn.Sequential) -> Tuple[Tensor, Tensor]:
-    """``conv`` (DW, no bias) → eval ``bn`` as one DW conv: weight ``w·γ/σ``, bias ``β − μ·γ/σ``."""
-    conv, bn = proj.conv, proj.bn
+    """``conv`` (DW, no bias) → eval ``bn`` as one DW conv: weight ``w·γ/σ``, bias ``β − μ·γ/σ``.
+    Without ``bn`` (already folded by :func:`fastvit_ops.fuse_for_inference`) the conv's own."""
+    conv, bn = proj.conv, getattr(proj, "bn", None)
+    if bn is None:
+        return conv.weight, conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
     inv = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * inv
     if conv.bias is not None:
@@ -54,7 +58,7 @@ class ConvProjectionAttention(ref.Attention):
         cq, ck, cv = (p.conv for p in projs)
         wq, bq = _folded(self.conv_proj_q)
         if _dwconv2d is not None and cq.stride[0] == cq.stride[1] and cq.padding[0] == cq.padding[1]:
-            q = _dwconv2d(img, wq, bq, cq.stride[0], cq.padding[0])
+            q = _dwconv2d(*autocast_like_conv(img, wq, bq), cq.stride[0], cq.padding[0])
         else:
             q = F.conv2d(img, wq, bq, cq.stride, cq.padding, groups=C)
         if ck.stride == cv.stride and ck.padding == cv.padding and ck.kernel_size == cv.kernel_size:

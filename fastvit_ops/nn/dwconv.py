@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..ops.dwconv import MAX_KERNEL, dwconv2d
 from ..reference import common as ref
+from ._amp import autocast_like_conv
 
 
 class DepthwiseConv2d(ref.DepthwiseConv2d):
@@ -30,7 +31,9 @@ class DepthwiseConv2d(ref.DepthwiseConv2d):
         super().__init__(channels, kernel_size, stride=stride, bias=bias, padding=padding)
 
     def forward(self, x: Tensor, activation: Optional[str] = None, residual: bool = False) -> Tensor:
-        return dwconv2d(x, self.weight, self.bias, self.stride[0], self.padding[0], activation, residual)
+        # Under autocast: cast like nn.Conv2d's F.conv2d would (the reference's policy).
+        x, weight, bias = autocast_like_conv(x, self.weight, self.bias)
+        return dwconv2d(x, weight, bias, self.stride[0], self.padding[0], activation, residual)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":

@@ -1,4 +1,5 @@
-"""Fused FAT layers: drop-ins for ``fastvit_ops.reference.fat`` (same constructor and state_dict)."""
+"""Fused FAT layers: :func:`fused_fasa` and the FASA drop-in for ``fastvit_ops.reference.fat``
+(same constructor and state_dict)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,7 +10,9 @@ from torch import Tensor, nn
 
 from ..ops.attention import CHANNELS_FIRST, attention_core
 from ..ops.cross_modulation import sigmoid_cross_modulation
+from ..ops.validate import check_tensor
 from ..reference import fat as ref
+from ._amp import autocast_like_conv
 
 try:  # the fused depthwise conv (SPEC §1.1) with a SiLU epilogue; the module's own convs otherwise
     from ..ops.dwconv import dwconv2d as _dwconv2d
@@ -17,24 +20,142 @@ except ImportError:  # pragma: no cover - depends on which ops are installed
     _dwconv2d = None
 
 
+def _dw_shape_ok(conv) -> bool:
+    """``conv`` is a depthwise ``nn.Conv2d`` the fused kernel runs (odd square k ≤ 31, equal
+    stride 1/2 and padding in [0, k), no dilation, zero padding)."""
+    if not isinstance(conv, nn.Conv2d) or isinstance(conv.padding, str):
+        return False
+    c = conv.in_channels
+    k, kw = conv.kernel_size
+    return (conv.groups == c == conv.out_channels and k == kw and k % 2 == 1 and k <= 31
+            and conv.stride[0] == conv.stride[1] and conv.stride[0] in (1, 2)
+            and conv.padding[0] == conv.padding[1] and 0 <= conv.padding[0] < k
+            and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros")
+
+
 def _depthwise(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     """``act(DW(x))`` with ``conv``'s stride/padding and the given (possibly BN-folded) weights.
 
     The fused depthwise conv serves the stride-1 local branch (SiLU fused; ~10× PyTorch's CPU
     path there); on CPU the stride-2 pool convs stay on PyTorch's oneDNN kernel, faster for them.
+    Under autocast the tensors are cast as ``F.conv2d`` would cast them (the reference's policy).
     """
-    if _dwconv2d is not None and (x.device.type != "cpu" or conv.stride[0] == 1):
+    if _dwconv2d is not None and _dw_shape_ok(conv) and (x.device.type != "cpu" or conv.stride[0] == 1):
+        x, weight, bias = autocast_like_conv(x, weight, bias)
         return _dwconv2d(x, weight, bias, conv.stride[0], conv.padding[0], "silu" if silu else None)
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, groups=conv.groups)
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups) \
+        if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" else conv(x)
     return F.silu(y) if silu else y
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+def _fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
     """Eval-mode BN folded into the preceding conv: ``w·γ/σ``, ``(b − μ)·γ/σ + β``."""
-    inv = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    inv = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        inv = inv * bn.weight
     w = conv.weight * inv.view(-1, 1, 1, 1)
     b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return w, (b - bn.running_mean) * inv + bn.bias
+    b = (b - bn.running_mean) * inv
+    return w, (b + bn.bias if bn.bias is not None else b)
+
+
+def _foldable(bn) -> bool:
+    """An eval-mode BatchNorm (``BatchNorm2d`` or the authors' ``SyncBatchNorm``) with running stats."""
+    return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
+            and bn.running_mean is not None and bn.running_var is not None)
+
+
+def _pool(pool: nn.Module, x: Tensor) -> Tensor:
+    """FASA's K/V downsampler; each eval-mode BN is folded into the depthwise conv before it
+    (train-mode BN keeps batch statistics: the modules run as they are)."""
+    if not isinstance(pool, nn.Sequential):
+        return pool(x)
+    mods = list(pool.children())
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:
+            if _foldable(nxt):
+                w, b = _fold_bn(m, nxt)
+                x = _depthwise(x, m, w, b, silu=False)
+                i += 2
+                continue
+            x = _depthwise(x, m, m.weight, m.bias, silu=False)   # e.g. after fuse_for_inference
+        else:
+            x = m(x)
+        i += 1
+    return x
+
+
+#: What :func:`fused_fasa` reads from a FASA module (the authors' attribute names).
+FASA_ATTRIBUTES = ("q", "kv", "local_mixer", "mixer", "pool", "num_heads", "dim_head", "window_size",
+                   "scalor")
+
+
+def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
+    """FAT's Fully Adaptive Self-Attention forward (SPEC §2) on the fused kernels, for any FASA module.
+
+    ``fasa`` may be :class:`fastvit_ops.nn.FASA`, :class:`fastvit_ops.reference.fat.FASA`, or the
+    authors' ``FASA`` (github qhfan/FAT ``classification/models.py``) — anything with the
+    attributes of :data:`FASA_ATTRIBUTES`: ``q`` (1×1 conv C→C), ``kv`` (1×1 conv C→2C),
+    ``local_mixer`` (depthwise conv DW_k), ``mixer`` (1×1 conv C→C), ``pool`` (the K/V
+    downsampler: ``nn.Sequential`` of DW_5/s2, BN, 1×1 units, or ``nn.Identity``), ``num_heads``
+    (h), ``dim_head`` (d = C/h), ``window_size`` and ``scalor`` (the softmax scale, d^(−1/2) in
+    the released code). The module's own ``forward``/``attention``/``modulate`` are not called: the
+    computation is the released code's (paper Eq. 3–10 with the released interaction
+    ``SiLU(L0) ⊙ SiLU(G)``, SPEC §1.4 mode "silu")::
+
+        Q̂ = q(X);  K, V = split(kv(pool(X)));  G = softmax(scalor · Q̂ Kᵀ) V  (per head)
+        L0 = local_mixer(Q̂);  Y = mixer(SiLU(L0) ⊙ SiLU(G))
+
+    in the fewest passes: the 1×1 convs are GEMMs; ``SiLU(DW_k(Q̂))`` is one fused depthwise conv;
+    eval-mode BatchNorms of ``pool`` are folded into their DW convs (train mode uses batch
+    statistics and updates the running ones, as the module would); the attention reads the
+    queries straight from Q̂ (B, C, H, W) and applies ``SiLU(G) ⊙ SiLU(L0)`` in its epilogue,
+    writing (B, C, H, W), so G never reaches memory.
+
+    Args:
+        x: (B, C, H, W) with C = ``num_heads · dim_head``, any H, W ≥ 1 (odd sizes included),
+            NCHW or channels_last; float16, bfloat16, float32 or float64 — the module's
+            parameters in the same dtype, or fp32 under ``torch.autocast`` (cast as the
+            reference's convolutions are cast).
+        fasa: the FASA module (see above).
+
+    Returns:
+        (B, C, H, W) in ``x``'s dtype (the autocast dtype under autocast), equal to the reference
+        ``FASA(x)``. Differentiable in ``x`` and every parameter of ``fasa`` (training works).
+
+    Raises:
+        TypeError: ``fasa`` is not an ``nn.Module`` or lacks FASA attributes (the message lists
+            the missing ones); ``x`` is not a floating tensor.
+        ValueError: ``x`` is not 4-D, or its channels differ from ``num_heads · dim_head``; the
+            underlying ops raise for a head width d > 128.
+    """
+    if not isinstance(fasa, nn.Module):
+        raise TypeError(f"fasa: expected an nn.Module with FASA's attributes, got {type(fasa).__name__}")
+    missing = [a for a in FASA_ATTRIBUTES if not hasattr(fasa, a)]
+    if missing:
+        raise TypeError(f"fasa: {type(fasa).__name__} lacks the FASA attribute(s) {', '.join(missing)} "
+                        f"(needs {', '.join(FASA_ATTRIBUTES)})")
+    check_tensor("x", x, 4)
+    b, c, h, w = x.shape
+    heads, d = int(fasa.num_heads), int(fasa.dim_head)
+    if c != heads * d:
+        raise ValueError(f"x: expected {heads * d} channels (num_heads {heads} × dim_head {d}), got {c}")
+    q_local = fasa.q(x)                                                 # Q̂ (B, C, H, W)
+    kv = fasa.kv(_pool(fasa.pool, x))                                   # (B, 2C, H', W')
+    m = kv.shape[-2] * kv.shape[-1]
+    k, v = kv.reshape(b, 2, heads, d, m).transpose(-1, -2).unbind(1)
+    lm = fasa.local_mixer
+    if isinstance(lm, nn.Conv2d):
+        gate = _depthwise(q_local, lm, lm.weight, lm.bias, silu=True)  # SiLU(L0)
+    else:
+        gate = F.silu(lm(q_local))
+    q = q_local.reshape(b, heads, d, h * w).transpose(2, 3)
+    g = gate.reshape(b, heads, d, h * w).transpose(2, 3)
+    out = attention_core(q, k, v, float(fasa.scalor), g, CHANNELS_FIRST)   # SiLU(G)·SiLU(L0)
+    return fasa.mixer(out.transpose(2, 3).reshape(b, c, h, w))
 
 
 class FASA(ref.FASA):
@@ -49,40 +170,13 @@ class FASA(ref.FASA):
     * the local branch ``SiLU(DW_k(Q̂))`` is one fused depthwise conv with a SiLU epilogue;
     * the pool's BN is folded into its DW convs in eval mode (batch statistics in training).
 
+    ``forward`` is :func:`fused_fasa` (``self`` as the module).
+
     Input (B, C, H, W) at any H, W; output (B, C, H, W) in the input dtype.
     """
 
     def modulate(self, local: Tensor, global_: Tensor) -> Tensor:
         return sigmoid_cross_modulation(local, global_, "silu")
 
-    def _pool(self, x: Tensor) -> Tensor:
-        if not isinstance(self.pool, nn.Sequential):
-            return self.pool(x)
-        if self.training:
-            return self.pool(x)
-        mods = list(self.pool.children())
-        i = 0
-        while i < len(mods):
-            m = mods[i]
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            if isinstance(m, nn.Conv2d) and m.groups == m.in_channels and isinstance(nxt, nn.BatchNorm2d):
-                w, b = _fold_bn(m, nxt)
-                x = _depthwise(x, m, w, b, silu=False)
-                i += 2
-            else:
-                x = m(x)
-                i += 1
-        return x
-
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        q_local = self.q(x)                                                 # Q̂ (B, C, H, W)
-        kv = self.kv(self._pool(x))                                         # (B, 2C, H', W')
-        m = kv.shape[-2] * kv.shape[-1]
-        k, v = kv.reshape(b, 2, self.num_heads, self.dim_head, m).transpose(-1, -2).unbind(1)
-        lm = self.local_mixer
-        gate = _depthwise(q_local, lm, lm.weight, lm.bias, silu=True)      # SiLU(L0)
-        q = q_local.reshape(b, self.num_heads, self.dim_head, h * w).transpose(2, 3)
-        g = gate.reshape(b, self.num_heads, self.dim_head, h * w).transpose(2, 3)
-        out = attention_core(q, k, v, self.scalor, g, CHANNELS_FIRST)      # SiLU(G)·SiLU(L0)
-        return self.mixer(out.transpose(2, 3).reshape(b, c, h, w))
+        return fused_fasa(x, self)

@@ -8,13 +8,21 @@ from torch import Tensor
 
 from ..ops.global_context import _global_context, token_global_similarity
 from ..reference import fcvit as ref
+from ._amp import autocast_like_conv
+
+
+def _amp_args(x: Tensor, gc):
+    """x (the autocast dtype under autocast, as the reference's einsum output is) and GC's
+    parameters (as they are: the op accepts mixed dtypes and accumulates in fp32)."""
+    (x,) = autocast_like_conv(x)
+    return (x, gc.fc1.weight, gc.fc1.bias, gc.fc2.weight, gc.fc2.bias, gc.rescale_weight,
+            gc.rescale_bias)
 
 
 def _add_context(gc, x: Tensor) -> Tensor:
     """``x + gc(x)`` in one fused op when ``gc`` is a (reference or fused) GlobalContext."""
     if isinstance(gc, ref.GlobalContext):
-        return _global_context(x, gc.fc1.weight, gc.fc1.bias, gc.fc2.weight, gc.fc2.bias,
-                               gc.rescale_weight, gc.rescale_bias, gc.groups, gc.eps, True)
+        return _global_context(*_amp_args(x, gc), gc.groups, gc.eps, True)
     return x + gc(x)
 
 
@@ -29,9 +37,7 @@ class GlobalContext(ref.GlobalContext):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return _global_context(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                               self.rescale_weight, self.rescale_bias, self.groups, self.eps,
-                               False)
+        return _global_context(*_amp_args(x, self), self.groups, self.eps, False)
 
     def similarity(self, x: Tensor, g: Optional[Tensor] = None) -> Tensor:
         """``S'`` (B, G, H, W) via :func:`token_global_similarity`; a caller-supplied ``g`` that
