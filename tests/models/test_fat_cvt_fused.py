@@ -151,6 +151,23 @@ def test_conv_projection_attention_float64(backend, cls):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_conv_projection_attention_batch1_gradcheck():
+    """Batch 1 with a cls token, eval: the fused layer's gradients pass gradcheck (finite differences).
+
+    The reference can't be the oracle here: torch 2.14's CPU eval-mode BatchNorm backward is wrong at
+    batch 1 when its input or grad is a channels_last-strided view, which is what the cls split gives.
+    """
+    torch.manual_seed(3)
+    fused = randomize_(ConvProjectionAttention(24, 24, 3, qkv_bias=True, stride_kv=2, with_cls_token=True), 0.3)
+    fused.double().eval()
+    x = torch.randn(1, 1 + 4 * 4, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fused(t, 4, 4), (x,), fast_mode=True)
+    p = fused.conv_proj_q.bn.weight
+    assert torch.autograd.gradcheck(lambda w: torch.func.functional_call(fused, {"conv_proj_q.bn.weight": w},
+                                                                         (x.detach(), 4, 4)), (p.detach().clone().requires_grad_(),),
+                                    fast_mode=True)
+
+
 # ---- Visual Transformer blocks -------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("scale", [False, True])
