@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import CHANNELS_FIRST, attention_core
+from ..ops.attention import CHANNELS_FIRST, TOKENS, attention_core
 from ..ops.cross_modulation import sigmoid_cross_modulation
 from ..ops.validate import check_tensor
 from ..reference import fat as ref
@@ -152,10 +152,22 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
         gate = _depthwise(q_local, lm, lm.weight, lm.bias, silu=True)  # SiLU(L0)
     else:
         gate = F.silu(lm(q_local))
+    if _nhwc(q_local) and _nhwc(gate):
+        # channels_last maps are (B, H·W, C) in memory: heads are strided views of that token
+        # layout, and the kernel writes its output in the same layout, so nothing is transposed.
+        q = q_local.permute(0, 2, 3, 1).reshape(b, h * w, heads, d).transpose(1, 2)
+        g = gate.permute(0, 2, 3, 1).reshape(b, h * w, heads, d).transpose(1, 2)
+        out = attention_core(q, k, v, float(fasa.scalor), g, TOKENS)        # SiLU(G)·SiLU(L0)
+        return fasa.mixer(out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2))
     q = q_local.reshape(b, heads, d, h * w).transpose(2, 3)
     g = gate.reshape(b, heads, d, h * w).transpose(2, 3)
     out = attention_core(q, k, v, float(fasa.scalor), g, CHANNELS_FIRST)   # SiLU(G)·SiLU(L0)
     return fasa.mixer(out.transpose(2, 3).reshape(b, c, h, w))
+
+
+def _nhwc(t: Tensor) -> bool:
+    """Stored channels_last (and not also plain contiguous, as when C == 1 or H == W == 1)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class FASA(ref.FASA):

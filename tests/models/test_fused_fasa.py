@@ -81,11 +81,27 @@ def test_fused_fasa_any_fasa_module(kind):
         torch.testing.assert_close(mod.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-6)
 
 
-def test_fused_fasa_channels_last_input():
-    ref = randomize_(ref_fat.FASA(32, 3, 2, 8)).eval()
-    x = torch.randn(2, 32, 19, 21).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        assert rel(fastvit_ops.fused_fasa(x, ref), ref(x)) <= 1e-5
+@pytest.mark.parametrize("train", [False, True])
+def test_fused_fasa_channels_last_input(monkeypatch, train):
+    """channels_last input: the token-layout attention path (no transposes), same values and grads."""
+    import fastvit_ops.nn.fat as nfat
+    layouts = []
+    orig = nfat.attention_core
+    monkeypatch.setattr(nfat, "attention_core", lambda *a: layouts.append(a[-1]) or orig(*a))
+    ref = randomize_(ref_fat.FASA(32, 3, 2, 8)).double().train(train)
+    x = torch.randn(2, 32, 19, 21, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    y = fastvit_ops.fused_fasa(x, ref)
+    assert layouts == [nfat.TOKENS] and y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x] + list(ref.parameters()), dy)
+    for m in ref.modules():  # the reference forward again from the same BN state
+        if isinstance(m, torch.nn.BatchNorm2d) and train:
+            m.reset_running_stats()
+    want_y = ref(x)
+    want = torch.autograd.grad(want_y, [x] + list(ref.parameters()), dy)
+    assert rel(y, want_y) <= 1e-12
+    for a, b in zip(got, want):  # atol: conv biases ahead of train-mode BN get exactly-zero grads
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_fused_fasa_uses_the_fused_kernels(monkeypatch):
