@@ -393,7 +393,7 @@ def _eager_cpu(x: Tensor, backend: str, params) -> bool:
         return False
     if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
         return False
-    if any(type(p) is not torch.Tensor for p in params):
+    if any(type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter for p in params):
         return False
     return dispatch.backend_available("cpu", x.device)[0]
 
