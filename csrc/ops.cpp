@@ -29,6 +29,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // stats); backward → (dx, dalpha, dbeta, dfc1_w, dfc1_b, dfc2_w, dfc2_b) (fc grads empty without fc*).
   m.def("_gc_forward_full(Tensor x, Tensor? fc1_w, Tensor? fc1_b, Tensor? fc2_w, Tensor? fc2_b, Tensor alpha, Tensor beta, int groups, float eps, bool residual) -> (Tensor, Tensor, Tensor)");
   m.def("_gc_backward_full(Tensor grad, Tensor x, Tensor g, Tensor stats, Tensor? fc1_w, Tensor? fc1_b, Tensor? fc2_w, Tensor? fc2_b, Tensor alpha, Tensor beta, int groups, float eps, bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Eager CPU fast path: _gc_forward_full with a C++ autograd node whose backward is
+  // _gc_backward_full (no Python custom-op/autograd overhead per call). Returns out only.
+  m.def("_gc_autograd(Tensor x, Tensor? fc1_w, Tensor? fc1_b, Tensor? fc2_w, Tensor? fc2_b, Tensor alpha, Tensor beta, int groups, float eps, bool residual) -> Tensor");
   // -- downsampled attention schemas below --
   // q, gate, out (B, h, N, d) and k, v (B, h, M, d), any strides; lse (B, h, N, 2) contiguous fp32
   // (fp64 for fp64): per query the max of q·k (unscaled) and log2 Σ 2^((q·k − max)·scale·log2 e).

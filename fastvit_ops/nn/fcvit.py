@@ -6,7 +6,9 @@ from typing import Optional
 
 from torch import Tensor
 
+from ..ops.dwconv import dwconv2d
 from ..ops.global_context import _global_context, token_global_similarity
+from ..reference import common as ref_common
 from ..reference import fcvit as ref
 from ._amp import autocast_like_conv
 
@@ -24,6 +26,14 @@ def _add_context(gc, x: Tensor) -> Tensor:
     if isinstance(gc, ref.GlobalContext):
         return _global_context(*_amp_args(x, gc), gc.groups, gc.eps, True)
     return x + gc(x)
+
+
+def _depthwise(dw, x: Tensor) -> Tensor:
+    """``dw(x)`` on the fused depthwise-conv kernel whenever ``dw`` is a (reference or fused)
+    ``DepthwiseConv2d``, so a mixer built with reference layers still runs fused convs."""
+    if isinstance(dw, ref_common.DepthwiseConv2d):
+        return dwconv2d(x, dw.weight, dw.bias, dw.stride[0], dw.padding[0])
+    return dw(x)
 
 
 class GlobalContext(ref.GlobalContext):
@@ -50,16 +60,17 @@ class GlobalContext(ref.GlobalContext):
 
 class TokenMixer(ref.TokenMixer):
     """``reference.fcvit.TokenMixer`` with each ``Z + GC(Z)`` as one fused op
-    (:func:`fastvit_ops.global_context`); the depthwise convs are whatever ``layers`` maps
-    ``DepthwiseConv2d`` to. Same constructor, parameters and state_dict; (B, C, H, W) →
-    (B, C, H, W), same dtype.
+    (:func:`fastvit_ops.global_context`) and the 11×11 depthwise convs on the fused
+    :func:`fastvit_ops.dwconv2d` (also when ``layers`` left them reference ``DepthwiseConv2d``).
+    Same constructor, parameters and state_dict; (B, C, H, W) → (B, C, H, W), same dtype.
+    ``x + GC(x)`` is still written once before each conv (not folded into the conv's input load).
     """
 
     def forward(self, x: Tensor) -> Tensor:
         x = _add_context(self.gc1, x)
-        x = self.act(self.fc1(self.dw1(x)))
+        x = self.act(self.fc1(_depthwise(self.dw1, x)))
         x = _add_context(self.gc2, x)
-        return self.act(self.fc2(self.dw2(x)))
+        return self.act(self.fc2(_depthwise(self.dw2, x)))
 
 
 __all__ = ["GlobalContext", "TokenMixer"]

@@ -380,6 +380,24 @@ def _gc_bwd(ctx, grad, _g, _stats):
 torch.library.register_autograd("fastvit_ops::global_context", _gc_bwd, setup_context=_gc_setup)
 
 
+# ---- eager CPU fast path -------------------------------------------------------------------------
+# ``_gc_autograd`` is the cpu backend's _gc_forward_full / _gc_backward_full under a C++ autograd
+# node: the same kernels and results as the custom op, without its per-call Python dispatch and
+# autograd glue (a few hundred µs per forward+backward, more than the kernels at FCViT's small
+# stages). Plain eager calls only: torch.compile, fake/subclass tensors, functorch transforms
+# and dispatch modes keep the custom op (which is what opcheck and the compiler see).
+def _eager_cpu(x: Tensor, backend: str, params) -> bool:
+    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if not x.is_contiguous() or torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
+        return False
+    if any(type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter for p in params):
+        return False
+    return dispatch.backend_available("cpu", x.device)[0]
+
+
 # ---- public API ----------------------------------------------------------------------------------
 def _check_common(x, rescale_weight, rescale_bias, groups, eps):
     check_tensor("x", x, ndim=4)
@@ -429,7 +447,11 @@ def token_global_similarity(x: Tensor, rescale_weight: Tensor, rescale_bias: Ten
         RuntimeError: the backend requested with ``fastvit_ops.backend`` cannot run here.
     """
     _check_common(x, rescale_weight, rescale_bias, groups, eps)
-    return _sim_op(x, rescale_weight, rescale_bias, groups, float(eps), dispatch.get_backend())[0]
+    backend = dispatch.get_backend()
+    if _eager_cpu(x, backend, (rescale_weight, rescale_bias)):
+        return torch.ops.fastvit_ops._gc_autograd(x, None, None, None, None, rescale_weight,
+                                                  rescale_bias, groups, float(eps), False)
+    return _sim_op(x, rescale_weight, rescale_bias, groups, float(eps), backend)[0]
 
 
 def _check_mlp(x, groups, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
@@ -448,8 +470,14 @@ def _global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weigh
                     groups, eps, residual):
     _check_common(x, rescale_weight, rescale_bias, groups, eps)
     _check_mlp(x, groups, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    backend = dispatch.get_backend()
+    if _eager_cpu(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight,
+                               rescale_bias)):
+        return torch.ops.fastvit_ops._gc_autograd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                  rescale_weight, rescale_bias, groups,
+                                                  float(eps), residual)
     return _gc_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias,
-                  groups, float(eps), residual, dispatch.get_backend())[0]
+                  groups, float(eps), residual, backend)[0]
 
 
 def global_context(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,

@@ -83,3 +83,32 @@ def test_fcvit_tiny_fused_matches_reference(backend):
     assert worst[0][0] <= 1e-4, f"parameter gradients: worst relative errors {worst[:3]}"
     gc_grads = [name for _, name in worst if "gc1.rescale" in name or "gc2.fc1" in name]
     assert gc_grads  # the GC parameters were compared
+
+
+@pytest.mark.parametrize("backend", [p for p in backends_for("cpu") if p.id in ("cpu", "reference")])
+def test_token_mixer_on_reference_layers_matches_reference(backend):
+    """The fused TokenMixer runs reference DepthwiseConv2d layers on fastvit_ops.dwconv2d and
+    the global context fused: same output and gradients as the reference mixer (float64, odd
+    shape). A dw that is not a DepthwiseConv2d (plain nn.Conv2d) is called as is."""
+    torch.manual_seed(0)
+    tm = ref.TokenMixer(24, groups=6).double()
+    for gc in (tm.gc1, tm.gc2):
+        with torch.no_grad():
+            gc.rescale_weight.normal_(1.0, 0.3)
+            gc.rescale_bias.normal_(0.0, 0.3)
+    x = torch.randn(2, 24, 13, 9, dtype=torch.float64, requires_grad=True)
+    ps = list(tm.parameters())
+    for swap in (False, True):
+        if swap:  # not a DepthwiseConv2d: the fused mixer must call it unchanged
+            conv = torch.nn.Conv2d(24, 24, 3, padding=1, groups=24).double()
+            tm.dw2 = conv
+            ps = list(tm.parameters())
+        want = tm(x)
+        dy = torch.randn_like(want)
+        gwant = torch.autograd.grad(want, [x] + ps, dy)
+        with fastvit_ops.backend(backend):
+            got = TokenMixer.forward(tm, x)
+            ggot = torch.autograd.grad(got, [x] + ps, dy)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        for a, b in zip(ggot, gwant):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)

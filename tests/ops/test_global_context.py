@@ -205,6 +205,70 @@ def test_sigma_comparable_to_eps(backend):
     torch.testing.assert_close(out, gc(x), rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("B,C,H,W,G", SHAPES + [(3, 24, 11, 6, 6)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_eager_cpu_fast_path_matches_custom_op(B, C, H, W, G, residual):
+    """Plain eager CPU calls take the C++ autograd node (_gc_autograd), not the Python custom op;
+    its forward and every gradient equal the custom op's on the same kernels (odd shapes, G ≠ 8)."""
+    gc = make_gc(C, G)
+    x = (torch.randn(B, C, H, W, dtype=torch.float64) * 2 + 0.3).requires_grad_()
+    ps = params(gc)
+    dy = torch.randn(B, C, H, W, dtype=torch.float64)
+    with fastvit_ops.backend("cpu"):
+        out = fused_gc(x, gc, residual)
+        assert type(out.grad_fn).__name__ == "CppFunction"  # the fast path ran
+        got = torch.autograd.grad(out, [x] + ps, dy)
+        want_out = gco._gc_op(x, *ps, G, 1e-5, residual, "cpu")[0]
+        want = torch.autograd.grad(want_out, [x] + ps, dy)
+        s = token_global_similarity(x, gc.rescale_weight, gc.rescale_bias, G)
+        assert type(s.grad_fn).__name__ == "CppFunction"
+        s_want = gco._sim_op(x, gc.rescale_weight, gc.rescale_bias, G, 1e-5, "cpu")[0]
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(s, s_want, rtol=0, atol=0)
+    ds = torch.randn_like(s)
+    a = torch.autograd.grad(s, [x, gc.rescale_weight, gc.rescale_bias], ds)
+    b = torch.autograd.grad(s_want, [x, gc.rescale_weight, gc.rescale_bias], ds)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    # Only the inputs that require grad get one; inference mode runs the forward kernel alone.
+    xd = x.detach()
+    with fastvit_ops.backend("cpu"), torch.inference_mode():
+        torch.testing.assert_close(fused_gc(xd, gc, residual), want_out.detach(), rtol=0, atol=0)
+    with fastvit_ops.backend("cpu"):
+        xr = x.detach().requires_grad_()
+        y = _global_context(xr, *[p.detach() for p in ps], G, 1e-5, residual)
+        dx_only = torch.autograd.grad(y, xr, dy)[0]
+    torch.testing.assert_close(dx_only, want[0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+def test_eager_cpu_fast_path_refuses_double_backward():
+    gc = make_gc(16)
+    x = torch.randn(2, 16, 4, 3, dtype=torch.float64, requires_grad=True)
+    with fastvit_ops.backend("cpu"):
+        out = fused_gc(x, gc)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+def test_eager_cpu_fast_path_float32_large_mean():
+    """fp32 through the fast path at a real stage layout (d = 4, many tokens, 2 threads'
+    worth of (b, γ) tasks), large-mean input: matches the float64 reference."""
+    gc = make_gc(32, dtype=torch.float64)
+    x64 = 50 + torch.randn(3, 32, 23, 17, dtype=torch.float64)
+    gc32 = make_gc(32, dtype=torch.float32)
+    gc32.load_state_dict(gc.state_dict())
+    with fastvit_ops.backend("cpu"):
+        out = fused_gc(x64.float(), gc32)
+    ref = eager_gc(x64, gc)
+    assert type(out.grad_fn).__name__ == "CppFunction"
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_layouts(backend):
     """channels_last and non-contiguous inputs give the contiguous result; a channels_last input
@@ -357,16 +421,28 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
             monkeypatch.setitem(table, name, spy)
     gc = make_gc(16, dtype=torch.float32)
     x = torch.randn(2, 16, 3, 3, requires_grad=True)
+    # channels_last keeps the cpu backend on the custom op (the eager fast path takes NCHW only)
+    x_cl = torch.randn(2, 16, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
     for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
         calls.clear()
         with fastvit_ops.backend(name):
-            fused_gc(x, gc).sum().backward()
-            token_global_similarity(x, gc.rescale_weight, gc.rescale_bias).sum().backward()
+            fused_gc(x_cl, gc).sum().backward()
+            token_global_similarity(x_cl, gc.rescale_weight, gc.rescale_bias).sum().backward()
         assert calls == [("fwd", name), ("bwd", name)] * 2
     if backend_ok("cpu"):
         calls.clear()
-        token_global_similarity(x, gc.rescale_weight, gc.rescale_bias).sum().backward()
+        token_global_similarity(x_cl, gc.rescale_weight, gc.rescale_bias).sum().backward()
         assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernels on CPU"
+        # NCHW eager calls on cpu/auto: the C++ autograd node, no Python table involved
+        for name in ("cpu", "auto"):
+            calls.clear()
+            with fastvit_ops.backend(name):
+                y = fused_gc(x, gc)
+                assert type(y.grad_fn).__name__ == "CppFunction"
+                y.sum().backward()
+            assert calls == []
+        with fastvit_ops.backend("reference"):  # reference is never rerouted
+            assert "CppFunction" not in type(fused_gc(x, gc).grad_fn).__name__
 
 
 # ---- GPU (run where a CUDA device is lent) ---------------------------------------------------------
