@@ -32,7 +32,7 @@ def _depthwise(dw, x: Tensor) -> Tensor:
     """``dw(x)`` on the fused depthwise-conv kernel whenever ``dw`` is a (reference or fused)
     ``DepthwiseConv2d``, so a mixer built with reference layers still runs fused convs."""
     if isinstance(dw, ref_common.DepthwiseConv2d):
-        return dwconv2d(x, dw.weight, dw.bias, dw.stride[0], dw.padding[0])
+        return dwconv2d(*autocast_like_conv(x, dw.weight, dw.bias), dw.stride[0], dw.padding[0])
     return dw(x)
 
 
