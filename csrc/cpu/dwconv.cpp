@@ -12,6 +12,8 @@
 //             kernel (g zero-upsampled for stride 2, zero rows skipped) [+ dy];
 //             dw, dbias = per-plane partial sums, reduced over the batch in a fixed order
 //             (deterministic, no atomics).
+// Small planes at stride 2 or k = 3 take the "flat-plane path" (AVX-512, fp32/fp64; see
+// use_flat) instead: the whole padded plane as one 1-D array, outputs of a plane in registers.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -1182,7 +1184,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const A* w, cons
           act_backward(pre.data(), g, sh.Ho * ld, act);
           for (int64_t i = 0; i < sh.Ho; ++i) std::fill(g + i * ld + sh.Wo, g + (i + 1) * ld, A(0));
         }
-        db_part[plane] = sum_block_any(g, ld, sh.Ho, sh.Wo);
+        db_part[plane] = sum_block_any(g, ld, sh.Ho, ld);  // zero past Wo: whole vectors
         if (dw_part != nullptr) wgrad_dispatch(g, ld, xbuf.data(), fa, p, p + sh.H, dw_part + plane * kk);
       }
       if (!need_g && dx == nullptr) {  // only dbias asked for
