@@ -607,7 +607,8 @@ DW_T void flat_pack(const A* __restrict src, int64_t sH, int64_t sW, A* __restri
     const int64_t r = p + i;
     if (r >= rows) break;
     const A* sr = src + i * sH;
-    A* row = buf + ((r % s) * s) * f.S + (r / s) * f.Q;  // column phase 0 sub-plane row
+    // Column phase 0 sub-plane row (s is 1 or 2: no integer division per row).
+    A* row = s == 1 ? buf + r * f.Q : buf + (r & 1) * 2 * f.S + (r >> 1) * f.Q;
     if (s == 1) {
       A* dst = row + p;
       if (sW == 1) {
@@ -703,9 +704,8 @@ DW_T void flat_forward_planes(const A* x, int64_t sB, int64_t sC, int64_t sH, in
   const int64_t kk = static_cast<int64_t>(f.k) * f.k;
   const int64_t n = f.NV * L;
   const int64_t res_off = static_cast<int64_t>(f.p) * f.Q + f.p;  // x[i, j] at flat o + res_off (stride 1)
-  for (int64_t plane = begin; plane < end; ++plane) {
-    const int64_t b = plane / C, c = plane % C;
-    if (plane + 1 < end && sW == 1) flat_prefetch(x + ((plane + 1) / C) * sB + ((plane + 1) % C) * sC, sH, f.H, f.W);
+  for (int64_t plane = begin, b = begin / C, c = begin % C; plane < end; ++plane, c = c + 1 == C ? (++b, 0) : c + 1) {
+    if (plane + 1 < end && sW == 1) flat_prefetch(x + (c + 1 == C ? (b + 1) * sB : b * sB + (c + 1) * sC), sH, f.H, f.W);
     flat_pack<A>(x + b * sB + c * sC, sH, sW, buf.data(), f);
     flat_run<A>(buf.data(), f.rows, w + c * kk, bias ? bias[c] : A(0), f.NV, out.data());
     if (act != kNone) activate(out.data(), n, act);
@@ -889,7 +889,7 @@ DW_T void flat_backward_planes(const A* x, int64_t sB, int64_t sC, int64_t sH, i
           for (int64_t j = 0; j < f.W; j += L) S_::store(dr + j, S_::mask(f.W - j), typename S_::R{});
           continue;
         }
-        const A* row = dbuf.data() + ((r % s) * s) * f.S + (r / s) * f.Q;
+        const A* row = s == 1 ? dbuf.data() + r * f.Q : dbuf.data() + (r & 1) * 2 * f.S + (r >> 1) * f.Q;
         if (s == 1) {
           const A* sr = row + p;
           if (residual) {
