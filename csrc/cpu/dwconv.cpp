@@ -12,6 +12,8 @@
 //             kernel (g zero-upsampled for stride 2, zero rows skipped) [+ dy];
 //             dw, dbias = per-plane partial sums, reduced over the batch in a fixed order
 //             (deterministic, no atomics).
+// Small planes at stride 2 or k = 3 take the "flat-plane path" (AVX-512, fp32/fp64; see
+// use_flat) instead: the whole padded plane as one 1-D array, outputs of a plane in registers.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +21,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -459,6 +463,507 @@ void pack_plane(const T* src, int64_t sH, int64_t sW, int64_t H, int64_t W, A* b
   }
 }
 
+// ---- flat-plane path (small planes, AVX-512) -----------------------------------------------------
+// On small planes the row-blocked path above spends most of its time on per-row work (packing,
+// copying out, dispatching row blocks of a 7-wide row). Here a padded plane is one 1-D array of
+// pitch Q (Q = Wo + (k−1)/s), so output o = i·Q + j is Σ_t w[t] · buf[o + tap[t]]: every tap is one
+// broadcast weight times a contiguous run, and a whole small plane's outputs sit in a few vector
+// registers (columns j ≥ Wo are garbage, dropped when unpacking). For stride 2 the padded plane is
+// split into its 4 (row parity, column parity) sub-planes, so taps stay contiguous at pitch Q.
+// Packing and unpacking rows use AVX-512 masked loads/stores (one instruction per short row), so
+// this path exists only for fp32/fp64 on AVX-512 machines; elsewhere the path above runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DW_HAVE_FLAT 1
+#include <immintrin.h>
+#define DW_AVX512_ATTR target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,popcnt")
+#define DW_T inline __attribute__((DW_AVX512_ATTR, always_inline))
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+// A run of taps whose buffer offsets are consecutive: tap m (0 ≤ m < cnt ≤ L) reads src[o + base + m]
+// with weight w[w0 + m·ws]. All taps of a kernel row in one sub-plane form one run (split at L).
+struct TapRow {
+  int64_t base;
+  int cnt, w0, ws;
+};
+
+void add_taprow(std::vector<TapRow>& rows, int64_t base, int cnt, int w0, int ws, int L) {
+  for (int m0 = 0; m0 < cnt; m0 += L) rows.push_back({base + m0, std::min(L, cnt - m0), w0 + m0 * ws, ws});
+}
+
+// Geometry of one flat padded plane: (H, W) input placed at padded (p + i, p + j), conv k, stride s.
+struct Flat {
+  int64_t H, W, Ho, Wo, Q, SR, S, N, NV, size, out_size;
+  int k, s, p, L;
+  std::vector<int64_t> tap;  // k·k offsets, tap t = u·k + v
+  std::vector<TapRow> rows;  // the same taps as runs
+};
+
+Flat make_flat(int64_t H, int64_t W, int k, int s, int p, int L) {
+  Flat f;
+  f.H = H;
+  f.W = W;
+  f.k = k;
+  f.s = s;
+  f.p = p;
+  f.L = L;
+  f.Ho = (H + 2 * p - k) / s + 1;
+  f.Wo = (W + 2 * p - k) / s + 1;
+  f.Q = f.Wo + (k - 1) / s;
+  const int64_t rows = s * (f.Ho - 1) + k;
+  f.SR = (rows + s - 1) / s;
+  f.S = f.SR * f.Q;
+  f.N = f.Ho * f.Q;
+  f.NV = (f.N + L - 1) / L;
+  const int64_t h = (k - 1) / s;
+  // Valid outputs read inside their own sub-plane; garbage lanes may run on by up to a vector block
+  // past the last one (max tap offset + all blocks + one vector of slack).
+  f.size = (s * s - 1) * f.S + h * f.Q + h + f.NV * L + 2 * L;
+  f.out_size = f.NV * L + 2 * L;
+  f.tap.resize(static_cast<size_t>(k) * k);
+  for (int u = 0; u < k; ++u)
+    for (int v = 0; v < k; ++v)
+      f.tap[u * k + v] = ((u % s) * s + (v % s)) * f.S + (u / s) * f.Q + v / s;
+  for (int u = 0; u < k; ++u)
+    for (int cp = 0; cp < s && cp < k; ++cp)
+      add_taprow(f.rows, ((u % s) * s + cp) * f.S + (u / s) * f.Q, (k - cp + s - 1) / s, u * k + cp, s, L);
+  return f;
+}
+
+// Ask for the next plane's rows while this one computes.
+template <typename A>
+inline void flat_prefetch(const A* src, int64_t sH, int64_t H, int64_t W) {
+  constexpr int64_t kLine = 64 / sizeof(A);
+  for (int64_t i = 0; i < H; ++i)
+    for (int64_t j = 0; j < W; j += kLine) __builtin_prefetch(src + i * sH + j);
+}
+
+template <typename A> struct Simd;
+template <> struct Simd<float> {
+  static constexpr int L = 16;
+  using R = __m512;
+  using M = __mmask16;
+  static DW_T M mask(int64_t n) { return n >= 16 ? M(0xFFFF) : n <= 0 ? M(0) : M((1u << n) - 1); }
+  static DW_T R load(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static DW_T void store(float* p, M m, R v) { _mm512_mask_storeu_ps(p, m, v); }
+  static DW_T R loadu(const float* p) { return _mm512_loadu_ps(p); }
+  // Even / odd lanes of the 2L-lane concatenation (lo, hi).
+  static DW_T R evens(R lo, R hi) {
+    const __m512i idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_ps(lo, idx, hi);
+  }
+  static DW_T R odds(R lo, R hi) {
+    const __m512i idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_permutex2var_ps(lo, idx, hi);
+  }
+  // (e0, o0, e1, o1, …): the inverse of evens/odds.
+  static DW_T R interleave_lo(R e, R o) {
+    const __m512i idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    return _mm512_permutex2var_ps(e, idx, o);
+  }
+  static DW_T R interleave_hi(R e, R o) {
+    const __m512i idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    return _mm512_permutex2var_ps(e, idx, o);
+  }
+  static DW_T float hsum(typename Vec<float, 16>::type v) { return _mm512_reduce_add_ps(R(v)); }
+};
+template <> struct Simd<double> {
+  static constexpr int L = 8;
+  using R = __m512d;
+  using M = __mmask8;
+  static DW_T M mask(int64_t n) { return n >= 8 ? M(0xFF) : n <= 0 ? M(0) : M((1u << n) - 1); }
+  static DW_T R load(M m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
+  static DW_T void store(double* p, M m, R v) { _mm512_mask_storeu_pd(p, m, v); }
+  static DW_T R loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static DW_T R evens(R lo, R hi) {
+    return _mm512_permutex2var_pd(lo, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), hi);
+  }
+  static DW_T R odds(R lo, R hi) {
+    return _mm512_permutex2var_pd(lo, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), hi);
+  }
+  static DW_T R interleave_lo(R e, R o) {
+    return _mm512_permutex2var_pd(e, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), o);
+  }
+  static DW_T R interleave_hi(R e, R o) {
+    return _mm512_permutex2var_pd(e, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), o);
+  }
+  static DW_T double hsum(typename Vec<double, 8>::type v) { return _mm512_reduce_add_pd(R(v)); }
+};
+
+// Copies plane src (strides sH, sW) into its place in the flat buffer. Writes the same positions for
+// every plane, so the zero padding written at allocation stays.
+template <typename A>
+DW_T void flat_pack(const A* __restrict src, int64_t sH, int64_t sW, A* __restrict buf, const Flat& f) {
+  using S_ = Simd<A>;
+  constexpr int L = S_::L;
+  const int s = f.s, p = f.p;
+  const int64_t rows = s * (f.Ho - 1) + f.k;
+  const int64_t Wn = std::min<int64_t>(f.W, s * f.Q - p);  // input columns any output reads
+  for (int64_t i = 0; i < f.H; ++i) {
+    const int64_t r = p + i;
+    if (r >= rows) break;
+    const A* sr = src + i * sH;
+    // Column phase 0 sub-plane row (s is 1 or 2: no integer division per row).
+    A* row = s == 1 ? buf + r * f.Q : buf + (r & 1) * 2 * f.S + (r >> 1) * f.Q;
+    if (s == 1) {
+      A* dst = row + p;
+      if (sW == 1) {
+        for (int64_t j = 0; j < Wn; j += L) {
+          const auto m = S_::mask(Wn - j);
+          S_::store(dst + j, m, S_::load(m, sr + j));
+        }
+      } else {
+        for (int64_t j = 0; j < Wn; ++j) dst[j] = sr[j * sW];
+      }
+    } else {
+      // Input column j sits at padded column p + j: sub-plane (p + j) % 2, index (p + j) / 2.
+      A* dst_e = row + (p % 2) * f.S + p / 2;              // j even
+      A* dst_o = row + ((p + 1) % 2) * f.S + (p + 1) / 2;  // j odd
+      if (sW == 1) {
+        for (int64_t j = 0; j < Wn; j += 2 * L) {
+          const auto lo = S_::load(S_::mask(Wn - j), sr + j);
+          const auto hi = S_::load(S_::mask(Wn - j - L), sr + j + L);  // mask 0 when Wn − j − L ≤ 0
+          const int64_t n = std::min<int64_t>(2 * L, Wn - j);
+          S_::store(dst_e + j / 2, S_::mask((n + 1) / 2), S_::evens(lo, hi));
+          S_::store(dst_o + j / 2, S_::mask(n / 2), S_::odds(lo, hi));
+        }
+      } else {
+        for (int64_t j = 0; j < Wn; ++j) (j % 2 ? dst_o : dst_e)[j / 2] = sr[j * sW];
+      }
+    }
+  }
+}
+
+// out[o] = init + Σ_runs Σ_m w[w0 + m·ws] · src[o + base + m] for NV vectors of outputs from o = 0:
+// one broadcast weight and NV loads + FMAs per tap. (Making the shifted vectors with lane shuffles
+// from NV + 1 loads per run instead measured slower on this Zen 4, where 512-bit shuffles are costly.)
+template <typename A, int NV>
+DW_T void flat_block(const A* __restrict src, const TapRow* __restrict rows, int nrows, const A* __restrict w, A init,
+                     A* __restrict out) {
+  using S_ = Simd<A>;
+  constexpr int L = S_::L;
+  using V = typename Vec<A, L>::type;
+  V acc[NV];
+  for (int b = 0; b < NV; ++b) acc[b] = V{} + init;
+  for (int r = 0; r < nrows; ++r) {
+    const TapRow tr = rows[r];
+    const A* q = src + tr.base;
+    const A* wp = w + tr.w0;
+    for (int m = 0; m < tr.cnt; ++m) {
+      const A wv = wp[m * tr.ws];
+      for (int b = 0; b < NV; ++b) acc[b] += wv * vload<A, L>(q + m + b * L);
+    }
+  }
+  for (int b = 0; b < NV; ++b) vstore<A, L>(out + b * L, acc[b]);
+}
+
+constexpr int kFlatMaxNV = 16;
+
+// nv output vectors: one register block when they fit, else blocks of kFlatMaxNV (the last one
+// overlapping the previous: recomputing a few outputs beats a remainder loop).
+template <typename A>
+DW_T void flat_run(const A* src, const std::vector<TapRow>& rows, const A* w, A init, int64_t nv, A* out) {
+  constexpr int L = Simd<A>::L;
+  const int nr = static_cast<int>(rows.size());
+  const TapRow* tr = rows.data();
+  switch (nv) {
+#define DW_FLAT_CASE(NV) \
+  case NV:               \
+    return flat_block<A, NV>(src, tr, nr, w, init, out);
+    DW_FLAT_CASE(1) DW_FLAT_CASE(2) DW_FLAT_CASE(3) DW_FLAT_CASE(4) DW_FLAT_CASE(5) DW_FLAT_CASE(6)
+    DW_FLAT_CASE(7) DW_FLAT_CASE(8) DW_FLAT_CASE(9) DW_FLAT_CASE(10) DW_FLAT_CASE(11) DW_FLAT_CASE(12)
+    DW_FLAT_CASE(13) DW_FLAT_CASE(14) DW_FLAT_CASE(15) DW_FLAT_CASE(16)
+#undef DW_FLAT_CASE
+    default:
+      break;
+  }
+  for (int64_t b0 = 0; b0 < nv; b0 += kFlatMaxNV) {
+    const int64_t b = std::min<int64_t>(b0, nv - kFlatMaxNV);
+    flat_block<A, kFlatMaxNV>(src + b * L, tr, nr, w, init, out + b * L);
+  }
+}
+
+// Rows i < Ho, columns j < Wo of the flat out (pitch Q) into y (pitch Wo), optionally + add[o].
+template <typename A>
+DW_T void flat_unpack(const A* __restrict out, const Flat& f, A* __restrict y) {
+  using S_ = Simd<A>;
+  constexpr int L = S_::L;
+  for (int64_t i = 0; i < f.Ho; ++i)
+    for (int64_t j = 0; j < f.Wo; j += L) S_::store(y + i * f.Wo + j, S_::mask(f.Wo - j), S_::loadu(out + i * f.Q + j));
+}
+
+template <typename A>
+DW_T void flat_forward_planes(const A* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW, int64_t C, const Flat& f,
+                              const A* w, const A* bias, A* y, int act, bool residual, int64_t begin, int64_t end) {
+  constexpr int L = Simd<A>::L;
+  std::vector<A> buf(f.size), out(f.out_size);
+  const int64_t kk = static_cast<int64_t>(f.k) * f.k;
+  const int64_t n = f.NV * L;
+  const int64_t res_off = static_cast<int64_t>(f.p) * f.Q + f.p;  // x[i, j] at flat o + res_off (stride 1)
+  for (int64_t plane = begin, b = begin / C, c = begin % C; plane < end; ++plane, c = c + 1 == C ? (++b, 0) : c + 1) {
+    if (plane + 1 < end && sW == 1) flat_prefetch(x + (c + 1 == C ? (b + 1) * sB : b * sB + (c + 1) * sC), sH, f.H, f.W);
+    flat_pack<A>(x + b * sB + c * sC, sH, sW, buf.data(), f);
+    flat_run<A>(buf.data(), f.rows, w + c * kk, bias ? bias[c] : A(0), f.NV, out.data());
+    if (act != kNone) activate(out.data(), n, act);
+    if (residual)
+      for (int64_t o = 0; o < n; ++o) out[o] += buf[o + res_off];
+    flat_unpack<A>(out.data(), f, y + plane * f.Ho * f.Wo);
+  }
+}
+
+__attribute__((DW_AVX512_ATTR)) void flat_forward_f32(const float* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW,
+                                                      int64_t C, const Flat& f, const float* w, const float* bias,
+                                                      float* y, int act, bool residual, int64_t begin, int64_t end) {
+  flat_forward_planes<float>(x, sB, sC, sH, sW, C, f, w, bias, y, act, residual, begin, end);
+}
+__attribute__((DW_AVX512_ATTR)) void flat_forward_f64(const double* x, int64_t sB, int64_t sC, int64_t sH,
+                                                      int64_t sW, int64_t C, const Flat& f, const double* w,
+                                                      const double* bias, double* y, int act, bool residual,
+                                                      int64_t begin, int64_t end) {
+  flat_forward_planes<double>(x, sB, sC, sH, sW, C, f, w, bias, y, act, residual, begin, end);
+}
+inline void flat_forward(const float* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW, int64_t C, const Flat& f,
+                         const float* w, const float* bias, float* y, int act, bool residual, int64_t begin,
+                         int64_t end) {
+  flat_forward_f32(x, sB, sC, sH, sW, C, f, w, bias, y, act, residual, begin, end);
+}
+inline void flat_forward(const double* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW, int64_t C, const Flat& f,
+                         const double* w, const double* bias, double* y, int act, bool residual, int64_t begin,
+                         int64_t end) {
+  flat_forward_f64(x, sB, sC, sH, sW, C, f, w, bias, y, act, residual, begin, end);
+}
+
+// Copies a rows × cols block (strides sH, sW) to dst (row pitch ld).
+template <typename A>
+DW_T void flat_copy_rows(const A* __restrict src, int64_t sH, int64_t sW, int64_t rows, int64_t cols, A* __restrict dst,
+                         int64_t ld) {
+  using S_ = Simd<A>;
+  constexpr int L = S_::L;
+  for (int64_t i = 0; i < rows; ++i) {
+    const A* sr = src + i * sH;
+    A* dr = dst + i * ld;
+    if (sW == 1) {
+      for (int64_t j = 0; j < cols; j += L) {
+        const auto m = S_::mask(cols - j);
+        S_::store(dr + j, m, S_::load(m, sr + j));
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) dr[j] = sr[j * sW];
+    }
+  }
+}
+
+// dw[t] += Σ_{o < NV·L} g[o] · x[o + tap[t]]: g held in NV registers, one lane-sum per tap.
+template <typename A, int L, int NV>
+DW_T void flat_wgrad_block(const A* __restrict g, const A* __restrict x, const int64_t* __restrict tap, int kk,
+                           A* __restrict dw) {
+  using V = typename Vec<A, L>::type;
+  V gv[NV];
+  for (int b = 0; b < NV; ++b) gv[b] = vload<A, L>(g + b * L);
+  for (int t = 0; t < kk; ++t) {
+    const A* q = x + tap[t];
+    V a0 = V{}, a1 = V{};
+    for (int b = 0; b + 1 < NV; b += 2) {
+      a0 += gv[b] * vload<A, L>(q + b * L);
+      a1 += gv[b + 1] * vload<A, L>(q + (b + 1) * L);
+    }
+    if (NV % 2) a0 += gv[NV - 1] * vload<A, L>(q + (NV - 1) * L);
+    dw[t] += Simd<A>::hsum(a0 + a1);
+  }
+}
+
+// dw[t] = Σ_o g[o] · x[o + tap[t]] over nv vectors of g, in blocks of ≤ kFlatMaxNV (fixed order).
+template <typename A, int L>
+DW_T void flat_wgrad(const A* g, const A* x, const int64_t* tap, int kk, int64_t nv, A* dw) {
+  for (int t = 0; t < kk; ++t) dw[t] = 0;
+  for (int64_t b0 = 0; b0 < nv; b0 += 16) {
+    const int64_t n = std::min<int64_t>(16, nv - b0);
+    const A* gb = g + b0 * L;
+    const A* xb = x + b0 * L;
+    switch (n) {
+#define DW_WG_CASE(NV) \
+  case NV:             \
+    flat_wgrad_block<A, L, NV>(gb, xb, tap, kk, dw); \
+    break;
+      DW_WG_CASE(1) DW_WG_CASE(2) DW_WG_CASE(3) DW_WG_CASE(4) DW_WG_CASE(5) DW_WG_CASE(6)
+      DW_WG_CASE(7) DW_WG_CASE(8) DW_WG_CASE(9) DW_WG_CASE(10) DW_WG_CASE(11) DW_WG_CASE(12)
+      DW_WG_CASE(13) DW_WG_CASE(14) DW_WG_CASE(15) DW_WG_CASE(16)
+#undef DW_WG_CASE
+      default:
+        break;
+    }
+  }
+}
+
+// Per-channel tables for dgrad, the adjoint of the flat forward: d buf[m] = Σ_t w[t] · g[m − tap[t]],
+// split by the sub-plane the tap lands in (for stride 2 only the taps of matching row/column parity
+// reach a sub-plane, so each sub-plane is a stride-1 correlation with its share of the kernel).
+struct FlatAdj {
+  int nsub;
+  int count[4];
+  int64_t first[4];     // first element of the sub-plane computed (row a_lo · Q)
+  int64_t nvec[4];      // vectors computed from there
+  std::vector<TapRow> rows[4];  // per sub-plane: its taps, offsets −(u/s·Q + v/s), as runs
+};
+
+FlatAdj make_adj(const Flat& f) {
+  FlatAdj d;
+  const int s = f.s, k = f.k, p = f.p;
+  d.nsub = s * s;
+  for (int sp = 0; sp < d.nsub; ++sp) {
+    const int rp = sp / s, cp = sp % s;
+    int n = 0;
+    for (int u = rp; u < k; u += s) {
+      // v = vmax, vmax − s, …, cp: offsets −(u/s)·Q − v/s ascending, weights walked backwards.
+      const int vmax = cp + (k - 1 - cp) / s * s;
+      const int cnt = (k - 1 - cp) / s + 1;
+      if (cp >= k) break;
+      add_taprow(d.rows[sp], -((u / s) * f.Q + vmax / s), cnt, u * k + vmax, -s, f.L);
+      n += cnt;
+    }
+    d.count[sp] = n;
+    // Padded rows r = s·a + rp that hold input (p ≤ r < p + H) and that the forward reads (< rows).
+    const int64_t rows = s * (f.Ho - 1) + k;
+    const int64_t r_hi = std::min<int64_t>(p + f.H, rows);
+    const int64_t a_lo = (p - rp + s - 1) / s;
+    const int64_t a_hi = r_hi - 1 - rp < 0 ? 0 : (r_hi - 1 - rp) / s + 1;
+    d.first[sp] = a_lo * f.Q;
+    d.nvec[sp] = a_hi > a_lo ? ((a_hi - a_lo) * f.Q + f.L - 1) / f.L : 0;
+  }
+  return d;
+}
+
+template <typename A>
+DW_T void flat_backward_planes(const A* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW, const A* gp, int64_t gB,
+                               int64_t gC, int64_t gH, int64_t gW, int64_t C, const Flat& f, const FlatAdj& d,
+                               const A* w, const A* bias, A* dx, A* dw_part, A* db_part, int act, bool residual,
+                               int64_t begin, int64_t end) {
+  using S_ = Simd<A>;
+  constexpr int L = S_::L;
+  const int k = f.k, s = f.s, p = f.p;
+  const int kk = k * k;
+  const int64_t n = f.NV * L;
+  const int64_t h = (k - 1) / s;
+  const int64_t F = h * f.Q + h + L;  // zeros in front of g: dgrad reads g[m − tap]
+  const bool need_x = act != kNone || dw_part != nullptr;
+  std::vector<A> xbuf(need_x ? f.size : 0), gstore(F + n + f.size + 2 * L), pre(act != kNone ? f.out_size : 0),
+      dbuf(dx ? f.size : 0);
+  A* g = gstore.data() + F;  // rows i < Ho at pitch Q; columns ≥ Wo and everything past stay zero
+  const int64_t rows = s * (f.Ho - 1) + k;
+  const int64_t Wn = std::min<int64_t>(f.W, s * f.Q - p);
+  for (int64_t plane = begin; plane < end; ++plane) {
+    const int64_t b = plane / C, c = plane % C;
+    const A* wc = w + c * kk;
+    const A* dy = gp + b * gB + c * gC;
+    if (plane + 1 < end) {
+      const int64_t nb = (plane + 1) / C, nc = (plane + 1) % C;
+      if (need_x && sW == 1) flat_prefetch(x + nb * sB + nc * sC, sH, f.H, f.W);
+      if (gW == 1) flat_prefetch(gp + nb * gB + nc * gC, gH, f.Ho, f.Wo);
+    }
+    if (need_x) flat_pack<A>(x + b * sB + c * sC, sH, sW, xbuf.data(), f);
+    flat_copy_rows<A>(dy, gH, gW, f.Ho, f.Wo, g, f.Q);
+    if (act != kNone) {
+      flat_run<A>(xbuf.data(), f.rows, wc, bias ? bias[c] : A(0), f.NV, pre.data());
+      act_backward(pre.data(), g, n, act);  // g's zero lanes stay zero
+    }
+    {
+      using V = typename Vec<A, L>::type;
+      V acc = V{};
+      for (int64_t o = 0; o < n; o += L) acc += vload<A, L>(g + o);
+      db_part[plane] = S_::hsum(acc);
+    }
+    if (dw_part != nullptr) flat_wgrad<A, L>(g, xbuf.data(), f.tap.data(), kk, f.NV, dw_part + plane * kk);
+    if (dx != nullptr) {
+      for (int sp = 0; sp < d.nsub; ++sp)
+        if (d.nvec[sp] > 0) flat_run<A>(g + d.first[sp], d.rows[sp], wc, A(0), d.nvec[sp], dbuf.data() + sp * f.S + d.first[sp]);
+      // dx[i, j] = dbuf at padded (p + i, p + j); inputs no output reads get 0.
+      A* dxp = dx + plane * f.H * f.W;
+      for (int64_t i = 0; i < f.H; ++i) {
+        A* dr = dxp + i * f.W;
+        const int64_t r = p + i;
+        if (r >= rows) {
+          for (int64_t j = 0; j < f.W; j += L) S_::store(dr + j, S_::mask(f.W - j), typename S_::R{});
+          continue;
+        }
+        const A* row = s == 1 ? dbuf.data() + r * f.Q : dbuf.data() + (r & 1) * 2 * f.S + (r >> 1) * f.Q;
+        if (s == 1) {
+          const A* sr = row + p;
+          if (residual) {
+            const A* yr = dy + i * gH;
+            for (int64_t j = 0; j < f.W; ++j) dr[j] = sr[j] + yr[j * gW];
+          } else {
+            for (int64_t j = 0; j < f.W; j += L) S_::store(dr + j, S_::mask(f.W - j), S_::loadu(sr + j));
+          }
+        } else {
+          const A* se = row + (p % 2) * f.S + p / 2;
+          const A* so = row + ((p + 1) % 2) * f.S + (p + 1) / 2;
+          for (int64_t j = 0; j < f.W; j += 2 * L) {
+            const auto e = S_::loadu(se + j / 2), o = S_::loadu(so + j / 2);
+            const int64_t nn = std::max<int64_t>(0, std::min<int64_t>(2 * L, Wn - j));
+            S_::store(dr + j, S_::mask(nn), S_::interleave_lo(e, o));
+            S_::store(dr + j + L, S_::mask(nn - L), S_::interleave_hi(e, o));
+          }
+          for (int64_t j = Wn; j < f.W; ++j) dr[j] = 0;
+        }
+      }
+    }
+  }
+}
+
+__attribute__((DW_AVX512_ATTR)) void flat_backward_f32(const float* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW,
+                                                       const float* gp, int64_t gB, int64_t gC, int64_t gH, int64_t gW,
+                                                       int64_t C, const Flat& f, const FlatAdj& d, const float* w,
+                                                       const float* bias, float* dx, float* dw_part, float* db_part,
+                                                       int act, bool residual, int64_t begin, int64_t end) {
+  flat_backward_planes<float>(x, sB, sC, sH, sW, gp, gB, gC, gH, gW, C, f, d, w, bias, dx, dw_part, db_part, act,
+                              residual, begin, end);
+}
+__attribute__((DW_AVX512_ATTR)) void flat_backward_f64(const double* x, int64_t sB, int64_t sC, int64_t sH,
+                                                       int64_t sW, const double* gp, int64_t gB, int64_t gC,
+                                                       int64_t gH, int64_t gW, int64_t C, const Flat& f,
+                                                       const FlatAdj& d, const double* w, const double* bias,
+                                                       double* dx, double* dw_part, double* db_part, int act,
+                                                       bool residual, int64_t begin, int64_t end) {
+  flat_backward_planes<double>(x, sB, sC, sH, sW, gp, gB, gC, gH, gW, C, f, d, w, bias, dx, dw_part, db_part, act,
+                               residual, begin, end);
+}
+inline void flat_backward(const float* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW, const float* gp, int64_t gB,
+                          int64_t gC, int64_t gH, int64_t gW, int64_t C, const Flat& f, const FlatAdj& d,
+                          const float* w, const float* bias, float* dx, float* dw_part, float* db_part, int act,
+                          bool residual, int64_t begin, int64_t end) {
+  flat_backward_f32(x, sB, sC, sH, sW, gp, gB, gC, gH, gW, C, f, d, w, bias, dx, dw_part, db_part, act, residual,
+                    begin, end);
+}
+inline void flat_backward(const double* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW, const double* gp,
+                          int64_t gB, int64_t gC, int64_t gH, int64_t gW, int64_t C, const Flat& f, const FlatAdj& d,
+                          const double* w, const double* bias, double* dx, double* dw_part, double* db_part, int act,
+                          bool residual, int64_t begin, int64_t end) {
+  flat_backward_f64(x, sB, sC, sH, sW, gp, gB, gC, gH, gW, C, f, d, w, bias, dx, dw_part, db_part, act, residual,
+                    begin, end);
+}
+
+// Which planes take the flat path. Measured against the row path (1 thread, (8, C, 7..28, 7..28)):
+// it wins at stride 2 (k ≤ 7: no de-interleaved row blocks, one register block per plane) and for
+// k = 3 (per-row overhead dominates), and in the backward also for k = 5 on planes ≤ 8 wide; at
+// stride 1 with k ≥ 5 its garbage columns (k − 1 per row) cost more than the row path's spare lanes.
+// Read per call (a few ns) so tests and benchmarks can switch paths in-process: DW_FLAT_MAX=0 (the
+// most padded outputs per plane) turns it off.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* e = std::getenv(name);
+  return e ? std::atoll(e) : fallback;
+}
+bool use_flat(int64_t Ho, int64_t Wo, int k, int s, bool fwd) {
+  if (!cpu_has_avx512()) return false;
+  const int kmax = s == 2 ? 7 : (!fwd && Wo <= 8) ? 5 : 3;
+  if (k > env_int("DW_FLAT_KMAX", kmax)) return false;
+  return Ho * (Wo + (k - 1) / s) <= env_int("DW_FLAT_MAX", 1024);
+}
+#endif  // flat path
+
 // Ask for the next plane while this one computes (rows are contiguous only when sW == 1).
 template <typename T>
 inline void prefetch_plane(const T* src, int64_t sH, int64_t sW, int64_t H, int64_t W) {
@@ -544,6 +1049,17 @@ template <typename T, typename A>
 void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Shape& sh, int act, bool residual) {
   const T* xp = x.const_data_ptr<T>();
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+#ifdef DW_HAVE_FLAT
+  if constexpr (std::is_same_v<T, A>) {
+    if (use_flat(sh.Ho, sh.Wo, sh.k, sh.s, true)) {
+      const Flat f = make_flat(sh.H, sh.W, sh.k, sh.s, sh.p, Simd<A>::L);
+      at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
+        flat_forward(xp, sB, sC, sH, sW, sh.C, f, w, bias, y, act, residual, begin, end);
+      });
+      return;
+    }
+  }
+#endif
   const Geo geo = forward_geo(sh);
   const std::vector<int64_t> off = tap_offsets(sh.k, geo);
   const int64_t ldo = out_ld<A>(sh.Wo);
@@ -561,6 +1077,12 @@ void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Sh
       for (int64_t i = 0; i < sh.Ho; ++i) {
         const A* ar = acc.data() + i * ldo;
         T* yr = yp + i * sh.Wo;
+        if constexpr (std::is_same_v<T, A>) {
+          if (!residual) {
+            std::memcpy(yr, ar, sh.Wo * sizeof(T));
+            continue;
+          }
+        }
         if (residual) {  // stride 1, same padding: x[i, j] sits at padded (i + p, j + p)
           const A* xr = buf.data() + (i + sh.p) * geo.rowlen + sh.p;
           for (int64_t j = 0; j < sh.Wo; ++j) yr[j] = static_cast<T>(ar[j] + xr[j]);
@@ -606,6 +1128,19 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const A* w, cons
   const int64_t gB = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
   const int k = sh.k, s = sh.s, p = sh.p;
   const int64_t kk = static_cast<int64_t>(k) * k;
+#ifdef DW_HAVE_FLAT
+  if constexpr (std::is_same_v<T, A>) {
+    if (use_flat(sh.Ho, sh.Wo, k, s, false)) {
+      const Flat f = make_flat(sh.H, sh.W, k, s, p, Simd<A>::L);
+      const FlatAdj d = make_adj(f);
+      at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
+        flat_backward(xp, sB, sC, sH, sW, gp, gB, gC, gH, gW, sh.C, f, d, w, bias, dx, dw_part, db_part, act,
+                      residual, begin, end);
+      });
+      return;
+    }
+  }
+#endif
 
   // Forward (recompute + wgrad) geometry.
   const Geo geo = forward_geo(sh);
@@ -649,7 +1184,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const A* w, cons
           act_backward(pre.data(), g, sh.Ho * ld, act);
           for (int64_t i = 0; i < sh.Ho; ++i) std::fill(g + i * ld + sh.Wo, g + (i + 1) * ld, A(0));
         }
-        db_part[plane] = sum_block_any(g, ld, sh.Ho, sh.Wo);
+        db_part[plane] = sum_block_any(g, ld, sh.Ho, ld);  // zero past Wo: whole vectors
         if (dw_part != nullptr) wgrad_dispatch(g, ld, xbuf.data(), fa, p, p + sh.H, dw_part + plane * kk);
       }
       if (!need_g && dx == nullptr) {  // only dbias asked for

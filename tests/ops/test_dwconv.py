@@ -103,6 +103,109 @@ def test_matches_eager_float64_many_shapes(backend):
         _check_against_eager(shape, k, 1, k // 2, "silu", True, backend)
 
 
+# The C++ CPU backend computes some small planes (at most 1024 padded outputs, stride 2 or small k;
+# csrc/cpu/dwconv.cpp, use_flat) as one flat 1-D array, the rest row by row. These cases sit on the
+# flat path's edges: tiny odd planes, one register block vs several (fp32 16 / fp64 8 lanes × 16
+# vectors), stride 2 with odd sizes (4 de-interleaved sub-planes), padding 0 / k−1.
+SMALL_PLANES = [((2, 3, 5, 7), 3), ((2, 2, 7, 7), 3), ((1, 2, 7, 7), 9), ((1, 2, 14, 14), 5), ((1, 2, 13, 15), 7),
+                ((1, 2, 1, 9), 3), ((1, 1, 20, 20), 3), ((1, 2, 28, 28), 5), ((1, 1, 9, 35), 11), ((1, 1, 33, 31), 1)]
+
+
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.id == "cpu"])
+def test_small_planes_match_eager_float64(backend):
+    for shape, k in SMALL_PLANES:
+        for stride in (1, 2):
+            for padding in sorted({k // 2, 0, k - 1, min(1, k - 1)}):
+                if shape[2] + 2 * padding < k or shape[3] + 2 * padding < k:
+                    continue
+                act = ACTS[(k + stride + padding + shape[3]) % 3]
+                _check_against_eager(shape, k, stride, padding, act, False, backend)
+        for act in ACTS:
+            _check_against_eager(shape, k, 1, k // 2, act, True, backend)
+
+
+@pytest.mark.parametrize("k,stride,padding,act,residual",
+                         [(3, 2, 1, "silu", False), (5, 2, 0, None, False), (5, 1, 4, "gelu", False),
+                          (3, 1, 1, "gelu", True), (7, 2, 6, "silu", False), (5, 1, 2, "silu", True)])
+def test_small_planes_gradcheck_cpu(k, stride, padding, act, residual):
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    for shape in ((1, 2, 5, 7), (1, 1, 7, 7)):
+        x, w, b = make(shape, k)
+        with fastvit_ops.backend("cpu"):
+            assert torch.autograd.gradcheck(
+                lambda x_, w_, b_: dwconv2d(x_, w_, b_, stride, padding, act, residual), (x, w, b))
+
+
+@pytest.mark.parametrize("act,residual", [(None, False), ("silu", False), ("gelu", False), (None, True)])
+def test_small_planes_float32_model_shapes(act, residual):
+    """fp32 at (smaller-batch) model shapes of the flat path, against the fp64 reference."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    cases = [((2, 64, 7, 7), 3, 1), ((2, 16, 14, 14), 5, 2), ((2, 8, 28, 28), 5, 2), ((2, 8, 28, 28), 5, 1),
+             ((2, 8, 7, 7), 9, 1), ((1, 8, 14, 14), 11, 1)]
+    for shape, k, stride in cases:
+        if residual and stride != 1:
+            continue
+        x, w, b = (t.detach() for t in make(shape, k, dtype=torch.float32, scale=2.0))
+        dy = torch.randn(dw._out_shape(x, k, stride, k // 2))
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        with fastvit_ops.backend("cpu"):
+            y = dwconv2d(*ins, stride, None, act, residual)
+        got = torch.autograd.grad(y, ins, dy)
+        ins64 = [t.double().requires_grad_() for t in (x, w, b)]
+        ref = dw.reference(*ins64, stride, None, act, residual)
+        want = torch.autograd.grad(ref, ins64, dy.double())
+        label = f"{shape} k={k} s={stride} {act} res={residual}"
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5, msg=label)
+        for name, g, r in zip(("dx", "dw", "db"), got, want):
+            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item(),
+                                       msg=f"{name} {label}")
+
+
+def test_small_planes_strided_grad_and_partial_backward():
+    """The raw backward with a non-contiguous dy, and dx-only / dw-only calls, on small planes."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    for shape, k, stride, act in (((2, 3, 7, 9), 3, 2, 1), ((2, 3, 9, 7), 5, 1, 2), ((1, 2, 6, 6), 3, 1, 0)):
+        x, w, b = (t.detach() for t in make(shape, k))
+        Ho, Wo = (dw.output_size(n, k, stride, k // 2) for n in shape[2:])
+        dy = torch.randn(shape[0], shape[1], Wo, Ho, dtype=torch.float64).transpose(2, 3)  # sW != 1
+        want = dw._reference_bwd(dy, x, w, b, stride, k // 2, act, False)
+        op = torch.ops.fastvit_ops._dwconv2d_backward
+        full = op(dy, x, w, b, stride, k // 2, act, False, True, True)
+        dx_only = op(dy, x, w, b, stride, k // 2, act, False, True, False)
+        dw_only = op(dy, x, w, b, stride, k // 2, act, False, False, True)
+        for got, r in zip(full, want):
+            torch.testing.assert_close(got, r, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx_only[0], want[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dw_only[1], want[1], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(dx_only[2], want[2], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("env", [{"DW_FLAT_MAX": "0"}, {"DW_FLAT_KMAX": "31"}], ids=["row-path", "flat-path"])
+def test_each_cpu_path_matches_eager_float64(env):
+    """The C++ backend picks the flat or the row-blocked path per shape (and non-AVX-512 machines only
+    have the row path); the environment knobs (read per call) force one path for every shape these
+    tests cover, in a subprocess."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    tests = [f"{__file__}::{name}" for name in ("test_matches_eager_float64_many_shapes",
+                                                 "test_small_planes_match_eager_float64",
+                                                 "test_small_planes_gradcheck_cpu",
+                                                 "test_small_planes_float32_model_shapes",
+                                                 "test_small_planes_strided_grad_and_partial_backward",
+                                                 "test_layouts")]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests,
+                        "-k", "not reference and not triton"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
 def test_triton_matches_eager_float64():
     if not backend_ok("triton"):
         pytest.skip("triton not available here")
