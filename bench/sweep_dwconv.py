@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=32, help="H = W of the sweep shape")
     ap.add_argument("--ks", default=None, help=f"comma-separated odd kernel sizes (default {DEFAULT_KS})")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--activation", choices=("silu", "gelu"), default=None,
+                    help="fused epilogue of the sweep rows; the baselines run the conv, then the activation")
     ap.add_argument("--shapes", choices=("sweep", "models", "all"), default="sweep",
                     help="the k sweep, the FAT-B0/FCViT-tiny layer shapes, or both")
     ap.add_argument("--passes", default=",".join(PASSES), help=f"subset of {PASSES}")
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     todo = []
     if args.shapes in ("sweep", "all"):
         shape = (batch, args.channels, args.size, args.size)
-        todo += [(cases_mod.case(shape, k, device=device, dtype=dtype, label=f"sweep {shape}"), k) for k in ks]
+        todo += [(cases_mod.case(shape, k, activation=args.activation, device=device, dtype=dtype,
+                                 label=f"sweep {shape}"), k) for k in ks]
     if args.shapes in ("models", "all"):
         mb = 1 if args.quick else batch
         for c in cases_mod.fat_b0_cases(mb, device, dtype) + cases_mod.fcvit_tiny_cases(mb, device, dtype):

@@ -154,7 +154,8 @@ def cmd_bench(args) -> int:
         if gpu:
             row += [_fmt(r.get("fused_GBps"), ".0f"), _fmt(r.get("fused_TFLOPs"), ".2f")]
         table.add_row(*row)
-    console.print(table)
+    if op_rows:
+        console.print(table)
     if model_rows:
         _model_table(model_rows, batch, variants)
     console.print(f"done in {time.time() - started:.0f} s")

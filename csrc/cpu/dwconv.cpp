@@ -381,13 +381,46 @@ static inline float act_grad_f(float x, int act) {
   return cdf + x * 0.39894228040143268f * vec::exp_nonpos(-0.5f * x * x);
 }
 
+// The epilogue is bound by the divider (σ's 1/(1+e), erf's 1/(1+p|z|)), so two values share one
+// division: 1/(da·db) gives 1/da = db·inv and 1/db = da·inv (vec::sigmoid2's trick).
+static inline void silu2(float& a, float& b) {
+  float sa, sb;
+  vec::sigmoid2(a, b, sa, sb);
+  a *= sa;
+  b *= sb;
+}
+
+static inline float erf_poly(float t, float ax, float z) {
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  return std::copysign(1.0f - p * t * vec::exp_nonpos(-ax * ax), z);
+}
+
+static inline void gelu2(float& a, float& b) {
+  const float za = a * 0.70710678118654752f, zb = b * 0.70710678118654752f;
+  // erf(9) rounds to 1 in fp32; the clamp keeps da·db finite (no inf·0 below).
+  float xa = std::fabs(za), xb = std::fabs(zb);
+  xa = xa < 9.0f ? xa : 9.0f;
+  xb = xb < 9.0f ? xb : 9.0f;
+  const float da = 1.0f + 0.3275911f * xa, db = 1.0f + 0.3275911f * xb;
+  const float inv = 1.0f / (da * db);
+  a = 0.5f * a * (1.0f + erf_poly(db * inv, xa, za));
+  b = 0.5f * b * (1.0f + erf_poly(da * inv, xb, zb));
+}
+
 FASTVIT_VEC_CLONES
-void activate_f32(float* a, int64_t n, int act) {
+void activate_f32(float* __restrict a, int64_t n, int act) {
+  const int64_t h = n / 2;
+  float* __restrict hi = a + h;  // a[i] pairs with a[h + i]
   if (act == kSilu) {
-    for (int64_t i = 0; i < n; ++i) a[i] = act_f(a[i], kSilu);
+    for (int64_t i = 0; i < h; ++i) silu2(a[i], hi[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) a[i] = act_f(a[i], kGelu);
+    for (int64_t i = 0; i < h; ++i) gelu2(a[i], hi[i]);
   }
+  if (n % 2) a[n - 1] = act_f(a[n - 1], static_cast<int>(act));
 }
 
 // g[i] ← g[i] · act'(pre[i])
@@ -950,7 +983,7 @@ inline void flat_backward(const double* x, int64_t sB, int64_t sC, int64_t sH, i
 // it wins at stride 2 (k ≤ 7: no de-interleaved row blocks, one register block per plane) and for
 // k = 3 (per-row overhead dominates), and in the backward also for k = 5 on planes ≤ 8 wide; at
 // stride 1 with k ≥ 5 its garbage columns (k − 1 per row) cost more than the row path's spare lanes.
-// Read per call (a few ns) so tests and benchmarks can switch paths in-process: DW_FLAT_MAX=0 (the
+// Read per call (a few ns) so tests and benchmarks can switch paths in-process: FASTVIT_OPS_DWCONV_FLAT_MAX=0 (the
 // most padded outputs per plane) turns it off.
 int64_t env_int(const char* name, int64_t fallback) {
   const char* e = std::getenv(name);
@@ -959,8 +992,8 @@ int64_t env_int(const char* name, int64_t fallback) {
 bool use_flat(int64_t Ho, int64_t Wo, int k, int s, bool fwd) {
   if (!cpu_has_avx512()) return false;
   const int kmax = s == 2 ? 7 : (!fwd && Wo <= 8) ? 5 : 3;
-  if (k > env_int("DW_FLAT_KMAX", kmax)) return false;
-  return Ho * (Wo + (k - 1) / s) <= env_int("DW_FLAT_MAX", 1024);
+  if (k > env_int("FASTVIT_OPS_DWCONV_FLAT_KMAX", kmax)) return false;
+  return Ho * (Wo + (k - 1) / s) <= env_int("FASTVIT_OPS_DWCONV_FLAT_MAX", 1024);
 }
 #endif  // flat path
 

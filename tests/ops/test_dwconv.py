@@ -183,7 +183,7 @@ def test_small_planes_strided_grad_and_partial_backward():
         torch.testing.assert_close(dx_only[2], want[2], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("env", [{"DW_FLAT_MAX": "0"}, {"DW_FLAT_KMAX": "31"}], ids=["row-path", "flat-path"])
+@pytest.mark.parametrize("env", [{"FASTVIT_OPS_DWCONV_FLAT_MAX": "0"}, {"FASTVIT_OPS_DWCONV_FLAT_KMAX": "31"}], ids=["row-path", "flat-path"])
 def test_each_cpu_path_matches_eager_float64(env):
     """The C++ backend picks the flat or the row-blocked path per shape (and non-AVX-512 machines only
     have the row path); the environment knobs (read per call) force one path for every shape these
