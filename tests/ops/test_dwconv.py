@@ -407,7 +407,7 @@ def test_auto_times_each_cpu_forward_once_and_caches_it(monkeypatch):
         dwconv2d(x, w, b, 2, None, "gelu")
     (key, choice), = dw.cpu_forward_choices().items()
     assert choice in ("cpu", "onednn") and key[0] == (2, 3, 7, 6) and key[3:8] == (5, 2, 2, 2, False)
-    assert 2 <= len(timed) <= 3, "timed on the first call only"
+    assert len(timed) == 2 * dw._TUNE_ROUNDS, "timed on the first call only"
     dwconv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, None, "gelu")
     assert len(dw.cpu_forward_choices()) == 2, "layout is part of the key"
     dw.clear_cpu_forward_choices()
@@ -415,6 +415,10 @@ def test_auto_times_each_cpu_forward_once_and_caches_it(monkeypatch):
     monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "0")
     assert dw.cpu_forward_choice(x, w, b, 2, 2, 2, False) == "cpu"
     assert dw.cpu_forward_choices() == {}
+    monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "1")
+    timed.clear()
+    x13, w13, b13 = make((1, 2, 15, 15), 13)
+    assert dw.cpu_forward_choice(x13, w13, b13, 1, 6, 0, False) == "cpu" and timed == [], "k > 11 is not timed"
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
