@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..ops.attention import TOKENS, attention_core
 from ..reference import cvt as ref
 from ._amp import autocast_like_conv
+from ._bn import fold_eval_bn
 
 try:  # the fused depthwise conv (SPEC §1.1); plain F.conv2d otherwise
     from ..ops.dwconv import dwconv2d as _dwconv2d
@@ -18,16 +19,12 @@ except ImportError:  # pragma: no cover - depends on which ops are installed
 
 
 def _folded(proj: nn.Sequential) -> Tuple[Tensor, Tensor]:
-    """``conv`` (DW, no bias) → eval ``bn`` as one DW conv: weight ``w·γ/σ``, bias ``β − μ·γ/σ``.
-    Without ``bn`` (already folded by :func:`fastvit_ops.fuse_for_inference`) the conv's own."""
+    """``conv`` (DW) → eval ``bn`` as one DW conv (weight, bias). Without ``bn`` (already folded by
+    :func:`fastvit_ops.fuse_for_inference`) the conv's own."""
     conv, bn = proj.conv, getattr(proj, "bn", None)
     if bn is None:
         return conv.weight, conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-    inv = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * inv
-    if conv.bias is not None:
-        bias = bias + conv.bias * inv
-    return conv.weight * inv.view(-1, 1, 1, 1), bias
+    return fold_eval_bn(conv, bn)
 
 
 class ConvProjectionAttention(ref.Attention):
@@ -61,16 +58,14 @@ class ConvProjectionAttention(ref.Attention):
             q = _dwconv2d(*autocast_like_conv(img, wq, bq), cq.stride[0], cq.padding[0])
         else:
             q = F.conv2d(img, wq, bq, cq.stride, cq.padding, groups=C)
+        wk, bk = _folded(self.conv_proj_k)
+        wv, bv = _folded(self.conv_proj_v)
         if ck.stride == cv.stride and ck.padding == cv.padding and ck.kernel_size == cv.kernel_size:
             # k and v in one pass: channel multiplier 2, outputs interleaved (c_k, c_v) per channel.
-            wk, bk = _folded(self.conv_proj_k)
-            wv, bv = _folded(self.conv_proj_v)
             kv = F.conv2d(img, torch.stack([wk, wv], 1).flatten(0, 1), torch.stack([bk, bv], 1).flatten(),
                           ck.stride, ck.padding, groups=C)
             k, v = kv[:, 0::2], kv[:, 1::2]
         else:
-            wk, bk = _folded(self.conv_proj_k)
-            wv, bv = _folded(self.conv_proj_v)
             k = F.conv2d(img, wk, bk, ck.stride, ck.padding, groups=C)
             v = F.conv2d(img, wv, bv, cv.stride, cv.padding, groups=C)
         q, k, v = (t.flatten(2).transpose(1, 2) for t in (q, k, v))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import CHANNELS_FIRST, TOKENS, attention_core
 from ..ops.cross_modulation import sigmoid_cross_modulation
-from ..ops.validate import check_tensor
+from ..ops.validate import check_tensor, is_channels_last
 from ..reference import fat as ref
 from ._amp import autocast_like_conv
+from ._bn import fold_eval_bn, is_eval_bn
 
 try:  # the fused depthwise conv (SPEC §1.1) with a SiLU epilogue; the module's own convs otherwise
     from ..ops.dwconv import dwconv2d as _dwconv2d
@@ -48,23 +48,6 @@ def _depthwise(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor
     return F.silu(y) if silu else y
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
-    """Eval-mode BN folded into the preceding conv: ``w·γ/σ``, ``(b − μ)·γ/σ + β``."""
-    inv = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        inv = inv * bn.weight
-    w = conv.weight * inv.view(-1, 1, 1, 1)
-    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    b = (b - bn.running_mean) * inv
-    return w, (b + bn.bias if bn.bias is not None else b)
-
-
-def _foldable(bn) -> bool:
-    """An eval-mode BatchNorm (``BatchNorm2d`` or the authors' ``SyncBatchNorm``) with running stats."""
-    return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
-            and bn.running_mean is not None and bn.running_var is not None)
-
-
 def _pool(pool: nn.Module, x: Tensor) -> Tensor:
     """FASA's K/V downsampler; each eval-mode BN is folded into the depthwise conv before it
     (train-mode BN keeps batch statistics: the modules run as they are)."""
@@ -76,8 +59,8 @@ def _pool(pool: nn.Module, x: Tensor) -> Tensor:
         m = mods[i]
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:
-            if _foldable(nxt):
-                w, b = _fold_bn(m, nxt)
+            if is_eval_bn(nxt):
+                w, b = fold_eval_bn(m, nxt)
                 x = _depthwise(x, m, w, b, silu=False)
                 i += 2
                 continue
@@ -152,7 +135,7 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
         gate = _depthwise(q_local, lm, lm.weight, lm.bias, silu=True)  # SiLU(L0)
     else:
         gate = F.silu(lm(q_local))
-    if _nhwc(q_local) and _nhwc(gate):
+    if is_channels_last(q_local) and is_channels_last(gate):
         # channels_last maps are (B, H·W, C) in memory: heads are strided views of that token
         # layout, and the kernel writes its output in the same layout, so nothing is transposed.
         q = q_local.permute(0, 2, 3, 1).reshape(b, h * w, heads, d).transpose(1, 2)
@@ -163,11 +146,6 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
     g = gate.reshape(b, heads, d, h * w).transpose(2, 3)
     out = attention_core(q, k, v, float(fasa.scalor), g, CHANNELS_FIRST)   # SiLU(G)·SiLU(L0)
     return fasa.mixer(out.transpose(2, 3).reshape(b, c, h, w))
-
-
-def _nhwc(t: Tensor) -> bool:
-    """Stored channels_last (and not also plain contiguous, as when C == 1 or H == W == 1)."""
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 class FASA(ref.FASA):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .validate import check_choice, check_like, check_tensor
+from .validate import check_choice, check_like, check_tensor, is_channels_last
 
 ACTIVATIONS = (None, "silu", "gelu")
 _ACT_ID = {None: 0, "silu": 1, "gelu": 2}
@@ -30,14 +30,9 @@ def output_size(n: int, k: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - k) // stride + 1
 
 
-def _channels_last(t: Tensor) -> bool:
-    # NCHW-contiguous wins when a tensor is both (C == 1 or H == W == 1).
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _empty_out(like: Tensor, shape, dtype=None) -> Tensor:
     """Uninitialised output in ``like``'s layout: channels_last if ``like`` is, else contiguous."""
-    fmt = torch.channels_last if _channels_last(like) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
@@ -179,7 +174,7 @@ def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     """
     if not _tuning_enabled():
         return "cpu"
-    key = (tuple(x.shape), _channels_last(x), x.dtype, weight.shape[-1], stride, padding, activation, residual,
+    key = (tuple(x.shape), is_channels_last(x), x.dtype, weight.shape[-1], stride, padding, activation, residual,
            bias is None, torch.get_num_threads())
     choice = _cpu_choice.get(key)
     if choice is None:

@@ -31,6 +31,12 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Stored channels_last and not also plain contiguous (NCHW wins when both, as at C == 1 or
+    H == W == 1)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the storage can be walked flat (NCHW, channels_last, ...)."""
     expected = 1
