@@ -94,11 +94,16 @@ def test_gradcheck_float64(backend):
 def test_low_precision_error_rule(backend, dtype):
     if backend == "triton" and dtype != torch.float32:
         pytest.skip("the Triton interpreter computes half-precision math wrongly; GPU tests cover it")
-    B, C, H, W = 2, 16, 9, 7
-    gc64 = make_gc(C)
-    x = (torch.randn(B, C, H, W, dtype=torch.float64) * 2 + 0.5).to(dtype)
-    dy = torch.randn(B, C, H, W, dtype=torch.float64).to(dtype)
-    gcl = make_gc(C, dtype=dtype)
+    check_error_rule(backend, dtype, (2, 16, 9, 7))
+
+
+def check_error_rule(backend, dtype, shape, device="cpu"):
+    """The DESIGN.md error rule for x + GC(x) (forward, every gradient) and S' in ``dtype``."""
+    B, C, H, W = shape
+    gc64 = make_gc(C, device=device)
+    x = (torch.randn(B, C, H, W, dtype=torch.float64, device=device) * 2 + 0.5).to(dtype)
+    dy = torch.randn(B, C, H, W, dtype=torch.float64, device=device).to(dtype)
+    gcl = make_gc(C, dtype=dtype, device=device)
     gcl.load_state_dict(gc64.state_dict())
     gc64.load_state_dict(gcl.state_dict())  # exact = float64 of the *rounded* parameters
     # exact result of the rounded inputs, so only the op's own error is measured
@@ -450,26 +455,7 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", backends_for("cuda") if HAS_CUDA else [])
 def test_cuda_error_rule(backend, dtype):
-    B, C, H, W = 4, 64, 28, 28
-    gc64 = make_gc(C, device="cuda")
-    gcl = make_gc(C, dtype=dtype, device="cuda")
-    gcl.load_state_dict(gc64.state_dict())
-    gc64.load_state_dict(gcl.state_dict())
-    x = (torch.randn(B, C, H, W, device="cuda") * 2 + 0.5).to(dtype)
-    dy = torch.randn(B, C, H, W, device="cuda").to(dtype)
-    xe = x.double().requires_grad_()
-    exact = xe + gc64(xe)
-    exact_g = torch.autograd.grad(exact, [xe] + params(gc64), dy.double())
-    xr = x.clone().requires_grad_()
-    ref = xr + gcl(xr)
-    ref_g = torch.autograd.grad(ref, [xr] + params(gcl), dy)
-    xf = x.clone().requires_grad_()
-    with fastvit_ops.backend(backend):
-        out = fused_gc(xf, gcl)
-        got_g = torch.autograd.grad(out, [xf] + params(gcl), dy)
-    assert_error_rule("forward", out, ref, exact)
-    for a, b, e in zip(got_g, ref_g, exact_g):
-        assert_error_rule("grad", a, b, e)
+    check_error_rule(backend, dtype, (4, 64, 28, 28), "cuda")
 
 
 @requires_cuda
