@@ -264,14 +264,20 @@ def test_eager_cpu_fast_path_float32_large_mean():
     """fp32 through the fast path at a real stage layout (d = 4, many tokens, 2 threads'
     worth of (b, γ) tasks), large-mean input: matches the float64 reference."""
     gc = make_gc(32, dtype=torch.float64)
-    x64 = 50 + torch.randn(3, 32, 23, 17, dtype=torch.float64)
+    x = (50 + torch.randn(3, 32, 23, 17, dtype=torch.float64)).float()
     gc32 = make_gc(32, dtype=torch.float32)
     gc32.load_state_dict(gc.state_dict())
+    gc.load_state_dict(gc32.state_dict())  # exact = float64 of the rounded inputs and parameters
     with fastvit_ops.backend("cpu"):
-        out = fused_gc(x64.float(), gc32)
-    ref = eager_gc(x64, gc)
+        out = fused_gc(x, gc32)
     assert type(out.grad_fn).__name__ == "CppFunction"
-    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-3)
+    exact = eager_gc(x.double(), gc)
+    # A fixed tolerance against the unrounded fp64 model failed ~1 run in 4 (|x| ~ 50 puts the fp32
+    # rounding of x itself near 1e-3). Measured over 31 seeds the fused error is at most 0.48x fp32
+    # eager's, so hold it to no worse than eager (stricter than the DESIGN rule's 2x).
+    fused_err = (out.double() - exact).abs().max()
+    eager_err = (eager_gc(x, gc32).double() - exact).abs().max()
+    assert fused_err <= eager_err, f"fused error {fused_err:.3g} > fp32 eager's {eager_err:.3g}"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
