@@ -66,11 +66,14 @@ def _mixer_case(shape, device, dtype, label):
             gc.rescale_weight.normal_(1.0, 0.3)
             gc.rescale_bias.normal_(0.0, 0.3)
 
+    names = [n for n, _ in tm.named_parameters()]
+
     def make_inputs():
         return [torch.randn(shape, device=device, dtype=dtype).requires_grad_()] + list(tm.parameters())
 
     def eager_mixer(x, *ps):
-        return tm(x)
+        # The passed parameters (not tm's own), so ``check`` can run it in float64.
+        return torch.func.functional_call(tm, dict(zip(names, ps)), (x,))
 
     def fused_mixer(x, *ps):
         return FusedTokenMixer.forward(tm, x)
