@@ -51,27 +51,34 @@ def _fwd_sim_kernel(x_ptr, g_ptr, dbuf_ptr, part_ptr, C, N, G, d, s, nblk,
     b = tl.program_id(0)
     blk = tl.program_id(1)
     g0 = _group0_means(g_ptr, b, C, d, BLOCK_D)
-    # Shift K = D[0, 0] (token 0 of group 0), recomputed identically by every program.
-    offs0 = tl.arange(0, BLOCK_N)
-    first = offs0 == 0
-    d0, _xc, _xt, _gg, _rows, _m = _similarity_tile(x_ptr, g_ptr, b, 0, offs0, first, C, N, d, s,
-                                                    g0, BLOCK_D, F64)
-    k = tl.sum(tl.where(first, d0, 0.0), 0)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    s1 = k * 0.0
-    s2 = k * 0.0
+    cnt_t = tl.sum(mask_n.to(tl.int32), 0).to(g0.dtype)
+    # This block's (count, mean, M2 = Σ(D − mean)²) over its tokens of every group: each tile
+    # two-pass in registers (shifted by its first value: exact for constant input), merged into
+    # the running moments exactly (Chan et al.). No one-pass Σ D² − (Σ D)²/n cancellation.
+    cnt = cnt_t * 0.0
+    mean = cnt_t * 0.0
+    m2 = cnt_t * 0.0
     for gamma in range(G):
         dval, _xc, _xt, _gg, _rows, _m = _similarity_tile(x_ptr, g_ptr, b, gamma, offs_n, mask_n, C,
                                                           N, d, s, g0, BLOCK_D, F64)
         tl.store(dbuf_ptr + (b * G + gamma).to(tl.int64) * N + offs_n, dval, mask=mask_n)
-        delta = tl.where(mask_n, dval - k, 0.0)
-        s1 += tl.sum(delta, 0)
-        s2 += tl.sum(delta * delta, 0)
+        k = tl.sum(tl.where(offs_n == blk * BLOCK_N, dval, 0.0), 0)
+        t = tl.where(mask_n, dval - k, 0.0)
+        mt = tl.sum(t, 0) / cnt_t
+        e = tl.where(mask_n, t - mt, 0.0)
+        m2t = tl.sum(e * e, 0)
+        mt = k + mt
+        tot = cnt + cnt_t
+        delta = mt - mean
+        mean = mean + delta * (cnt_t / tot)
+        m2 = m2 + m2t + delta * delta * (cnt * cnt_t / tot)
+        cnt = tot
     base = (b * nblk + blk) * 3
-    tl.store(part_ptr + base, s1)
-    tl.store(part_ptr + base + 1, s2)
-    tl.store(part_ptr + base + 2, k)
+    tl.store(part_ptr + base, cnt)
+    tl.store(part_ptr + base + 1, mean)
+    tl.store(part_ptr + base + 2, m2)
 
 
 @triton.jit
@@ -84,13 +91,17 @@ def _fwd_apply_kernel(x_ptr, dbuf_ptr, part_ptr, c_ptr, alpha_ptr, beta_ptr, out
     offs_p = tl.arange(0, BLOCK_P)
     pmask = offs_p < nblk
     pbase = (b * nblk + offs_p) * 3
-    s1 = tl.sum(tl.load(part_ptr + pbase, mask=pmask, other=0.0), 0)
-    s2 = tl.sum(tl.load(part_ptr + pbase + 1, mask=pmask, other=0.0), 0)
-    k = tl.load(part_ptr + b * nblk * 3 + 2)
+    # Merge the blocks' moments exactly, shifted by block 0's mean (constant input: σ = 0 exactly).
+    cnt_p = tl.load(part_ptr + pbase, mask=pmask, other=0.0)
+    mean_p = tl.load(part_ptr + pbase + 1, mask=pmask, other=0.0)
+    m2_p = tl.load(part_ptr + pbase + 2, mask=pmask, other=0.0)
+    k = tl.load(part_ptr + b * nblk * 3 + 1)
     n = G * N
-    var = (s2 - s1 * s1 / n) / (n - 1)
-    var = tl.where(var < 0.0, 0.0, var)  # rounding only; NaN (n = 1) passes like torch.std
-    mean = k + s1 / n
+    u = tl.where(pmask, mean_p - k, 0.0)
+    um = tl.sum(cnt_p * u, 0) / n
+    e = tl.where(pmask, u - um, 0.0)
+    var = (tl.sum(m2_p, 0) + tl.sum(cnt_p * e * e, 0)) / (n - 1)  # NaN (n = 1) like torch.std
+    mean = k + um
     sigma = tl.sqrt(var)
     r = 1.0 / (sigma + eps)
     if blk == 0:

@@ -6,7 +6,8 @@
 //
 // Per sample b (s = d^-1/2, T_γ = s·Σ_e g², n = G·N):
 //   D[γ,i] = s·Σ_e (x[γd+e,i] − g_e)·g_e + s·Σ_e (g_γe − g_0e)(g_γe + g_0e)   (= S − T_0)
-//   shift K = D[0,0]; s1 = Σ(D−K), s2 = Σ(D−K)²; mean = K + s1/n; σ² = (s2 − s1²/n)/(n−1)
+//   per group two-pass mean_γ, M2_γ = Σ(D − mean_γ)²; merged exactly: mean = mean of mean_γ,
+//   σ² = (Σ M2_γ + N·Σ(mean_γ − mean)²)/(n−1)
 //   S' = α_γ·(D − mean)/(σ + eps) + β_γ;  out = [x] + S'·c   (or S' itself when c is None)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,15 +29,20 @@ namespace {
   ATTR void axpy_centered(A* __restrict d, const A* __restrict x, A w, A m, int64_t n) {           \
     for (int64_t i = 0; i < n; ++i) d[i] += w * (x[i] - m);                                        \
   }                                                                                                \
-  ATTR void shifted_sums(const A* __restrict d, int64_t n, A k, A* s1, A* s2) {                    \
-    A a = 0, b = 0;                                                                                \
-    _Pragma("omp simd reduction(+ : a, b)") for (int64_t i = 0; i < n; ++i) {                      \
-      A t = d[i] - k;                                                                              \
-      a += t;                                                                                      \
+  /* two-pass mean and M2 = Σ(d − mean)² of one row, shifted by its first value (exact 0 for a   \
+     constant row) */                                                                              \
+  ATTR void row_moments(const A* __restrict d, int64_t n, A* mean, A* m2) {                        \
+    const A k = d[0];                                                                              \
+    A a = 0;                                                                                       \
+    _Pragma("omp simd reduction(+ : a)") for (int64_t i = 0; i < n; ++i) a += d[i] - k;           \
+    const A m = a / static_cast<A>(n);                                                             \
+    A b = 0;                                                                                       \
+    _Pragma("omp simd reduction(+ : b)") for (int64_t i = 0; i < n; ++i) {                         \
+      const A t = (d[i] - k) - m;                                                                  \
       b += t * t;                                                                                  \
     }                                                                                              \
-    *s1 += a;                                                                                      \
-    *s2 += b;                                                                                      \
+    *mean = k + m;                                                                                 \
+    *m2 = b;                                                                                       \
   }                                                                                                \
   ATTR void affine(A* __restrict d, int64_t n, A a, A m, A b) {                                    \
     for (int64_t i = 0; i < n; ++i) d[i] = (d[i] - m) * a + b;                                     \
@@ -211,43 +217,33 @@ std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Te
     A* pp = part.mutable_data_ptr<A>();
     A* st = stats.mutable_data_ptr<A>();
     scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-    // The shift K_b = D[b,0,0], one token of group 0, so that the (b, γ) tasks can share it.
-    std::vector<A> shift(k.B);
-    {
-      const A s = A(1) / std::sqrt(static_cast<A>(k.d));
-      for (int64_t b = 0; b < k.B; ++b) {
-        A v = 0;
-        for (int64_t e = 0; e < k.d; ++e) {
-          const A ge = g[b * k.C + e];
-          v += s * ge * (static_cast<A>(xp[(b * k.C + e) * k.N]) - ge);
-        }
-        shift[b] = v;
-      }
-    }
-    // Phase 1: D and its shifted partial sums per (b, γ).
+    // Phase 1: D and its two-pass moments per (b, γ).
     at::parallel_for(0, k.B * k.G, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> buf;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / k.G, gamma = t % k.G;
         A* dg = D + t * k.N;
         similarity_rows<scalar_t, A>(xp + b * k.C * k.N, g + b * k.C, k, gamma, dg, buf);
-        A s1 = 0, s2 = 0;
-        shifted_sums(dg, k.N, shift[b], &s1, &s2);
-        pp[2 * t] = s1;
-        pp[2 * t + 1] = s2;
+        row_moments(dg, k.N, &pp[2 * t], &pp[2 * t + 1]);
       }
     });
-    // Statistics per sample (fixed summation order over groups: deterministic).
+    // Statistics per sample: the groups' moments merged exactly (Chan et al.), shifted by group
+    // 0's mean; fixed order over groups, so deterministic.
     for (int64_t b = 0; b < k.B; ++b) {
-      A s1 = 0, s2 = 0;
+      const A* q = pp + 2 * b * k.G;
+      const A k0 = q[0];
+      A um = 0;
+      for (int64_t gamma = 0; gamma < k.G; ++gamma) um += q[2 * gamma] - k0;
+      um /= static_cast<A>(k.G);
+      A m2 = 0, spread = 0;
       for (int64_t gamma = 0; gamma < k.G; ++gamma) {
-        s1 += pp[2 * (b * k.G + gamma)];
-        s2 += pp[2 * (b * k.G + gamma) + 1];
+        const A u = (q[2 * gamma] - k0) - um;
+        m2 += q[2 * gamma + 1];
+        spread += u * u;
       }
-      A var = (s2 - s1 * s1 / static_cast<A>(n)) / static_cast<A>(n - 1);
-      if (var < 0) var = 0;  // rounding only; a NaN (n = 1) passes through like torch.std
-      st[2 * b] = shift[b] + s1 / static_cast<A>(n);
-      st[2 * b + 1] = std::sqrt(var);
+      m2 += static_cast<A>(k.N) * spread;
+      st[2 * b] = k0 + um;
+      st[2 * b + 1] = std::sqrt(m2 / static_cast<A>(n - 1));  // NaN at n = 1, like torch.std
     }
     // Phase 2: S' = α·(D − mean)·r + β in place, then the output rows of the group.
     at::parallel_for(0, k.B * k.G, 1, [&](int64_t begin, int64_t end) {

@@ -14,7 +14,8 @@ Algorithm (per sample b; every backend computes exactly this, in fp32 — fp64 f
   with ``T_γ − T_0 = s·Σ_e (g[γd+e] − g[e])·(g[γd+e] + g[e])``. D equals ``S − T_0`` exactly in
   real arithmetic but never forms the large ``|S|`` or ``T_γ`` (no catastrophic cancellation when
   ``|mean(x)| ≫ std(x)``). Its mean and unbiased std over (G, N)
-  come from sums shifted by the data value ``K = D[0,0]`` (``Σ(D−K)``, ``Σ(D−K)²``), so a constant
+  are two-pass per group (``mean_γ``, ``M2_γ = Σ(D−mean_γ)²``, each shifted by one of its own
+  values) merged exactly across groups (Chan et al.), as accurate as ``torch.std_mean``; a constant
   input gives exactly σ = 0 and ``Ŝ = 0`` → ``S' = β`` (the reference's finite result).
 * pass 3: ``S' = α_γ·(D − mean)/(σ + eps) + β_γ``; ``out = x + S'·c`` (or ``S'`` itself).
 
@@ -107,11 +108,19 @@ def _ref_forward(x, g, c, alpha, beta, groups, eps, residual):
     ga = g.view(B, G, d)
     dT = s * ((ga - ga[:, :1]) * (ga + ga[:, :1])).sum(-1)  # T_γ − T_0 without cancellation
     D = s * torch.einsum("bgdn,bgd->bgn", xa - ga.unsqueeze(-1), ga) + dT.unsqueeze(-1)
-    delta = D - D[:, :1, :1]
-    s1 = delta.sum((1, 2))
-    s2 = (delta * delta).sum((1, 2))
-    mean = D[:, 0, 0] + s1 / n
-    sigma = ((s2 - s1 * s1 / n).clamp_min(0) / (n - 1)).sqrt()
+    # Two-level two-pass statistics, as the kernels form them: per group (mean_γ, M2_γ =
+    # Σ (D − mean_γ)²), then merged exactly (Chan et al.). A one-pass Σ D² − (Σ D)²/n loses digits
+    # to cancellation when the mean is large next to σ, and σ scales every gradient. Each level is
+    # shifted by one of its own values, so a constant input gives exactly σ = 0, Ŝ = 0, S' = β.
+    t = D - D[:, :, :1]
+    tm = t.mean(-1, keepdim=True)
+    m2_g = ((t - tm) ** 2).sum(-1)
+    mean_g = D[:, :, 0] + tm.squeeze(-1)
+    u = mean_g - mean_g[:, :1]
+    um = u.mean(1, keepdim=True)
+    mean = mean_g[:, 0] + um.squeeze(1)
+    m2 = m2_g.sum(1) + N * ((u - um) ** 2).sum(1)
+    sigma = (m2 / (n - 1)).sqrt()
     shat = (D - mean.view(B, 1, 1)) / (sigma.view(B, 1, 1) + eps)
     sp = alpha.view(1, G, 1) * shat + beta.view(1, G, 1)
     if c is None:
