@@ -80,8 +80,9 @@ def _attn_bwd_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
                      svb, svh, svm, svd, sgb, sgh, sgn, sgd,
                      sqgb, sqgh, sqgn, sqgd, sggb, sggh, sggn, sggd,
                      H, N, M, D, qk_scale, scale, BH, TILES_PER_PROG,
-                     HAS_GATE: tl.constexpr, IEEE: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_GATE: tl.constexpr, SINGLE_M: tl.constexpr, IEEE: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -101,27 +102,43 @@ def _attn_bwd_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
                      mask=mask_q, other=0.0).to(ACC)
         row_max = tl.load(LSE + (bh * N + offs_n) * 2, mask=mask_n, other=0.0)
         row_log = tl.load(LSE + (bh * N + offs_n) * 2 + 1, mask=mask_n, other=0.0)
-        # Pass 1: the pre-gate output O (needed by the gate derivative and by D = rowsum(dO ⊙ O)).
-        o = tl.zeros((BLOCK_N, BLOCK_D), ACC)
-        for start in range(0, M, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            mask_kv = mask_m[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-            v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-            s = _mm(q, tl.trans(k), IEEE).to(ACC)
-            p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
-            p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
-            o += _mm(p.to(v.dtype), v, IEEE).to(ACC)
         if HAS_GATE:
+            # Pass 1: the pre-gate output O, which the gate derivative needs.
+            o = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+            for start in range(0, M, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < M
+                mask_kv = mask_m[:, None] & mask_d[None, :]
+                k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
+                v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
+                s = _mm(q, tl.trans(k), IEEE).to(ACC)
+                p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
+                p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
+                o += _mm(p.to(v.dtype), v, IEEE).to(ACC)
             g = tl.load(G + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd,
                         mask=mask_q, other=0.0).to(ACC)
             sg = 1.0 / (1.0 + tl.exp(-o))
             tl.store(DG + b * sggb + h * sggh + offs_n[:, None] * sggn + offs_d[None, :] * sggd,
                      (do * o * sg).to(DG.dtype.element_ty), mask=mask_q)
             do = do * g * sg * (1.0 + o * (1.0 - sg))
-        delta = tl.sum(do * o, 1)
         do_in = do.to(q.dtype)
+        # D = Σ_j P ⊙ dP, as eager's softmax backward forms it (not rowsum(dO ⊙ O), equal in exact
+        # arithmetic): built from the same rounded dP that dS subtracts it from, so with a
+        # near-one-hot P (large logits) dP's rounding cancels instead of doubling dQ's error. One
+        # key tile: formed in pass 2 itself; more: one extra sweep over the key tiles.
+        delta = tl.zeros((BLOCK_N,), ACC)
+        if not SINGLE_M:
+            for start in range(0, M, BLOCK_M):
+                offs_m = start + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < M
+                mask_kv = mask_m[:, None] & mask_d[None, :]
+                k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
+                v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
+                s = _mm(q, tl.trans(k), IEEE).to(ACC)
+                p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
+                p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
+                dp = _mm(do_in, tl.trans(v), IEEE).to(ACC)
+                delta += tl.sum(p * dp, 1)
         dq = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         # Pass 2: dS = P ⊙ (dO Vᵀ − D); dq += dS K; this tile's dK += dSᵀ Q, dV += Pᵀ dO.
         for start in range(0, M, BLOCK_M):
@@ -134,6 +151,8 @@ def _attn_bwd_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
             p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
             p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
             dp = _mm(do_in, tl.trans(v), IEEE).to(ACC)
+            if SINGLE_M:
+                delta = tl.sum(p * dp, 1)
             ds = p * (dp - delta[:, None]) * scale
             dq += _mm(ds.to(k.dtype), k, IEEE).to(ACC)
             pidx = part + offs_m[:, None] * D + offs_d[None, :]
@@ -194,7 +213,8 @@ def attention_backward(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale: float
     _attn_bwd_kernel[(chunks, B * H)](
         grad, q, k, v, g, lse, dq, dg, dkp, dvp, *grad.stride(), *q.stride(), *k.stride(), *v.stride(),
         *g.stride(), *dq.stride(), *dg.stride(), H, N, M, D, scale * LOG2E, scale, B * H, per,
-        HAS_GATE=gate is not None, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=4, **_flags(q))
+        HAS_GATE=gate is not None, SINGLE_M=M <= bm, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=4,
+        **_flags(q))
     dk.copy_(dkp.sum(0).view(B, H, M, D))
     dv.copy_(dvp.sum(0).view(B, H, M, D))
 

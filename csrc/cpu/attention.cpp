@@ -230,12 +230,14 @@ void gate_bwd_f32(const float* __restrict Y, float* __restrict G, float* __restr
   }
 }
 
-// Dn[n] = Σ_e dY[e, n]·Y[e, n]
+// Dn[n] = Σ_j P[j, n]·dP[j, n]: the softmax backward's row term as eager autograd forms it. It
+// equals Σ_e dO·O, but built from the same rounded dP that dS = P ⊙ (dP − Dn) subtracts it from, so
+// with a near-one-hot P (large logits) the rounding of dP cancels instead of doubling the error.
 FASTVIT_VEC_CLONES
-void rowdot_f32(const float* __restrict dY, const float* __restrict Y, float* __restrict Dn, int64_t D) {
+void pdot_f32(const float* __restrict P, const float* __restrict dP, float* __restrict Dn, int64_t M) {
   for (int64_t n = 0; n < NT; ++n) Dn[n] = 0.f;
-  for (int64_t e = 0; e < D; ++e)
-    for (int64_t n = 0; n < NT; ++n) Dn[n] += dY[e * NT + n] * Y[e * NT + n];
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
 }
 
 void finish_f64(double* Y, const double* inv, const double* G, int64_t D) {
@@ -251,17 +253,17 @@ void gate_bwd_f64(const double* Y, double* G, double* dY, int64_t n) {
     dY[i] = go * gv * s * (1.0 + o * (1.0 - s));
   }
 }
-void rowdot_f64(const double* dY, const double* Y, double* Dn, int64_t D) {
+void pdot_f64(const double* P, const double* dP, double* Dn, int64_t M) {
   for (int64_t n = 0; n < NT; ++n) Dn[n] = 0;
-  for (int64_t e = 0; e < D; ++e)
-    for (int64_t n = 0; n < NT; ++n) Dn[n] += dY[e * NT + n] * Y[e * NT + n];
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
 }
 inline void finish(float* Y, const float* i, const float* G, int64_t D) { finish_f32(Y, i, G, D); }
 inline void finish(double* Y, const double* i, const double* G, int64_t D) { finish_f64(Y, i, G, D); }
 inline void gate_bwd(const float* Y, float* G, float* dY, int64_t n) { gate_bwd_f32(Y, G, dY, n); }
 inline void gate_bwd(const double* Y, double* G, double* dY, int64_t n) { gate_bwd_f64(Y, G, dY, n); }
-inline void rowdot(const float* dY, const float* Y, float* Dn, int64_t D) { rowdot_f32(dY, Y, Dn, D); }
-inline void rowdot(const double* dY, const double* Y, double* Dn, int64_t D) { rowdot_f64(dY, Y, Dn, D); }
+inline void pdot(const float* P, const float* dP, float* Dn, int64_t M) { pdot_f32(P, dP, Dn, M); }
+inline void pdot(const double* P, const double* dP, double* Dn, int64_t M) { pdot_f64(P, dP, Dn, M); }
 
 // fp64 versions (plain loops).
 void rows_dot_f64(const double* A, const double* X, double* S, int64_t M, int64_t D) {
@@ -492,16 +494,16 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& q, const at::Tensor
         rows_dot(kraw.data(), X.data(), S.data(), M, D);
         probs_from_lse(S.data(), mrow.data(), lrow.data(), qk_scale, M);               // S ← P
         gather(dO.at(b, h), dO.sn, dO.sd, n0, cnt, D, dY.data());
-        cols_dot(vbuf.data(), S.data(), Y.data(), M, D);        // Y ← O (pre-gate), recomputed
         if (has_gate) {
+          cols_dot(vbuf.data(), S.data(), Y.data(), M, D);      // Y ← O (pre-gate), recomputed
           // out = SiLU(O)·gate: d gate = dout·SiLU(O); dO = dout·gate·SiLU'(O).
           gather(G.at(b, h), G.sn, G.sd, n0, cnt, D, Gt.data());
           gate_bwd(Y.data(), Gt.data(), dY.data(), D * NT);
           scatter(Gt.data(), cnt, D, dG.at(b, h), dG.sn, dG.sd, n0);
         }
-        rowdot(dY.data(), Y.data(), Dn.data(), D);
         outer_acc(S.data(), dY.data(), pdv, M, D);              // dV += Pᵀ dO
         rows_dot(vbuf.data(), dY.data(), dP.data(), M, D);      // dP = dO Vᵀ
+        pdot(S.data(), dP.data(), Dn.data(), M);                // Dn = Σ_j P ⊙ dP
         dscores(S.data(), dP.data(), Dn.data(), sc, M);         // dP ← scale · P ⊙ (dP − D)
         outer_acc(dP.data(), X.data(), pdk, M, D);              // dK += dSᵀ Q
         cols_dot(kraw.data(), dP.data(), Y.data(), M, D);       // dQ = dS K

@@ -84,14 +84,16 @@ def _reference_bwd(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale):
     qa, ka, va, ga = q.to(acc), k.to(acc), v.to(acc), grad.to(acc)
     s = qa @ ka.transpose(-1, -2)
     p = torch.exp2(((s - lse[..., :1].to(acc)) * (scale * LOG2E) - lse[..., 1:].to(acc)).clamp(max=0))
-    o = p @ va
     if gate is not None:
+        o = p @ va
         sg = torch.sigmoid(o)
         dgate.copy_(ga * o * sg)
         ga = ga * gate.to(acc) * sg * (1 + o * (1 - sg))
     dv.copy_(p.transpose(-1, -2) @ ga)
     dp = ga @ va.transpose(-1, -2)
-    ds = p * (dp - (ga * o).sum(-1, keepdim=True)) * scale
+    # Σ_j P ⊙ dP (= rowsum(dO ⊙ O) exactly) from the same rounded dP: its rounding then cancels
+    # in dP − D when P is near one-hot, as in eager's softmax backward.
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
     dq.copy_(ds @ ka)
     dk.copy_(ds.transpose(-1, -2) @ qa)
 

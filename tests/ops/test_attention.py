@@ -122,14 +122,29 @@ def test_low_precision_error_rule(backend, dtype, logit_scale):
         with fastvit_ops.backend(backend):
             out = downsampled_attention_nchw(fi[0], fi[1], fi[2], h, gate=fi[3] if use_gate else None)
             fgrads = torch.autograd.grad(out, fi[:3] + ([fi[3]] if use_gate else []), dy)
-        ri = [t.clone().requires_grad_() for t in (q, k, v, gate)]
-        ref = from_heads(eager(to_heads(ri[0], h), ri[1], ri[2], None, to_heads(ri[3], h) if use_gate else None), h_, w_)
-        rgrads = torch.autograd.grad(ref, ri[:3] + ([ri[3]] if use_gate else []), dy)
+        # Eager as the authors write it, and with the scale folded into q or k first (flash-
+        # attention's tests' "reorder_ops" reference): equally valid roundings of the logits. At
+        # large logits that rounding dominates every implementation's error, so one eager sample is
+        # a noisy yardstick (a kernel's own order lands past 2× of it now and then); the worst counts.
+        refs, rgrads = [], []
+        for fold in ("none", "q", "k"):
+            ri = [t.clone().requires_grad_() for t in (q, k, v, gate)]
+            qh, kh, gh = to_heads(ri[0], h), ri[1], to_heads(ri[3], h)
+            scale = None
+            if fold != "none":
+                scale = 1.0
+                qh, kh = (qh * d ** -0.5, kh) if fold == "q" else (qh, kh * d ** -0.5)
+            refs.append(from_heads(eager(qh, kh, ri[2], scale, gh if use_gate else None), h_, w_))
+            rgrads.append(torch.autograd.grad(refs[-1], ri[:3] + ([ri[3]] if use_gate else []), dy))
+        # Near-one-hot rows make most gradient elements tiny next to a few large ones; their own
+        # size is no measure of the rounding they carry, so large logits take the floor at the
+        # tensor's scale.
+        floor = "tensor" if logit_scale > 1 else "element"
         assert out.dtype == dtype
-        assert_error_rule(f"forward gate={use_gate}", out, ref, exact)
-        for name, a, r, e in zip(["dq", "dk", "dv", "dgate"], fgrads, rgrads, egrads):
+        assert_error_rule(f"forward gate={use_gate}", out, refs, exact, floor)
+        for i, (name, a, e) in enumerate(zip(["dq", "dk", "dv", "dgate"], fgrads, egrads)):
             assert a.dtype == dtype
-            assert_error_rule(f"{name} gate={use_gate}", a, r, e)
+            assert_error_rule(f"{name} gate={use_gate}", a, [r[i] for r in rgrads], e, floor)
 
 
 # ---- layouts --------------------------------------------------------------------------------------------
@@ -206,8 +221,10 @@ def test_torch_compile_fullgraph():
         return y.sum(dim=1) + downsampled_attention(to_heads(x, h), k, v).sum()
 
     compiled = torch.compile(block, fullgraph=True)
-    ins = [torch.randn(2, 32, 5, 7, requires_grad=True), torch.randn(2, h, 9, 16, requires_grad=True),
-           torch.randn(2, h, 9, 16, requires_grad=True), torch.randn(2, 32, 5, 7, requires_grad=True)]
+    # float64: inductor's own SiLU and reduction orders differ from eager's by fp32 roundings that
+    # the softmax and the 2240-term sum amplify past the fp32 tolerance now and then.
+    shapes = [(2, 32, 5, 7), (2, h, 9, 16), (2, h, 9, 16), (2, 32, 5, 7)]
+    ins = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
     out = compiled(*ins)
     ref = block(*ins)
     torch.testing.assert_close(out, ref)
