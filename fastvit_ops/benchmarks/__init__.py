@@ -42,6 +42,7 @@ OP_MODULES = {
     "global_context": ".global_context",
     "dwconv2d": ".dwconv",
     "downsampled_attention": ".attention",
+    "fasa_module": ".fasa",
 }
 
 

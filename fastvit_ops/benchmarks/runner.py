@@ -10,6 +10,7 @@ from .. import _availability as avail
 from ..numerics import error_rule
 from ..ops.dispatch import backend, backend_available
 from . import Case, load, op_names
+from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, max_error, median_ms
 
 def environment(device) -> Dict[str, str]:
@@ -49,7 +50,8 @@ def _grads(f, inputs):
 
 
 def _exact_inputs(inputs):
-    return [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    return [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+            for t in inputs]
 
 
 def check_case(case: Case, name: str) -> Dict:
@@ -94,7 +96,8 @@ def run_checks(device, ops: Optional[Sequence[str]] = None, progress=None) -> Li
 
 
 def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_seconds: float = 2.0) -> List[Dict]:
-    """Time eager / torch.compile(eager) / fused for the forward and, if any, forward+backward."""
+    """Time eager / torch.compile(eager) / fused for the forward and, if any, forward+backward
+    (whose row also holds ``eager_peak_mib`` / ``fused_peak_mib``: the step's peak memory)."""
     inputs = case.make_inputs()
     eager_out = case.eager(*inputs)
     fused_out = case.fused(*inputs)
@@ -112,6 +115,9 @@ def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_se
                "speedup_vs_eager": t["eager"] / t["fused"],
                "speedup_vs_compile": (t["compile"] / t["fused"]) if "compile" in t else None,
                "max_error": err}
+        if label == "fwd+bwd":  # peak memory of one step, above what was live before it
+            row["eager_peak_mib"] = peak_memory_mib(make(case.eager, inputs), device)
+            row["fused_peak_mib"] = peak_memory_mib(make(case.fused, inputs), device)
         if label == "fwd" and case.bytes:
             row["fused_GBps"] = case.bytes / (t["fused"] * 1e-3) / 1e9
         if label == "fwd" and case.flops:
