@@ -38,6 +38,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // out = softmax(scale·q kᵀ) v, then SiLU(out)·gate when gate is given.
   m.def("_downsampled_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor(a!) out, Tensor(b!) lse, float scale) -> ()");
   m.def("_downsampled_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dgate, float scale) -> ()");
+  // -- CvT convolutional projection --
+  // x (B, cls + h·w, C) tokens (fp32/fp64); w* (C,1,k,k) one odd k, "same" padding k/2; b* (C,).
+  // Returns q (B, cls + h_q·w_q, C) at stride_q and k, v at stride_kv, contiguous tokens; the cls
+  // row (cls = 1) is copied through unconvolved.
+  m.def("_conv_projection_qkv_forward(Tensor x, Tensor wq, Tensor bq, Tensor wk, Tensor bk, Tensor wv, Tensor bv, int h, int w, int cls, int stride_q, int stride_kv) -> (Tensor, Tensor, Tensor)");
 }
 
 static bool cuda_compiled() {

@@ -7,6 +7,8 @@ Public API:
     downsampled_attention(q, k, v, scale=None)               short-KV attention (SPEC §1.3)
     downsampled_attention_nchw(q_map, k, v, num_heads, scale=None, gate=None)
                                                              channels-first queries, fused SiLU gate
+    conv_projection_qkv(x, hw, cls_token, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, stride_q=1, stride_kv=2)
+                                                             CvT's q/k/v depthwise projections in one pass (SPEC §4)
     global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias, groups=8, eps=1e-5)
                                                              FCViT x + GC(x) (SPEC §1.2)
     token_global_similarity(x, rescale_weight, rescale_bias, groups=8, eps=1e-5)
@@ -24,6 +26,7 @@ from .convert import convert, revert
 from .fuse import fuse_for_inference
 from .nn.fat import fused_fasa
 from .ops.attention import downsampled_attention, downsampled_attention_nchw
+from .ops.conv_projection import conv_projection_qkv
 from .ops.cross_modulation import sigmoid_cross_modulation
 from .ops.dwconv import dwconv2d
 from .ops.global_context import global_context, token_global_similarity
@@ -46,6 +49,7 @@ __all__ = [
     "dwconv2d",
     "downsampled_attention",
     "downsampled_attention_nchw",
+    "conv_projection_qkv",
     "global_context",
     "token_global_similarity",
     "__version__",

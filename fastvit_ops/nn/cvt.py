@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import TOKENS, attention_core
+from ..ops.conv_projection import conv_projection_qkv
 from ..reference import cvt as ref
 from ._amp import autocast_like_conv
 from ._bn import fold_eval_bn
@@ -27,15 +28,26 @@ def _folded(proj: nn.Sequential) -> Tuple[Tensor, Tensor]:
     return fold_eval_bn(conv, bn)
 
 
+def _one_pass_ok(*convs: nn.Conv2d) -> bool:
+    """The three projections fit :func:`conv_projection_qkv`: one odd k, "same" padding k // 2,
+    square strides of 1 or 2, k and v at one stride (CvT's q stride 1, k/v stride 2)."""
+    k = convs[0].kernel_size[0]
+    return (convs[1].stride == convs[2].stride
+            and all(c.kernel_size == (k, k) and c.padding == (k // 2, k // 2) and c.dilation == (1, 1)
+                    and c.stride[0] == c.stride[1] and c.stride[0] in (1, 2) for c in convs)
+            and k % 2 == 1)
+
+
 class ConvProjectionAttention(ref.Attention):
     """``reference.cvt.Attention`` (``method="dw_bn"``) on the fused kernels (SPEC §1.3, §4).
 
     Same constructor, parameters and state_dict keys as the authors' ``Attention``.
 
-    * :meth:`forward_conv` in eval mode folds each BN into its DW_3 and computes the k and v
-      projections (same stride) in a single depthwise pass with two outputs per channel; the q
-      projection (stride 1) uses the fused depthwise conv. The cls token bypasses the convs.
-      Training mode (batch-statistics BN) keeps the reference projections.
+    * :meth:`forward_conv` in eval mode folds each BN into its DW_3 and computes q (stride 1), k
+      and v (stride 2) in one pass over the tokens with
+      :func:`fastvit_ops.ops.conv_projection.conv_projection_qkv` (tokens in and out, the cls token
+      copied through, no image/token transposes or concatenations). Training mode
+      (batch-statistics BN) keeps the reference projections.
     * :meth:`forward` runs the attention with :func:`fastvit_ops.ops.attention.attention_core`
       straight on the (B, T, C) token layout (heads are strided views, no transposes), writing
       the output in (B, T, C) order for ``proj``; the ``dim^(−1/2)`` scale of the released code.
@@ -48,12 +60,19 @@ class ConvProjectionAttention(ref.Attention):
         projs = (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
         if self.training or self.method != "dw_bn" or any(p is None for p in projs):
             return super().forward_conv(x, h, w)
+        cq, ck, cv = (p.conv for p in projs)
+        wq, bq = _folded(self.conv_proj_q)
+        if _one_pass_ok(cq, ck, cv):
+            # q, k and v in one pass over the tokens, tokens out, cls row copied through
+            wk, bk = _folded(self.conv_proj_k)
+            wv, bv = _folded(self.conv_proj_v)
+            x, wq, bq, wk, bk, wv, bv = autocast_like_conv(x, wq, bq, wk, bk, wv, bv)
+            return conv_projection_qkv(x, (h, w), self.with_cls_token, wq, bq, wk, bk, wv, bv,
+                                       cq.stride[0], ck.stride[0])
         if self.with_cls_token:
             cls_token, x = torch.split(x, [1, h * w], dim=1)
         B, _, C = x.shape
         img = x.transpose(1, 2).reshape(B, C, h, w)
-        cq, ck, cv = (p.conv for p in projs)
-        wq, bq = _folded(self.conv_proj_q)
         if _dwconv2d is not None and cq.stride[0] == cq.stride[1] and cq.padding[0] == cq.padding[1]:
             q = _dwconv2d(*autocast_like_conv(img, wq, bq), cq.stride[0], cq.padding[0])
         else:
