@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "vec_math.h"
@@ -17,56 +18,83 @@
 namespace fastvit_ops {
 namespace {
 
-// o[c] += w[c]·s[c] and o2[c] += w2[c]·s[c] (o2 null: one output)
-FASTVIT_VEC_CLONES
-void fma_f32(float* __restrict o, const float* __restrict w, float* __restrict o2,
-             const float* __restrict w2, const float* __restrict s, int64_t C) {
-  if (o2 == nullptr) {
-    for (int64_t c = 0; c < C; ++c) o[c] += w[c] * s[c];
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      o[c] += w[c] * s[c];
-      o2[c] += w2[c] * s[c];
-    }
-  }
-}
-void fma_f64(double* o, const double* w, double* o2, const double* w2, const double* s, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) o[c] += w[c] * s[c];
-  if (o2 != nullptr)
-    for (int64_t c = 0; c < C; ++c) o2[c] += w2[c] * s[c];
-}
-inline void fma(float* o, const float* w, float* o2, const float* w2, const float* s, int64_t C) {
-  fma_f32(o, w, o2, w2, s, C);
-}
-inline void fma(double* o, const double* w, double* o2, const double* w2, const double* s, int64_t C) {
-  fma_f64(o, w, o2, w2, s, C);
-}
-
 struct Geo {
   int64_t h, w, C, k, p;
 };
 
-// One output row (centre input row y, column stride s, wo columns) of one or two depthwise convs:
-// out[xo, :] = bias + Σ_taps wT[tap, :] ⊙ x[y + dy − p, xo·s + dx − p, :].
+// One output pixel of one (NOUT = 1) or two (NOUT = 2: k and v share every input load) depthwise
+// convs: o[c] = bias[c] + Σ_{valid taps} wT[tap, c]·x[y + dy − p, xc + dx − p, c]. Channels go in
+// blocks of 64 whose accumulators stay in registers across the taps (4 AVX-512 vectors per
+// output); taps that only see padding are skipped by the caller's [dy0, dy1) × [dx0, dx1).
+#define QKV_PIXEL(NAME, T, NOUT, ATTR)                                                             \
+  ATTR void NAME(const T* __restrict x, int64_t w, int64_t C, int64_t k, int64_t ybase,          \
+                 int64_t xbase, int64_t dy0, int64_t dy1, int64_t dx0, int64_t dx1,               \
+                 const T* __restrict wT, const T* __restrict bias, T* __restrict out,             \
+                 const T* __restrict wT2, const T* __restrict bias2, T* __restrict out2) {        \
+    constexpr int64_t CB = 64;                                                                     \
+    for (int64_t c0 = 0; c0 < C; c0 += CB) {                                                       \
+      const int64_t n = C - c0 < CB ? C - c0 : CB;                                                 \
+      T a[CB], b[CB];                                                                              \
+      if (n == CB) {                                                                               \
+        for (int64_t c = 0; c < CB; ++c) a[c] = bias[c0 + c];                                     \
+        if (NOUT == 2)                                                                             \
+          for (int64_t c = 0; c < CB; ++c) b[c] = bias2[c0 + c];                                  \
+        for (int64_t dy = dy0; dy < dy1; ++dy)                                                     \
+          for (int64_t dx = dx0; dx < dx1; ++dx) {                                                 \
+            const T* s = x + ((ybase + dy) * w + xbase + dx) * C + c0;                             \
+            const int64_t tap = (dy * k + dx) * C + c0;                                            \
+            for (int64_t c = 0; c < CB; ++c) a[c] += wT[tap + c] * s[c];                          \
+            if (NOUT == 2)                                                                         \
+              for (int64_t c = 0; c < CB; ++c) b[c] += wT2[tap + c] * s[c];                       \
+          }                                                                                        \
+      } else {                                                                                     \
+        for (int64_t c = 0; c < n; ++c) a[c] = bias[c0 + c];                                      \
+        if (NOUT == 2)                                                                             \
+          for (int64_t c = 0; c < n; ++c) b[c] = bias2[c0 + c];                                   \
+        for (int64_t dy = dy0; dy < dy1; ++dy)                                                     \
+          for (int64_t dx = dx0; dx < dx1; ++dx) {                                                 \
+            const T* s = x + ((ybase + dy) * w + xbase + dx) * C + c0;                             \
+            const int64_t tap = (dy * k + dx) * C + c0;                                            \
+            for (int64_t c = 0; c < n; ++c) a[c] += wT[tap + c] * s[c];                           \
+            if (NOUT == 2)                                                                         \
+              for (int64_t c = 0; c < n; ++c) b[c] += wT2[tap + c] * s[c];                        \
+          }                                                                                        \
+      }                                                                                            \
+      for (int64_t c = 0; c < n; ++c) out[c0 + c] = a[c];                                         \
+      if (NOUT == 2)                                                                               \
+        for (int64_t c = 0; c < n; ++c) out2[c0 + c] = b[c];                                      \
+    }                                                                                              \
+  }
+
+QKV_PIXEL(pixel1_f32, float, 1, FASTVIT_VEC_CLONES)
+QKV_PIXEL(pixel2_f32, float, 2, FASTVIT_VEC_CLONES)
+QKV_PIXEL(pixel1_f64, double, 1, )
+QKV_PIXEL(pixel2_f64, double, 2, )
+
+inline void pixel(const float* x, int64_t w, int64_t C, int64_t k, int64_t yb, int64_t xb, int64_t dy0,
+                  int64_t dy1, int64_t dx0, int64_t dx1, const float* wT, const float* bias, float* out,
+                  const float* wT2, const float* bias2, float* out2) {
+  if (out2) pixel2_f32(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2);
+  else pixel1_f32(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2);
+}
+inline void pixel(const double* x, int64_t w, int64_t C, int64_t k, int64_t yb, int64_t xb, int64_t dy0,
+                  int64_t dy1, int64_t dx0, int64_t dx1, const double* wT, const double* bias, double* out,
+                  const double* wT2, const double* bias2, double* out2) {
+  if (out2) pixel2_f64(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2);
+  else pixel1_f64(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2);
+}
+
+// One output row (centre input row y, column stride s, wo columns) of one or two depthwise convs.
 template <typename T>
 void conv_row(const T* x, const Geo& g, int64_t y, int64_t s, int64_t wo, const T* wT, const T* bias,
               T* out, const T* wT2, const T* bias2, T* out2) {
-  const int64_t C = g.C;
+  const int64_t yb = y - g.p;
+  const int64_t dy0 = std::max<int64_t>(0, -yb), dy1 = std::min<int64_t>(g.k, g.h - yb);
   for (int64_t xo = 0; xo < wo; ++xo) {
-    T* o = out + xo * C;
-    T* o2 = out2 ? out2 + xo * C : nullptr;
-    std::copy(bias, bias + C, o);
-    if (o2) std::copy(bias2, bias2 + C, o2);
-    for (int64_t dy = 0; dy < g.k; ++dy) {
-      const int64_t yy = y + dy - g.p;
-      if (yy < 0 || yy >= g.h) continue;  // a tap on padding only
-      for (int64_t dx = 0; dx < g.k; ++dx) {
-        const int64_t xx = xo * s + dx - g.p;
-        if (xx < 0 || xx >= g.w) continue;
-        const int64_t tap = dy * g.k + dx;
-        fma(o, wT + tap * C, o2, o2 ? wT2 + tap * C : nullptr, x + (yy * g.w + xx) * C, C);
-      }
-    }
+    const int64_t xb = xo * s - g.p;
+    const int64_t dx0 = std::max<int64_t>(0, -xb), dx1 = std::min<int64_t>(g.k, g.w - xb);
+    pixel(x, g.w, g.C, g.k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out + xo * g.C, wT2, bias2,
+          out2 ? out2 + xo * g.C : nullptr);
   }
 }
 
