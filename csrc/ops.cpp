@@ -14,6 +14,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // contiguous NCHW; dbias is computed even when bias is None; dx (dweight) is zeros when need_dx
   // (need_dw) is false.
   m.def("_dwconv2d_forward(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual) -> Tensor");
+  // The same conv reading z = x + S'[γ]·c (FCViT's global-context apply fused into the input load):
+  // sp (B, G, H, W), c (B, C), G dividing C, γ = channel / (C / G); z is never written.
+  m.def("_dwconv2d_gc_forward(Tensor x, Tensor sp, Tensor c, Tensor weight, Tensor? bias, int stride, int padding, int activation) -> Tensor");
   m.def("_dwconv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor)");
   // -- global context schemas below --
   // FCViT global context (SPEC §1.2), see fastvit_ops/ops/global_context.py. x (B,C,H,W); g, c

@@ -1078,13 +1078,24 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, c
 }
 
 // ---- forward --------------------------------------------------------------------------------------
+// FCViT's global-context apply as the conv's input prologue: the conv reads z = x + S'[γ]·c, with
+// sp (B, G, H·W) and c (B, C) contiguous in the accumulation dtype and γ = channel / (C / G), so z
+// is formed one plane at a time in cache and never written to memory.
+template <typename A>
+struct Prologue {
+  const A* sp = nullptr;
+  const A* c = nullptr;
+  int64_t G = 0;
+};
+
 template <typename T, typename A>
-void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Shape& sh, int act, bool residual) {
+void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Shape& sh, int act, bool residual,
+                  const Prologue<A>& pro = Prologue<A>()) {
   const T* xp = x.const_data_ptr<T>();
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
 #ifdef DW_HAVE_FLAT
   if constexpr (std::is_same_v<T, A>) {
-    if (use_flat(sh.Ho, sh.Wo, sh.k, sh.s, true)) {
+    if (pro.sp == nullptr && use_flat(sh.Ho, sh.Wo, sh.k, sh.s, true)) {
       const Flat f = make_flat(sh.H, sh.W, sh.k, sh.s, sh.p, Simd<A>::L);
       at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
         flat_forward(xp, sB, sC, sH, sW, sh.C, f, w, bias, y, act, residual, begin, end);
@@ -1099,11 +1110,21 @@ void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Sh
   ConvArgs a{off.data(), geo.rowlen, sh.Ho, sh.Wo, ldo, sh.p, sh.p + sh.H, sh.k, sh.s, 1};
   const int64_t kk = static_cast<int64_t>(sh.k) * sh.k;
   at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(geo.size), acc(round_up(sh.Ho, 8) * ldo);
+    std::vector<A> buf(geo.size), acc(round_up(sh.Ho, 8) * ldo), z(pro.sp ? sh.H * sh.W : 0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / sh.C, c = plane % sh.C;
       if (plane + 1 < end) prefetch_plane(xp + ((plane + 1) / sh.C) * sB + ((plane + 1) % sh.C) * sC, sH, sW, sh.H, sh.W);
-      pack_plane<T, A>(xp + b * sB + c * sC, sH, sW, sh.H, sh.W, buf.data(), geo, sh.p, 1);
+      if (pro.sp != nullptr) {
+        const A cc = pro.c[b * sh.C + c];
+        const A* spp = pro.sp + (b * pro.G + c / (sh.C / pro.G)) * sh.H * sh.W;
+        const T* xc = xp + b * sB + c * sC;
+        for (int64_t i = 0; i < sh.H; ++i)
+          for (int64_t j = 0; j < sh.W; ++j)
+            z[i * sh.W + j] = static_cast<A>(xc[i * sH + j * sW]) + cc * spp[i * sh.W + j];
+        pack_plane<A, A>(z.data(), sh.W, 1, sh.H, sh.W, buf.data(), geo, sh.p, 1);
+      } else {
+        pack_plane<T, A>(xp + b * sB + c * sC, sH, sW, sh.H, sh.W, buf.data(), geo, sh.p, 1);
+      }
       conv_plane_dispatch(buf.data(), w + c * kk, bias ? bias[c] : A(0), acc.data(), a);
       if (act != kNone) activate(acc.data(), sh.Ho * ldo, act);
       T* yp = y + plane * sh.Ho * sh.Wo;
@@ -1146,6 +1167,33 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::opt
     if (bias.has_value()) ba = to_acc<A>(*bias);
     forward_impl<scalar_t, A>(x, wa.const_data_ptr<A>(), bias.has_value() ? ba.const_data_ptr<A>() : nullptr,
                               y.mutable_data_ptr<scalar_t>(), sh, static_cast<int>(activation), residual);
+  });
+  return y;
+}
+
+at::Tensor gc_forward(const at::Tensor& x, const at::Tensor& sp, const at::Tensor& c, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, int64_t stride, int64_t padding, int64_t activation) {
+  const char* op = "_dwconv2d_gc_forward";
+  check_args(op, x, weight, bias, stride, padding, activation, false);
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors");
+  const Shape sh = make_shape(x, weight, stride, padding);
+  TORCH_CHECK(sp.dim() == 4 && sp.size(0) == sh.B && sp.size(2) == sh.H && sp.size(3) == sh.W && sp.size(1) >= 1 &&
+                  sh.C % sp.size(1) == 0,
+              op, ": sp must be (B, G, H, W) with G dividing C");
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == sh.B && c.size(1) == sh.C, op, ": c must be (B, C)");
+  at::Tensor y = at::empty({sh.B, sh.C, sh.Ho, sh.Wo}, x.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv2d_gc_fwd", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor wa = to_acc<A>(weight), spa = to_acc<A>(sp), ca = to_acc<A>(c);
+    at::Tensor ba;
+    if (bias.has_value()) ba = to_acc<A>(*bias);
+    Prologue<A> pro;
+    pro.sp = spa.const_data_ptr<A>();
+    pro.c = ca.const_data_ptr<A>();
+    pro.G = sp.size(1);
+    forward_impl<scalar_t, A>(x, wa.const_data_ptr<A>(), bias.has_value() ? ba.const_data_ptr<A>() : nullptr,
+                              y.mutable_data_ptr<scalar_t>(), sh, static_cast<int>(activation), false, pro);
   });
   return y;
 }
@@ -1312,6 +1360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
 
 TORCH_LIBRARY_IMPL(fastvit_ops, CPU, m) {
   m.impl("_dwconv2d_forward", &forward);
+  m.impl("_dwconv2d_gc_forward", &gc_forward);
   m.impl("_dwconv2d_backward", &backward);
 }
 

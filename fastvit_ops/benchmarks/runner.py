@@ -98,6 +98,9 @@ def run_checks(device, ops: Optional[Sequence[str]] = None, progress=None) -> Li
 def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_seconds: float = 2.0) -> List[Dict]:
     """Time eager / torch.compile(eager) / fused for the forward and, if any, forward+backward
     (whose row also holds ``eager_peak_mib`` / ``fused_peak_mib``: the step's peak memory)."""
+    # Fresh dynamo caches per case: cases of one op share their eager functions' code objects, and
+    # past the recompile limit torch.compile silently falls back to eager.
+    torch._dynamo.reset()
     inputs = case.make_inputs()
     eager_out = case.eager(*inputs)
     fused_out = case.fused(*inputs)

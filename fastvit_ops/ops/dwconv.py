@@ -272,6 +272,38 @@ def _check_int_pair(name: str, value, allowed=None) -> int:
     return value
 
 
+def check_args(x, weight, bias, stride, padding, activation, residual) -> Tuple[int, int]:
+    """Validate :func:`dwconv2d`'s arguments (raising as its docstring says); (stride, padding)."""
+    check_tensor("x", x, ndim=4)
+    check_tensor("weight", weight)
+    check_like("weight", weight, "x", x, shape=False)
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight: expected shape (C, 1, k, k) with C = {C} (x.shape[1]), got {tuple(weight.shape)}")
+    k = weight.shape[-1]
+    if k % 2 == 0 or not 1 <= k <= MAX_KERNEL:
+        raise ValueError(f"weight: kernel size must be odd and in [1, {MAX_KERNEL}], got {k}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        check_like("bias", bias, "x", x, shape=False)
+        if tuple(bias.shape) != (C,):
+            raise ValueError(f"bias: expected shape ({C},), got {tuple(bias.shape)}")
+    stride = _check_int_pair("stride", stride, (1, 2))
+    padding = k // 2 if padding is None else _check_int_pair("padding", padding)
+    if not 0 <= padding < k:
+        raise ValueError(f"padding: expected 0 <= padding < k = {k}, got {padding}")
+    check_choice("activation", activation, ACTIVATIONS)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
+    if residual and (stride != 1 or padding != k // 2):
+        raise ValueError(f"residual: needs stride 1 and padding k // 2 = {k // 2} (output the size of x), "
+                         f"got stride {stride}, padding {padding}")
+    H, W = x.shape[2], x.shape[3]
+    if H < 1 or W < 1 or H + 2 * padding < k or W + 2 * padding < k:
+        raise ValueError(f"x: spatial size {(H, W)} with padding {padding} is smaller than the kernel ({k}, {k})")
+    return stride, padding
+
+
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
              padding: Optional[int] = None, activation: Optional[str] = None, residual: bool = False) -> Tensor:
     """Depthwise 2-D convolution with a fused epilogue (SPEC §1.1).
@@ -310,33 +342,7 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
             activation, residual with stride 2 or non-"same" padding.
         RuntimeError: the backend requested with ``fastvit_ops.backend`` cannot run here.
     """
-    check_tensor("x", x, ndim=4)
-    check_tensor("weight", weight)
-    check_like("weight", weight, "x", x, shape=False)
-    C = x.shape[1]
-    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight: expected shape (C, 1, k, k) with C = {C} (x.shape[1]), got {tuple(weight.shape)}")
-    k = weight.shape[-1]
-    if k % 2 == 0 or not 1 <= k <= MAX_KERNEL:
-        raise ValueError(f"weight: kernel size must be odd and in [1, {MAX_KERNEL}], got {k}")
-    if bias is not None:
-        check_tensor("bias", bias)
-        check_like("bias", bias, "x", x, shape=False)
-        if tuple(bias.shape) != (C,):
-            raise ValueError(f"bias: expected shape ({C},), got {tuple(bias.shape)}")
-    stride = _check_int_pair("stride", stride, (1, 2))
-    padding = k // 2 if padding is None else _check_int_pair("padding", padding)
-    if not 0 <= padding < k:
-        raise ValueError(f"padding: expected 0 <= padding < k = {k}, got {padding}")
-    check_choice("activation", activation, ACTIVATIONS)
-    if not isinstance(residual, bool):
-        raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
-    if residual and (stride != 1 or padding != k // 2):
-        raise ValueError(f"residual: needs stride 1 and padding k // 2 = {k // 2} (output the size of x), "
-                         f"got stride {stride}, padding {padding}")
-    H, W = x.shape[2], x.shape[3]
-    if H < 1 or W < 1 or H + 2 * padding < k or W + 2 * padding < k:
-        raise ValueError(f"x: spatial size {(H, W)} with padding {padding} is smaller than the kernel ({k}, {k})")
+    stride, padding = check_args(x, weight, bias, stride, padding, activation, residual)
     return _op(x, weight, bias, stride, padding, _ACT_ID[activation], residual, dispatch.get_backend())
 
 
