@@ -11,7 +11,7 @@ depthwise conv's dgrad/wgrad kernels, then ``dS'[γ] = Σ_{e∈γ} dz·c`` and `
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
