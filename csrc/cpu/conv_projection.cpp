@@ -22,54 +22,57 @@ struct Geo {
   int64_t h, w, C, k, p;
 };
 
-// One output pixel of one (NOUT = 1) or two (NOUT = 2: k and v share every input load) depthwise
-// convs: o[c] = bias[c] + Σ_{valid taps} wT[tap, c]·x[y + dy − p, xc + dx − p, c]. Channels go in
-// blocks of 64 whose accumulators stay in registers across the taps (4 AVX-512 vectors per
-// output); taps that only see padding are skipped by the caller's [dy0, dy1) × [dx0, dx1).
-#define QKV_PIXEL(NAME, T, NOUT, ATTR)                                                             \
-  ATTR void NAME(const T* __restrict x, int64_t w, int64_t C, int64_t k, int64_t ybase,          \
-                 int64_t xbase, int64_t dy0, int64_t dy1, int64_t dx0, int64_t dx1,               \
-                 const T* __restrict wT, const T* __restrict bias, T* __restrict out,             \
-                 const T* __restrict wT2, const T* __restrict bias2, T* __restrict out2) {        \
-    constexpr int64_t CB = 64;                                                                     \
-    for (int64_t c0 = 0; c0 < C; c0 += CB) {                                                       \
-      const int64_t n = C - c0 < CB ? C - c0 : CB;                                                 \
-      T a[CB], b[CB];                                                                              \
-      if (n == CB) {                                                                               \
-        for (int64_t c = 0; c < CB; ++c) a[c] = bias[c0 + c];                                     \
-        if (NOUT == 2)                                                                             \
-          for (int64_t c = 0; c < CB; ++c) b[c] = bias2[c0 + c];                                  \
-        for (int64_t dy = dy0; dy < dy1; ++dy)                                                     \
-          for (int64_t dx = dx0; dx < dx1; ++dx) {                                                 \
-            const T* s = x + ((ybase + dy) * w + xbase + dx) * C + c0;                             \
-            const int64_t tap = (dy * k + dx) * C + c0;                                            \
-            for (int64_t c = 0; c < CB; ++c) a[c] += wT[tap + c] * s[c];                          \
-            if (NOUT == 2)                                                                         \
-              for (int64_t c = 0; c < CB; ++c) b[c] += wT2[tap + c] * s[c];                       \
-          }                                                                                        \
-      } else {                                                                                     \
-        for (int64_t c = 0; c < n; ++c) a[c] = bias[c0 + c];                                      \
-        if (NOUT == 2)                                                                             \
-          for (int64_t c = 0; c < n; ++c) b[c] = bias2[c0 + c];                                   \
-        for (int64_t dy = dy0; dy < dy1; ++dy)                                                     \
-          for (int64_t dx = dx0; dx < dx1; ++dx) {                                                 \
-            const T* s = x + ((ybase + dy) * w + xbase + dx) * C + c0;                             \
-            const int64_t tap = (dy * k + dx) * C + c0;                                            \
-            for (int64_t c = 0; c < n; ++c) a[c] += wT[tap + c] * s[c];                           \
-            if (NOUT == 2)                                                                         \
-              for (int64_t c = 0; c < n; ++c) b[c] += wT2[tap + c] * s[c];                        \
-          }                                                                                        \
-      }                                                                                            \
-      for (int64_t c = 0; c < n; ++c) out[c0 + c] = a[c];                                         \
-      if (NOUT == 2)                                                                               \
-        for (int64_t c = 0; c < n; ++c) out2[c0 + c] = b[c];                                      \
-    }                                                                                              \
+// Channels c0 … c0 + n − 1 of one output pixel of one (NOUT = 1) or two (NOUT = 2: k and v share
+// every input load) depthwise convs: o[c] = bias[c] + Σ_{valid taps} wT[tap, c]·x[y + dy − p,
+// xc + dx − p, c]; taps that only see padding are skipped by the caller's [dy0, dy1) × [dx0, dx1).
+// Inlined with n = 64 (a compile-time trip count: the accumulators stay in registers across the
+// taps, 4 AVX-512 vectors per output) and once more for the channel tail.
+template <typename T, int NOUT>
+inline __attribute__((always_inline)) void pixel_block(
+    const T* __restrict x, int64_t w, int64_t C, int64_t k, int64_t ybase, int64_t xbase, int64_t dy0,
+    int64_t dy1, int64_t dx0, int64_t dx1, const T* __restrict wT, const T* __restrict bias, T* __restrict out,
+    const T* __restrict wT2, const T* __restrict bias2, T* __restrict out2, int64_t c0, int64_t n) {
+  T a[64], b[64];
+  for (int64_t c = 0; c < n; ++c) a[c] = bias[c0 + c];
+  if (NOUT == 2)
+    for (int64_t c = 0; c < n; ++c) b[c] = bias2[c0 + c];
+  for (int64_t dy = dy0; dy < dy1; ++dy)
+    for (int64_t dx = dx0; dx < dx1; ++dx) {
+      const T* s = x + ((ybase + dy) * w + xbase + dx) * C + c0;
+      const int64_t tap = (dy * k + dx) * C + c0;
+      for (int64_t c = 0; c < n; ++c) a[c] += wT[tap + c] * s[c];
+      if (NOUT == 2)
+        for (int64_t c = 0; c < n; ++c) b[c] += wT2[tap + c] * s[c];
+    }
+  for (int64_t c = 0; c < n; ++c) out[c0 + c] = a[c];
+  if (NOUT == 2)
+    for (int64_t c = 0; c < n; ++c) out2[c0 + c] = b[c];
+}
+
+template <typename T, int NOUT>
+inline __attribute__((always_inline)) void pixel_body(
+    const T* x, int64_t w, int64_t C, int64_t k, int64_t yb, int64_t xb, int64_t dy0, int64_t dy1, int64_t dx0,
+    int64_t dx1, const T* wT, const T* bias, T* out, const T* wT2, const T* bias2, T* out2) {
+  constexpr int64_t CB = 64;
+  int64_t c0 = 0;
+  for (; c0 + CB <= C; c0 += CB)
+    pixel_block<T, NOUT>(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2, c0, CB);
+  if (c0 < C)
+    pixel_block<T, NOUT>(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2, c0, C - c0);
+}
+
+#define QKV_PIXEL(NAME, T, NOUT, ATTR)                                                                      \
+  ATTR void NAME(const T* x, int64_t w, int64_t C, int64_t k, int64_t yb, int64_t xb, int64_t dy0,       \
+                 int64_t dy1, int64_t dx0, int64_t dx1, const T* wT, const T* bias, T* out, const T* wT2, \
+                 const T* bias2, T* out2) {                                                               \
+    pixel_body<T, NOUT>(x, w, C, k, yb, xb, dy0, dy1, dx0, dx1, wT, bias, out, wT2, bias2, out2);          \
   }
 
 QKV_PIXEL(pixel1_f32, float, 1, FASTVIT_VEC_CLONES)
 QKV_PIXEL(pixel2_f32, float, 2, FASTVIT_VEC_CLONES)
 QKV_PIXEL(pixel1_f64, double, 1, )
 QKV_PIXEL(pixel2_f64, double, 2, )
+#undef QKV_PIXEL
 
 inline void pixel(const float* x, int64_t w, int64_t C, int64_t k, int64_t yb, int64_t xb, int64_t dy0,
                   int64_t dy1, int64_t dx0, int64_t dx1, const float* wT, const float* bias, float* out,
