@@ -5,7 +5,8 @@ are (B, h, N, d)-indexed with arbitrary strides (channels-first maps, CvT tokens
 k, v, dk, dv (B, h, M, d) likewise. One program owns a tile of queries and loops over K/V tiles
 (online softmax in fp32, exp2 with scale·log2(e) folded into (q·k − max)), so M is unbounded and
 d is masked up to the next power of two (16, 20, 24, 40, ... need no padding in memory).
-The backward recomputes P from the saved base-2 row max and log-sum and the pre-gate O from P, writes dq
+The backward recomputes P from the saved base-2 row max and log-sum (and, with a gate, the
+pre-gate O from P), writes dq
 directly and per-program fp32 partials of dk, dv (summed afterwards: deterministic, no atomics).
 """
 import torch
@@ -75,6 +76,22 @@ def _attn_fwd_kernel(Q, K, V, G, O, LSE,
 
 
 @triton.jit
+def _kv_tile_probs(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d, mask_d, mask_n, row_max,
+                   row_log, qk_scale, IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The backward's view of key tile ``start``: (offs_m, mask_kv, k, v, P), P recomputed from
+    the forward's saved base-2 row max and log-sum (0 outside the valid queries and keys)."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_kv = mask_m[:, None] & mask_d[None, :]
+    k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
+    v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
+    s = _mm(q, tl.trans(k), IEEE).to(ACC)
+    p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
+    p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
+    return offs_m, mask_kv, k, v, p
+
+
+@triton.jit
 def _attn_bwd_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
                      sdb, sdh, sdn, sdd, sqb, sqh, sqn, sqd, skb, skh, skm, skd,
                      svb, svh, svm, svd, sgb, sgh, sgn, sgd,
@@ -106,14 +123,9 @@ def _attn_bwd_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
             # Pass 1: the pre-gate output O, which the gate derivative needs.
             o = tl.zeros((BLOCK_N, BLOCK_D), ACC)
             for start in range(0, M, BLOCK_M):
-                offs_m = start + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < M
-                mask_kv = mask_m[:, None] & mask_d[None, :]
-                k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-                v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-                s = _mm(q, tl.trans(k), IEEE).to(ACC)
-                p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
-                p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
+                offs_m, mask_kv, k, v, p = _kv_tile_probs(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d,
+                                                          mask_d, mask_n, row_max, row_log, qk_scale,
+                                                          IEEE, ACC, BLOCK_M)
                 o += _mm(p.to(v.dtype), v, IEEE).to(ACC)
             g = tl.load(G + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd,
                         mask=mask_q, other=0.0).to(ACC)
@@ -129,27 +141,17 @@ def _attn_bwd_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
         delta = tl.zeros((BLOCK_N,), ACC)
         if not SINGLE_M:
             for start in range(0, M, BLOCK_M):
-                offs_m = start + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < M
-                mask_kv = mask_m[:, None] & mask_d[None, :]
-                k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-                v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-                s = _mm(q, tl.trans(k), IEEE).to(ACC)
-                p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
-                p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
+                offs_m, mask_kv, k, v, p = _kv_tile_probs(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d,
+                                                          mask_d, mask_n, row_max, row_log, qk_scale,
+                                                          IEEE, ACC, BLOCK_M)
                 dp = _mm(do_in, tl.trans(v), IEEE).to(ACC)
                 delta += tl.sum(p * dp, 1)
         dq = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         # Pass 2: dS = P ⊙ (dO Vᵀ − D); dq += dS K; this tile's dK += dSᵀ Q, dV += Pᵀ dO.
         for start in range(0, M, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            mask_kv = mask_m[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-            v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-            s = _mm(q, tl.trans(k), IEEE).to(ACC)
-            p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
-            p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
+            offs_m, mask_kv, k, v, p = _kv_tile_probs(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d,
+                                                      mask_d, mask_n, row_max, row_log, qk_scale,
+                                                      IEEE, ACC, BLOCK_M)
             dp = _mm(do_in, tl.trans(v), IEEE).to(ACC)
             if SINGLE_M:
                 delta = tl.sum(p * dp, 1)
