@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.context_dwconv import context_dwconv2d
 from ..ops.dwconv import dwconv2d
-from ..ops.global_context import _global_context, token_global_similarity
+from ..ops.global_context import _global_context, _mlp, token_global_similarity
 from ..reference import common as ref_common
 from ..reference import fcvit as ref
 from ._amp import autocast_like_conv
@@ -47,11 +46,8 @@ def _context_depthwise(gc, dw, x: Tensor) -> Tensor:
         return _depthwise(dw, _add_context(gc, x))
     x, w, b = autocast_like_conv(x, dw.weight, dw.bias)
     sp = token_global_similarity(x, gc.rescale_weight, gc.rescale_bias, gc.groups, gc.eps)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    g = x.mean(dim=(2, 3), dtype=acc)
-    u = F.linear(g, gc.fc1.weight.to(acc), gc.fc1.bias.to(acc))
-    h = gc.fc2.weight.shape[1]
-    c = F.linear(torch.maximum(u[:, :h], u[:, h:]), gc.fc2.weight.to(acc), gc.fc2.bias.to(acc))
+    g = x.mean(dim=(2, 3), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    c = _mlp(g, gc.fc1.weight, gc.fc1.bias, gc.fc2.weight, gc.fc2.bias)[0]
     return context_dwconv2d(x, sp, c, w, b, dw.stride[0], dw.padding[0])
 
 
