@@ -11,7 +11,7 @@ from ..numerics import error_rule
 from ..ops.dispatch import backend, backend_available
 from . import Case, load, op_names
 from .models import peak_memory_mib
-from .timing import forward_backward_fn, forward_fn, max_error, median_ms
+from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error, median_ms
 
 def environment(device) -> Dict[str, str]:
     """Versions and device, recorded with every result."""
@@ -109,10 +109,10 @@ def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_se
     rows = []
     passes = [("fwd", forward_fn)] + ([("fwd+bwd", forward_backward_fn)] if case.backward else [])
     for label, make in passes:
-        t = {"eager": median_ms(make(case.eager, inputs), device, reps=reps, max_seconds=max_seconds),
-             "fused": median_ms(make(case.fused, inputs), device, reps=reps, max_seconds=max_seconds)}
+        fns = {"eager": make(case.eager, inputs), "fused": make(case.fused, inputs)}
         if compiled is not None:
-            t["compile"] = median_ms(make(compiled, inputs), device, warmup=2, reps=reps, max_seconds=max_seconds)
+            fns["compile"] = make(compiled, inputs)
+        t = interleaved_median_ms(fns, device, reps=reps, max_seconds=3 * max_seconds)
         row = {"op": case.op, "shape": case.shape, "pass": label, "eager_ms": t["eager"],
                "compile_ms": t.get("compile"), "fused_ms": t["fused"],
                "speedup_vs_eager": t["eager"] / t["fused"],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -33,6 +33,33 @@ def median_ms(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
         if i >= 2 and time.perf_counter() - start > max_seconds:
             break
     return statistics.median(times)
+
+
+def interleaved_median_ms(fns: Dict[str, Callable[[], object]], device, warmup: int = 3, reps: int = 20,
+                          max_seconds: float = 6.0) -> Dict[str, float]:
+    """Median wall time (ms) of each ``fns[name]()``, timed in interleaved rounds.
+
+    Every round times one call of each function in turn, so a slow spell of a shared or
+    frequency-scaling machine lands on all of them alike instead of on whichever was being
+    timed (one after the other, ratios on the 2-core CI VM moved by ±40% between runs). Runs
+    ``warmup`` calls of each first, then up to ``reps`` rounds, stopping once ``max_seconds``
+    have passed (at least 3 rounds).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: Dict[str, list] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for i in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def forward_fn(f: Callable, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:

@@ -250,6 +250,32 @@ def test_eager_cpu_fast_path_matches_custom_op(B, C, H, W, G, residual):
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("B,C,H,W,G,mlp", [(3, 24, 11, 6, 6, True), (2, 8, 3, 5, 4, False), (4, 16, 1, 1, 8, True)])
+def test_cpu_per_sample_and_per_group_paths_agree(dtype, B, C, H, W, G, mlp):
+    """The C++ op runs one task per sample when the batch covers the threads and one per (sample,
+    group) otherwise; both use the same row functions in the same order, so forward and every
+    gradient must be bitwise equal (thread counts force each path)."""
+    gc = make_gc(C, G, dtype=dtype)
+    ps = params(gc) if mlp else [None] * 4 + params(gc)[4:]
+    x = torch.randn(B, C, H, W, dtype=dtype) * 2 + 0.3
+    dy = torch.randn(B, C, H, W, dtype=dtype) if mlp else torch.randn(B, G, H, W, dtype=dtype)
+    ops = torch.ops.fastvit_ops
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, B + 1):  # B ≥ 1 thread: per sample; B < B + 1 threads: per (sample, group)
+            torch.set_num_threads(n)
+            out, g, st = ops._gc_forward_full(x, *ps, G, 1e-5, mlp)
+            grads = ops._gc_backward_full(dy, x, g, st, *ps, G, 1e-5, mlp)
+            results.append([out, g, st] + [t for t in grads if t.numel()])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
 def test_eager_cpu_fast_path_refuses_double_backward():
     gc = make_gc(16)
     x = torch.randn(2, 16, 4, 3, dtype=torch.float64, requires_grad=True)
