@@ -147,7 +147,8 @@ BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "tri
 CPU_FORWARD = {"cpu": lambda *a: FORWARD["cpu"](*a), "onednn": _onednn_fwd}
 _cpu_choice: Dict[tuple, str] = {}
 _TUNE_MAX_KERNEL = 11
-_TUNE_ROUNDS = 5
+_TUNE_WARMUP = 3   # oneDNN's first calls after building its primitive run slower
+_TUNE_ROUNDS = 9
 
 
 def _tuning_enabled() -> bool:
@@ -168,8 +169,9 @@ def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     """``"cpu"`` (our kernel) or ``"onednn"``: the faster CPU forward for this call signature.
 
     Measured on first use and cached per (shape, layout, dtype, kernel, stride, padding, epilogue,
-    bias, thread count): both forwards are warmed up (oneDNN's first call builds its primitive),
-    then timed alternately, and the smaller minimum wins. Kernels above 11 always take ours
+    bias, thread count): both forwards are warmed up (oneDNN's first call builds its primitive and
+    the next few still run slow), then timed alternately over 9 rounds, and the smaller minimum
+    wins (with 5 rounds and one warm-up call it kept the slower kernel at 2 of 11 FAT-B0 shapes). Kernels above 11 always take ours
     (measured 13-38x faster there; timing oneDNN would cost seconds at k = 31).
     """
     if not _tuning_enabled():
@@ -187,7 +189,9 @@ def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
             except RuntimeError:  # a dtype/layout PyTorch's CPU conv does not take
                 ours = None
             if ours is not None:
-                ours(*args)
+                for _ in range(_TUNE_WARMUP):
+                    ours(*args)
+                    _onednn_fwd(*args)
                 t_ours = t_onednn = float("inf")
                 for _ in range(_TUNE_ROUNDS):
                     t_ours = min(t_ours, _time_ms(ours, args, 1))
