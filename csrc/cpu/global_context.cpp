@@ -1,6 +1,8 @@
 // FCViT grouped token-global similarity with normalization on CPU (SPEC §1.2), the kernels behind
-// fastvit_ops/ops/global_context.py (which holds the derivation). at::parallel_for over
-// (sample, group) tasks so every group's d rows stay in cache while they are reused; fp32 math
+// fastvit_ops/ops/global_context.py (which holds the derivation). The whole op (forward, and
+// backward) runs as one task per sample when the batch covers the threads (a sample's slab stays
+// in cache across its passes, one parallel region), else as (sample, group) tasks with the
+// per-sample steps between regions; both call the same row functions in the same order. fp32 math
 // (fp64 for fp64) in loops GCC vectorizes (vec_math.h clones; `omp simd` lets it reorder the
 // float reductions); half/bf16 rows are staged to fp32 one row at a time.
 //
