@@ -61,12 +61,6 @@ namespace {
   ATTR void axpy(A* __restrict d, const A* __restrict x, A w, int64_t n) {                         \
     for (int64_t i = 0; i < n; ++i) d[i] += w * x[i];                                              \
   }                                                                                                \
-  ATTR A dot(const A* __restrict a, const A* __restrict b, int64_t n) {                            \
-    A s = 0;                                                                                       \
-    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];        \
-    return s;                                                                                      \
-  }                                                                                                \
-  /* per channel: Σ dS'·(x−g), Σ Ŝ·(x−g), and (with dy) Σ dy·Ŝ, Σ dy */                            \
   ATTR void channel_dots(const A* __restrict x, A m, const A* __restrict dsp,                      \
                          const A* __restrict shat, const A* __restrict dy, int64_t n, A* out) {    \
     A a = 0, b = 0, c = 0, e = 0;                                                                  \
@@ -508,23 +502,45 @@ at::Tensor gc_backward_apply(const at::Tensor& x_, const std::optional<at::Tenso
 // cost more in dispatch than the arithmetic (half the backward at the 7×7 and 14×14 stages).
 // Fixed summation order: deterministic.
 struct Mlp {
-  at::Tensor w1, b1, w2, b2, u, m, c;  // weights in the accumulation dtype; u (B, 2h), m (B, h), c (B, C)
+  at::Tensor w1, b1, w2, b2;           // weights in the accumulation dtype (for the backward)
+  at::Tensor u, m, c;                  // u (B, 2h), m (B, h), c (B, C) in the accumulation dtype
   int64_t h = 0;
 };
 
+// The forward accumulates in double from the fp32 (or fp64) g and weights: a product of two fp32
+// values is exact in double, so u, m, c carry ~1e-16 relative error before their final rounding.
+// Accumulated in fp32 (a dot product per output, or an FMA chain) it measured 2–3× torch's own
+// error at FCViT's large-mean inputs, where c cancels (terms ~10³, c ~ 1): beyond the 2× rule.
+template <typename X, typename Y>
+inline __attribute__((always_inline)) double dot_wide(const X* __restrict a, const Y* __restrict b, int64_t n) {
+  double s = 0;
+  _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return s;
+}
+FASTVIT_VEC_CLONES double dot_ff(const float* a, const float* b, int64_t n) { return dot_wide(a, b, n); }
+FASTVIT_VEC_CLONES double dot_fd(const float* a, const double* b, int64_t n) { return dot_wide(a, b, n); }
+FASTVIT_VEC_CLONES double dot_dd(const double* a, const double* b, int64_t n) { return dot_wide(a, b, n); }
+inline double dot_acc(const float* a, const float* b, int64_t n) { return dot_ff(a, b, n); }
+inline double dot_acc(const float* a, const double* b, int64_t n) { return dot_fd(a, b, n); }
+inline double dot_acc(const double* a, const double* b, int64_t n) { return dot_dd(a, b, n); }
+
 template <typename A>
-void mlp_forward_loops(const A* g, const A* w1, const A* b1, const A* w2, const A* b2, int64_t B,
-                       int64_t C, int64_t h, A* u, A* m, A* c) {
+void mlp_forward_loops(const A* g, const A* w1, const A* b1, const A* w2, const A* b2, int64_t B, int64_t C,
+                       int64_t h, A* u, A* m, A* c) {
+  std::vector<double> ud(2 * h), md(h);
   for (int64_t b = 0; b < B; ++b) {
     const A* gb = g + b * C;
-    A* ub = u + b * 2 * h;
-    A* mb = m + b * h;
-    for (int64_t j = 0; j < 2 * h; ++j) ub[j] = b1[j] + dot(w1 + j * C, gb, C);
-    for (int64_t j = 0; j < h; ++j) {
-      const A p = ub[j], q = ub[h + j];
-      mb[j] = (p > q || p != p) ? p : q;  // torch.maximum: NaN propagates
+    for (int64_t j = 0; j < 2 * h; ++j) {
+      ud[j] = static_cast<double>(b1[j]) + dot_acc(w1 + j * C, gb, C);
+      u[b * 2 * h + j] = static_cast<A>(ud[j]);
     }
-    for (int64_t i = 0; i < C; ++i) c[b * C + i] = b2[i] + dot(w2 + i * h, mb, h);
+    for (int64_t j = 0; j < h; ++j) {
+      const double p = ud[j], q = ud[h + j];
+      md[j] = (p > q || p != p) ? p : q;  // torch.maximum: NaN propagates
+      m[b * h + j] = static_cast<A>(md[j]);
+    }
+    for (int64_t i = 0; i < C; ++i)
+      c[b * C + i] = static_cast<A>(static_cast<double>(b2[i]) + dot_acc(w2 + i * h, md.data(), h));
   }
 }
 

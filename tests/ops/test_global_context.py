@@ -1,5 +1,6 @@
 """token_global_similarity / global_context (SPEC §1.2) on every backend that runs here, against
 the reference layer (fastvit_ops.reference.fcvit.GlobalContext) and float64."""
+import copy
 import types
 
 import pytest
@@ -188,7 +189,10 @@ def test_constant_input_sigma_zero(backend, dtype):
         assert torch.isfinite(out).all()
         beta = gc.rescale_bias.detach().view(1, 8, 1, 1).expand(2, 8, 5, 3)
         torch.testing.assert_close(s, beta.to(dtype), rtol=0, atol=0)  # exactly β
-        torch.testing.assert_close(out, ref)
+        # out = β·c: at x = 1000 the MLP's c cancels (terms ~10³, c ~ 1), so fp32 roundings of the
+        # same sums differ by ~1e-5 relative between torch's addmm and ours; judged by the rule.
+        exact = copy.deepcopy(gc).double()(x.detach().double())
+        assert_error_rule("out", out, ref, exact)
         dy = torch.randn_like(ref)
         got = torch.autograd.grad(out, [x] + params(gc), dy)
         want = torch.autograd.grad(ref, [x] + params(gc), dy)
