@@ -163,6 +163,38 @@ def test_small_planes_float32_model_shapes(act, residual):
                                        msg=f"{name} {label}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("path_max", ["100000", "0"], ids=["channel-blocked", "per-plane"])
+def test_channel_blocked_forward_float32(monkeypatch, path_max, channels_last):
+    """The fp32 forward with C a multiple of 16 on small planes (and at stride 2) runs the
+    channel-blocked kernel (16 channels per vector, 16×16 register transposes in and out, kernel
+    rows that only see padding skipped) on AVX-512 machines; FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per
+    call) forces it on or off. Both paths against the fp64 reference: kernels larger than the
+    plane, both strides, every epilogue, 1×1 planes, plane sizes that are not multiples of 16,
+    channels_last and a strided (non-dense) input."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("FASTVIT_OPS_DWCONV_CBLOCK_MAX", path_max)
+    op = torch.ops.fastvit_ops._dwconv2d_forward
+    for (B, C, H, W) in [(2, 32, 7, 9), (1, 16, 1, 1), (2, 48, 5, 3), (1, 16, 16, 16), (1, 32, 14, 13),
+                         (1, 16, 23, 17)]:
+        for k in (1, 3, 5, 9, 11):
+            for stride, act, residual in [(1, 0, False), (1, 1, False), (1, 2, True), (2, 0, False), (2, 2, False)]:
+                p = k // 2
+                if H + 2 * p < k or W + 2 * p < k:
+                    continue
+                x = torch.randn(B, C, H, W) * 2
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                elif k == 5:
+                    x = torch.randn(B, C, H, W + 3)[..., 1:W + 1] * 2  # rows not contiguous with each other
+                w, b = torch.randn(C, 1, k, k) / k, torch.randn(C)
+                y = op(x, w, b, stride, p, act, residual)
+                ref = dw._reference_fwd(x.double(), w.double(), b.double(), stride, p, act, residual)
+                torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5,
+                                           msg=f"{(B, C, H, W)} k={k} s={stride} act={act} res={residual}")
+
+
 def test_small_planes_strided_grad_and_partial_backward():
     """The raw backward with a non-contiguous dy, and dx-only / dw-only calls, on small planes."""
     if not backend_ok("cpu"):
