@@ -18,6 +18,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // sp (B, G, H, W), c (B, C), G dividing C, γ = channel / (C / G); z is never written.
   m.def("_dwconv2d_gc_forward(Tensor x, Tensor sp, Tensor c, Tensor weight, Tensor? bias, int stride, int padding, int activation) -> Tensor");
   m.def("_dwconv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor)");
+  // Eager CPU fast path: the forward (ours, or oneDNN's conv + epilogue when onednn) under a C++
+  // autograd node whose backward is _dwconv2d_backward (no Python custom-op overhead per call).
+  m.def("_dwconv2d_autograd(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual, bool onednn) -> Tensor");
   // -- global context schemas below --
   // FCViT global context (SPEC §1.2), see fastvit_ops/ops/global_context.py. x (B,C,H,W); g, c
   // (B,C), alpha, beta (G,), stats (B,2) = (mean, std) in the accumulation dtype (fp32; fp64 for

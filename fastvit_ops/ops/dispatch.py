@@ -96,3 +96,21 @@ def resolve(op: str, requested: str, device: torch.device, impls: Dict[str, Call
         if name in impls and backend_available(name, device)[0]:
             return name, impls[name]
     return "reference", impls["reference"]
+
+
+def eager_cpu(x: torch.Tensor, backend: str, params) -> bool:
+    """Whether a call may take an op's C++ autograd fast path (a ``torch::autograd::Function``
+    registered for AutogradCPU) instead of its Python custom op: the cpu backend is requested or
+    picked by ``auto``, ``x`` is a plain contiguous CPU tensor, and no compiler, functorch
+    transform, dispatch mode or tensor subclass is involved (those keep the custom op, which is
+    what ``opcheck`` and the compiler see). Same kernels and results; the custom op's per-call
+    Python dispatch and autograd glue (tens to hundreds of µs) are what it saves."""
+    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if not x.is_contiguous() or torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
+        return False
+    if any(p is not None and type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter for p in params):
+        return False
+    return backend_available("cpu", x.device)[0]

@@ -347,7 +347,13 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
         RuntimeError: the backend requested with ``fastvit_ops.backend`` cannot run here.
     """
     stride, padding = check_args(x, weight, bias, stride, padding, activation, residual)
-    return _op(x, weight, bias, stride, padding, _ACT_ID[activation], residual, dispatch.get_backend())
+    backend, act = dispatch.get_backend(), _ACT_ID[activation]
+    if dispatch.eager_cpu(x, backend, (weight, bias)):
+        # Plain eager CPU call: the same kernels (and per-shape forward choice) under a C++
+        # autograd node, without the custom op's Python overhead.
+        onednn = backend == "auto" and cpu_forward_choice(x, weight, bias, stride, padding, act, residual) == "onednn"
+        return torch.ops.fastvit_ops._dwconv2d_autograd(x, weight, bias, stride, padding, act, residual, onednn)
+    return _op(x, weight, bias, stride, padding, act, residual, backend)
 
 
 __all__ = ["dwconv2d", "reference", "output_size", "cpu_forward_choice", "cpu_forward_choices",

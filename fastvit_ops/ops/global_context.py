@@ -396,15 +396,7 @@ torch.library.register_autograd("fastvit_ops::global_context", _gc_bwd, setup_co
 # stages). Plain eager calls only: torch.compile, fake/subclass tensors, functorch transforms
 # and dispatch modes keep the custom op (which is what opcheck and the compiler see).
 def _eager_cpu(x: Tensor, backend: str, params) -> bool:
-    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
-    if not x.is_contiguous() or torch.compiler.is_compiling():
-        return False
-    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
-        return False
-    if any(type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter for p in params):
-        return False
-    return dispatch.backend_available("cpu", x.device)[0]
+    return dispatch.eager_cpu(x, backend, params)
 
 
 # ---- public API ----------------------------------------------------------------------------------

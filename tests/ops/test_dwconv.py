@@ -416,16 +416,64 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
                 return _fn(*args)
             monkeypatch.setitem(table, name, spy)
     x, w, b = make((1, 2, 5, 5), 3)
+    # channels_last keeps the cpu backend on the custom op (the eager fast path takes NCHW only)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
         calls.clear()
         with fastvit_ops.backend(name):
-            dwconv2d(x, w, b).sum().backward()
+            dwconv2d(x_cl, w, b).sum().backward()
         assert calls == [("fwd", name), ("bwd", name)]
     if backend_ok("cpu"):
         calls.clear()
         monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "0")
-        dwconv2d(x, w, b).sum().backward()
+        dwconv2d(x_cl, w, b).sum().backward()
         assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+        # NCHW eager calls on cpu/auto: the C++ autograd node, no Python table involved
+        for name in ("cpu", "auto"):
+            calls.clear()
+            with fastvit_ops.backend(name):
+                y = dwconv2d(x, w, b)
+                assert type(y.grad_fn).__name__ == "CppFunction"
+                y.sum().backward()
+            assert calls == []
+        with fastvit_ops.backend("reference"):  # reference is never rerouted
+            assert "CppFunction" not in type(dwconv2d(x, w, b).grad_fn).__name__
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("choice", ["cpu", "onednn"])
+def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice):
+    """Plain eager NCHW CPU calls take the C++ autograd node (_dwconv2d_autograd) with the forward
+    `auto` chose (our kernel, or oneDNN + epilogue); forward and every gradient equal the custom
+    op's running the same choice, including partial gradients (x only, weight only, no bias)."""
+    monkeypatch.setattr(dw, "cpu_forward_choice", lambda *a: choice)
+    for shape, k, stride, act, residual in [((2, 16, 7, 9), 5, 1, "silu", True), ((1, 32, 14, 13), 3, 2, "gelu", False),
+                                            ((2, 3, 9, 7), 7, 1, None, False)]:
+        x, w, b = (t.detach().to(dtype) for t in make(shape, k))
+        dy = torch.randn(dw._out_shape(x, k, stride, k // 2), dtype=dtype)
+        for grads in ((True, True, True), (True, False, False), (False, True, True), (True, True, None)):
+            ins = [t.clone().requires_grad_(g) if g is not None else None for t, g in zip((x, w, b), grads)]
+            y = dwconv2d(*ins, stride, None, act, residual)
+            assert type(y.grad_fn).__name__ == "CppFunction"
+            leaves = [t for t in ins if t is not None and t.requires_grad]
+            got = torch.autograd.grad(y, leaves, dy)
+            ins2 = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in ins]
+            want_y = dw._op(*ins2, stride, k // 2, dw._ACT_ID[act], residual, "auto")
+            want = torch.autograd.grad(want_y, [t for t in ins2 if t is not None and t.requires_grad], dy)
+            torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+            for a, c in zip(got, want):
+                torch.testing.assert_close(a, c, rtol=0, atol=0)
+    with torch.inference_mode():  # below autograd: the forward alone
+        torch.testing.assert_close(dwconv2d(x, w, b, 1, None, "silu"), dw._op(x, w, b, 1, 3, 1, False, "auto"))
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+def test_eager_cpu_fast_path_refuses_double_backward():
+    x, w, b = (t.detach().requires_grad_() for t in make((1, 16, 5, 5), 3))
+    y = dwconv2d(x, w, b, 1, None, "gelu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
