@@ -14,7 +14,7 @@
 //             (deterministic, no atomics).
 // Small planes at stride 2 or k = 3 take the "flat-plane path" (AVX-512, fp32/fp64; see
 // use_flat) instead: the whole padded plane as one 1-D array, outputs of a plane in registers.
-// The fp32 forward on small planes (and at stride 2) with C a multiple of 16 takes the
+// The fp32 forward with C a multiple of 16, k ≤ 11 and planes up to 56×56 takes the
 // "channel-blocked path" (AVX-512; see use_cblock): 16 channels per vector instead of pixels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -1082,8 +1082,8 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, c
 
 #ifdef DW_HAVE_FLAT
 // ---- channel-blocked path (small planes, fp32, AVX-512) -------------------------------------------
-// On planes of at most 16×16 a row is narrower than (or about) one vector, so the per-plane paths
-// above leave lanes idle and pay their fixed cost per plane. Here the 16 lanes are 16 channels: a
+// On small planes a row is narrower than (or about) one vector, so the per-plane paths above leave
+// lanes idle and pay their fixed cost per plane. Here the 16 lanes are 16 channels: a
 // block of 16 channels is transposed (16×16 in registers) into a zero-padded (rows, cols, 16) tile
 // that stays in L1, each output pixel is Σ_taps w[tap] · tile[pixel + tap] with every lane useful,
 // kernel rows that only see padding are skipped (at 7×7 with k = 9, over 40% of the taps), and the
@@ -1146,6 +1146,46 @@ DW_T void cblock_run(const float* __restrict tile, int64_t cols, const float* __
   for (int j = 0; j < NB; ++j) *reinterpret_cast<v16f*>(out + j * 16) = acc[j];
 }
 
+// Stride 1 with a compile-time filter width K (3 to 11): the NB + K − 1 input vectors of a tile row are loaded once into registers and each feeds
+// up to K outputs, so a row costs NB + 2K − 1 loads for NB·K FMAs instead of K·(NB + 1).
+template <int NB, int K>
+DW_T void cblock_run_s1(const float* __restrict tile, int64_t cols, const float* __restrict wt, v16f bv, int64_t r0,
+                        int ky0, int ky1, int64_t ox0, float* __restrict out) {
+  v16f acc[NB];
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) acc[j] = bv;
+  for (int ky = ky0; ky < ky1; ++ky) {
+    const float* row = tile + ((r0 + ky) * cols + ox0) * 16;
+    const float* wr = wt + static_cast<int64_t>(ky) * K * 16;
+    v16f in[NB + K - 1];
+#pragma GCC unroll 20
+    for (int t = 0; t < NB + K - 1; ++t) in[t] = *reinterpret_cast<const v16f*>(row + t * 16);
+#pragma GCC unroll 11
+    for (int kx = 0; kx < K; ++kx) {
+      const v16f wv = *reinterpret_cast<const v16f*>(wr + kx * 16);
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[j] += wv * in[j + kx];
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) *reinterpret_cast<v16f*>(out + j * 16) = acc[j];
+}
+
+template <int K>
+DW_T bool cblock_row_s1(int nb, const float* tile, int64_t cols, const float* wt, v16f bv, int64_t r0, int ky0,
+                        int ky1, int64_t ox0, float* out) {
+  switch (nb) {
+#define DW_CB_S1(N)                                                      \
+  case N:                                                                \
+    cblock_run_s1<N, K>(tile, cols, wt, bv, r0, ky0, ky1, ox0, out);     \
+    return true;
+    DW_CB_S1(1) DW_CB_S1(2) DW_CB_S1(3) DW_CB_S1(4) DW_CB_S1(5) DW_CB_S1(6) DW_CB_S1(7) DW_CB_S1(8)
+#undef DW_CB_S1
+    default:
+      return false;
+  }
+}
+
 // Tasks [begin, end) of (sample, block of 16 channels). wblk: the weights as (C / 16, k·k, 16).
 __attribute__((DW_AVX512_ATTR)) void cblock_forward(const float* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW,
                                                     const Shape& sh, const float* wblk, const float* bias, float* y,
@@ -1188,6 +1228,12 @@ __attribute__((DW_AVX512_ATTR)) void cblock_forward(const float* x, int64_t sB, 
       for (int64_t ox0 = 0; ox0 < sh.Wo; ox0 += width) {
         const int nb = static_cast<int>(std::min<int64_t>(width, sh.Wo - ox0));
         float* o = out.data() + (oy * sh.Wo + ox0) * 16;
+        if (s == 1 && ((k == 3 && cblock_row_s1<3>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
+                       (k == 5 && cblock_row_s1<5>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
+                       (k == 7 && cblock_row_s1<7>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
+                       (k == 9 && cblock_row_s1<9>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
+                       (k == 11 && cblock_row_s1<11>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o))))
+          continue;
         switch (nb) {
 #define DW_CB_CASE(N)                                                              \
   case N:                                                                          \
@@ -1227,16 +1273,14 @@ std::vector<float> cblock_weights(const float* w, int64_t C, int64_t kk) {
   return wt;
 }
 
-// The channel-blocked forward runs fp32 on AVX-512 for C a multiple of 16, on planes of at most
-// 16×16 at stride 1 and 56×56 at stride 2 (measured on the 2-core Zen 4 CI machine, batch 8: 1.0–2.2×
-// the per-plane paths there; at stride 1 on 28×28 it loses at k = 11 and wins only ~10% at k ≤ 5).
-// FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per call) overrides the pixel limit for both strides; 0 turns
-// the path off.
+// The channel-blocked forward runs fp32 on AVX-512 for C a multiple of 16, k ≤ 11 and planes of at
+// most 56×56 (measured on the 2-core Zen 4 CI machine, batch 8, against the per-plane paths: 1.1–2.5×
+// from 7×7 to 56×56 at k = 3–11, both strides; 1.3–1.9× oneDNN). Larger kernels keep the per-plane
+// paths (the register-row loop is compiled for k ≤ 11). FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per call)
+// overrides the pixel limit; 0 turns the path off.
 bool use_cblock(const Shape& sh) {
-  if (!cpu_has_avx512() || sh.C % 16 != 0) return false;
-  const int64_t limit = env_int("FASTVIT_OPS_DWCONV_CBLOCK_MAX", -1);
-  if (limit >= 0) return sh.H * sh.W <= limit;
-  return sh.H * sh.W <= (sh.s == 1 ? 256 : 56 * 56);
+  if (!cpu_has_avx512() || sh.C % 16 != 0 || sh.k > 11) return false;
+  return sh.H * sh.W <= env_int("FASTVIT_OPS_DWCONV_CBLOCK_MAX", 56 * 56);
 }
 #endif  // channel-blocked path
 
