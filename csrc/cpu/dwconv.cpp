@@ -14,7 +14,7 @@
 //             (deterministic, no atomics).
 // Small planes at stride 2 or k = 3 take the "flat-plane path" (AVX-512, fp32/fp64; see
 // use_flat) instead: the whole padded plane as one 1-D array, outputs of a plane in registers.
-// The fp32 forward with C a multiple of 16, k ≤ 11 and planes up to 56×56 takes the
+// The fp32 forward with C a multiple of 16, k ≤ 13 and planes up to 56×56 takes the
 // "channel-blocked path" (AVX-512; see use_cblock): 16 channels per vector instead of pixels.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -1146,7 +1146,8 @@ DW_T void cblock_run(const float* __restrict tile, int64_t cols, const float* __
   for (int j = 0; j < NB; ++j) *reinterpret_cast<v16f*>(out + j * 16) = acc[j];
 }
 
-// Stride 1 with a compile-time filter width K (3 to 11): the NB + K − 1 input vectors of a tile row are loaded once into registers and each feeds
+// Stride 1 with a compile-time filter width K (3 to 13; NB + K − 1 inputs, NB sums and the weight
+// fit the 32 vector registers up to K = 13 at NB = 8): the NB + K − 1 input vectors of a tile row are loaded once into registers and each feeds
 // up to K outputs, so a row costs NB + 2K − 1 loads for NB·K FMAs instead of K·(NB + 1).
 template <int NB, int K>
 DW_T void cblock_run_s1(const float* __restrict tile, int64_t cols, const float* __restrict wt, v16f bv, int64_t r0,
@@ -1160,7 +1161,7 @@ DW_T void cblock_run_s1(const float* __restrict tile, int64_t cols, const float*
     v16f in[NB + K - 1];
 #pragma GCC unroll 20
     for (int t = 0; t < NB + K - 1; ++t) in[t] = *reinterpret_cast<const v16f*>(row + t * 16);
-#pragma GCC unroll 11
+#pragma GCC unroll 13
     for (int kx = 0; kx < K; ++kx) {
       const v16f wv = *reinterpret_cast<const v16f*>(wr + kx * 16);
 #pragma GCC unroll 8
@@ -1232,7 +1233,8 @@ __attribute__((DW_AVX512_ATTR)) void cblock_forward(const float* x, int64_t sB, 
                        (k == 5 && cblock_row_s1<5>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
                        (k == 7 && cblock_row_s1<7>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
                        (k == 9 && cblock_row_s1<9>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
-                       (k == 11 && cblock_row_s1<11>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o))))
+                       (k == 11 && cblock_row_s1<11>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o)) ||
+                       (k == 13 && cblock_row_s1<13>(nb, tile.data(), cb.cols, wt, bv, r0, ky0, ky1, ox0, o))))
           continue;
         switch (nb) {
 #define DW_CB_CASE(N)                                                              \
@@ -1273,13 +1275,13 @@ std::vector<float> cblock_weights(const float* w, int64_t C, int64_t kk) {
   return wt;
 }
 
-// The channel-blocked forward runs fp32 on AVX-512 for C a multiple of 16, k ≤ 11 and planes of at
+// The channel-blocked forward runs fp32 on AVX-512 for C a multiple of 16, k ≤ 13 and planes of at
 // most 56×56 (measured on the 2-core Zen 4 CI machine, batch 8, against the per-plane paths: 1.1–2.5×
 // from 7×7 to 56×56 at k = 3–11, both strides; 1.3–1.9× oneDNN). Larger kernels keep the per-plane
-// paths (the register-row loop is compiled for k ≤ 11). FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per call)
+// paths (the register-row loop is compiled for k ≤ 13). FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per call)
 // overrides the pixel limit; 0 turns the path off.
 bool use_cblock(const Shape& sh) {
-  if (!cpu_has_avx512() || sh.C % 16 != 0 || sh.k > 11) return false;
+  if (!cpu_has_avx512() || sh.C % 16 != 0 || sh.k > 13) return false;
   return sh.H * sh.W <= env_int("FASTVIT_OPS_DWCONV_CBLOCK_MAX", 56 * 56);
 }
 #endif  // channel-blocked path

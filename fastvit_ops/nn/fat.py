@@ -36,11 +36,11 @@ def _dw_shape_ok(conv) -> bool:
 def _depthwise(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
     """``act(DW(x))`` with ``conv``'s stride/padding and the given (possibly BN-folded) weights.
 
-    The fused depthwise conv serves the stride-1 local branch (SiLU fused; ~10× PyTorch's CPU
-    path there); on CPU the stride-2 pool convs stay on PyTorch's oneDNN kernel, faster for them.
-    Under autocast the tensors are cast as ``F.conv2d`` would cast them (the reference's policy).
+    The fused depthwise conv serves the local branch (SiLU fused) and the stride-2 pool convs (on
+    CPU ``auto`` still times it against oneDNN per shape and keeps the faster forward). Under
+    autocast the tensors are cast as ``F.conv2d`` would cast them (the reference's policy).
     """
-    if _dwconv2d is not None and _dw_shape_ok(conv) and (x.device.type != "cpu" or conv.stride[0] == 1):
+    if _dwconv2d is not None and _dw_shape_ok(conv):
         x, weight, bias = autocast_like_conv(x, weight, bias)
         return _dwconv2d(x, weight, bias, conv.stride[0], conv.padding[0], "silu" if silu else None)
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups) \

@@ -166,7 +166,7 @@ def test_small_planes_float32_model_shapes(act, residual):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("path_max", ["100000", "0"], ids=["channel-blocked", "per-plane"])
 def test_channel_blocked_forward_float32(monkeypatch, path_max, channels_last):
-    """The fp32 forward with C a multiple of 16 and k ≤ 11 on planes up to 56×56 runs the
+    """The fp32 forward with C a multiple of 16 and k ≤ 13 on planes up to 56×56 runs the
     channel-blocked kernel (16 channels per vector, 16×16 register transposes in and out, kernel
     rows that only see padding skipped, a register-row loop per k at stride 1) on AVX-512 machines;
     FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per call) forces it on or off. Both paths against the fp64 reference: kernels larger than the
@@ -178,7 +178,7 @@ def test_channel_blocked_forward_float32(monkeypatch, path_max, channels_last):
     op = torch.ops.fastvit_ops._dwconv2d_forward
     for (B, C, H, W) in [(2, 32, 7, 9), (1, 16, 1, 1), (2, 48, 5, 3), (1, 16, 16, 16), (1, 32, 14, 13),
                          (1, 16, 23, 17)]:
-        for k in (1, 3, 5, 7, 9, 11):
+        for k in (1, 3, 5, 7, 9, 11, 13):
             cases = [(1, 0, False, k // 2), (1, 1, False, k // 2), (1, 2, True, k // 2), (2, 0, False, k // 2),
                      (2, 2, False, k // 2), (1, 0, False, 0), (2, 0, False, k - 1)]
             for stride, act, residual, p in cases:
