@@ -15,24 +15,18 @@ the tensor allocations the profiler records during one step (MiB, weights exclud
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .timing import max_error
+from .timing import _sync, interleaved_median_ms, max_error
 
 MODELS = ("fat_b0", "fat_b1", "fat_b2", "fat_b3", "fcvit_tiny", "fcvit_b12", "cvt_13")
 DEFAULT_MODELS = ("fat_b0", "fcvit_tiny", "cvt_13")
 MODES = ("inference", "train")
 VARIANTS = ("reference", "reference_compile", "fused", "fused_compile")
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build(name: str, device, seed: int = 0):
@@ -117,18 +111,9 @@ def throughput(name: str, batch: int, device, mode: str = "inference", size: int
         row[f"{v}_warmup_s"] = time.perf_counter() - t0
         row[f"{v}_peak_mib"] = peak_memory_mib(step, device)
         steps[v] = step
-    times = {v: [] for v in steps}
-    start = time.perf_counter()
-    for r in range(rounds):
-        for v, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times[v].append(time.perf_counter() - t0)
-        if r >= 2 and time.perf_counter() - start > max_seconds:
-            break
-    for v, ts in times.items():
-        row[f"{v}_img_s"] = batch / statistics.median(ts)
+    times = interleaved_median_ms(steps, device, warmup=0, reps=rounds, max_seconds=max_seconds)
+    for v, ms in times.items():
+        row[f"{v}_img_s"] = batch / (ms * 1e-3)
     if "reference" in times:
         for v in times:
             row[f"{v}_speedup"] = row[f"{v}_img_s"] / row["reference_img_s"]
