@@ -27,6 +27,19 @@ def _mm(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d, mask_d, IEEE: tl.constexpr,
+             ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Key/value tile ``start`` (zeros past M) and the raw logits q·kᵀ against it:
+    (offs_m, mask_m, mask_kv, k, v, s). Shared by the forward and the backward's recompute."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_kv = mask_m[:, None] & mask_d[None, :]
+    k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
+    v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
+    return offs_m, mask_m, mask_kv, k, v, _mm(q, tl.trans(k), IEEE).to(ACC)
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, G, O, LSE,
                      sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                      sgb, sgh, sgn, sgd, sob, soh, son, sod,
@@ -49,13 +62,9 @@ def _attn_fwd_kernel(Q, K, V, G, O, LSE,
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        mask_kv = mask_m[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
         # Raw dot products; the scale multiplies (s − max), so large logits keep their precision.
-        s = _mm(q, tl.trans(k), IEEE).to(ACC)
+        _, mask_m, _, _, v, s = _kv_tile(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d, mask_d,
+                                         IEEE, ACC, BLOCK_M)
         s = tl.where(mask_m[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2((m_i - m_new) * qk_scale)
@@ -80,12 +89,8 @@ def _kv_tile_probs(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d, mask
                    row_log, qk_scale, IEEE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
     """The backward's view of key tile ``start``: (offs_m, mask_kv, k, v, P), P recomputed from
     the forward's saved base-2 row max and log-sum (0 outside the valid queries and keys)."""
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    mask_kv = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=mask_kv, other=0.0)
-    v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=mask_kv, other=0.0)
-    s = _mm(q, tl.trans(k), IEEE).to(ACC)
+    offs_m, mask_m, mask_kv, k, v, s = _kv_tile(q, k_base, v_base, skm, skd, svm, svd, start, M, offs_d,
+                                                 mask_d, IEEE, ACC, BLOCK_M)
     p = tl.exp2(tl.minimum((s - row_max[:, None]) * qk_scale - row_log[:, None], 0.0))
     p = tl.where(mask_m[None, :] & mask_n[:, None], p, 0.0)
     return offs_m, mask_kv, k, v, p
