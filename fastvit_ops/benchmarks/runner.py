@@ -11,7 +11,7 @@ from ..numerics import error_rule
 from ..ops.dispatch import backend, backend_available
 from . import Case, load, op_names
 from .models import peak_memory_mib
-from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error, median_ms
+from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
 
 def environment(device) -> Dict[str, str]:
     """Versions and device, recorded with every result."""
