@@ -10,10 +10,14 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // -- depthwise conv (dwconv) schemas below --
   // Depthwise conv (SPEC §1.1): x (B,C,H,W) any strides, weight (C,1,k,k), k odd ≤ 31, stride 1|2,
   // 0 ≤ padding < k; activation 0 none, 1 SiLU, 2 GELU (exact); residual adds x (stride 1, same size).
-  // y = act(conv(x) + bias) [+ x], contiguous NCHW. Backward returns (dx, dweight, dbias) with dx
+  // y = act(conv(x) + bias) [+ x]: NCHW, or channels_last for a channels_last x on CPU (CUDA writes
+  // NCHW; the Python op restores x's layout). Backward returns (dx, dweight, dbias) with dx
   // contiguous NCHW; dbias is computed even when bias is None; dx (dweight) is zeros when need_dx
   // (need_dw) is false.
   m.def("_dwconv2d_forward(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual) -> Tensor");
+  // In place on CPU (inference): x ← act(conv(x) + bias) [+ x] at stride 1, padding k/2, where the
+  // fp32 channel-blocked kernel runs; returns false (x untouched) elsewhere.
+  m.def("_dwconv2d_same_(Tensor(a!) x, Tensor weight, Tensor? bias, int activation, bool residual) -> bool");
   // The same conv reading z = x + S'[γ]·c (FCViT's global-context apply fused into the input load):
   // sp (B, G, H, W), c (B, C), G dividing C, γ = channel / (C / G); z is never written.
   m.def("_dwconv2d_gc_forward(Tensor x, Tensor sp, Tensor c, Tensor weight, Tensor? bias, int stride, int padding, int activation) -> Tensor");

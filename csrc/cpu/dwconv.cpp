@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx512.h"
 #include "vec_math.h"
 
 namespace fastvit_ops {
@@ -508,17 +509,12 @@ void pack_plane(const T* src, int64_t sH, int64_t sW, int64_t H, int64_t W, A* b
 // split into its 4 (row parity, column parity) sub-planes, so taps stay contiguous at pitch Q.
 // Packing and unpacking rows use AVX-512 masked loads/stores (one instruction per short row), so
 // this path exists only for fp32/fp64 on AVX-512 machines; elsewhere the path above runs.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#ifdef FASTVIT_HAVE_AVX512
 #define DW_HAVE_FLAT 1
-#include <immintrin.h>
-#define DW_AVX512_ATTR target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,popcnt")
+#define DW_AVX512_ATTR FASTVIT_AVX512_ATTR
 #define DW_T inline __attribute__((DW_AVX512_ATTR, always_inline))
 
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
+bool cpu_has_avx512() { return avx512::supported(); }
 
 // A run of taps whose buffer offsets are consecutive: tap m (0 ≤ m < cnt ≤ L) reads src[o + base + m]
 // with weight w[w0 + m·ws]. All taps of a kernel row in one sub-plane form one run (split at L).
@@ -1087,37 +1083,11 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, c
 // block of 16 channels is transposed (16×16 in registers) into a zero-padded (rows, cols, 16) tile
 // that stays in L1, each output pixel is Σ_taps w[tap] · tile[pixel + tap] with every lane useful,
 // kernel rows that only see padding are skipped (at 7×7 with k = 9, over 40% of the taps), and the
-// outputs are transposed back. NCHW or channels_last input, NCHW output.
+// outputs are transposed back (NCHW output) or stored as they are (channels_last output: the 16
+// channels of a pixel are contiguous there too). NCHW or channels_last input.
 typedef float v16f __attribute__((vector_size(64), aligned(4)));
 
-// r[i] ← column i of the 16×16 matrix whose rows are r[0..15].
-DW_T void transpose16(__m512 (&r)[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
-  }
-}
+using avx512::transpose16;
 
 struct CBlock {
   int64_t rows, cols;  // tile extent: padded rows/columns any output or the pack touches
@@ -1188,9 +1158,10 @@ DW_T bool cblock_row_s1(int nb, const float* tile, int64_t cols, const float* wt
 }
 
 // Tasks [begin, end) of (sample, block of 16 channels). wblk: the weights as (C / 16, k·k, 16).
+// y: NCHW, or channels_last when y_cl.
 __attribute__((DW_AVX512_ATTR)) void cblock_forward(const float* x, int64_t sB, int64_t sC, int64_t sH, int64_t sW,
                                                     const Shape& sh, const float* wblk, const float* bias, float* y,
-                                                    int act, bool residual, int64_t begin, int64_t end) {
+                                                    bool y_cl, int act, bool residual, int64_t begin, int64_t end) {
   const int k = sh.k, s = sh.s, p = sh.p;
   const int64_t kk = static_cast<int64_t>(k) * k, nblk = sh.C / 16, npix = sh.Ho * sh.Wo, nin = sh.H * sh.W;
   const CBlock cb = make_cblock(sh);
@@ -1256,6 +1227,11 @@ __attribute__((DW_AVX512_ATTR)) void cblock_forward(const float* x, int64_t sB, 
           v16f* o = reinterpret_cast<v16f*>(out.data() + (i * sh.Wo + j) * 16);
           *o += *reinterpret_cast<const v16f*>(tile_at(i, j));
         }
+    if (y_cl) {
+      float* yb = y + b * sh.C * npix + c0;
+      for (int64_t q = 0; q < npix; ++q) _mm512_storeu_ps(yb + q * sh.C, _mm512_loadu_ps(out.data() + q * 16));
+      continue;
+    }
     float* yb = y + (b * sh.C + c0) * npix;
     __m512 r[16];
     for (int64_t p0 = 0; p0 < npix; p0 += 16) {
@@ -1297,9 +1273,26 @@ struct Prologue {
   int64_t G = 0;
 };
 
+// Python's validate.is_channels_last: stored channels_last and not also NCHW-contiguous (NCHW wins
+// where both hold, as at C == 1 or H == W == 1).
+bool is_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Whether forward_impl writes a channels_last y itself (the channel-blocked path); every other path
+// writes NCHW planes.
+bool writes_channels_last(const at::Tensor& x, const Shape& sh) {
+#ifdef DW_HAVE_FLAT
+  return x.scalar_type() == at::kFloat && use_cblock(sh);
+#else
+  return false;
+#endif
+}
+
+// y: NCHW, or channels_last when y_cl (only where writes_channels_last).
 template <typename T, typename A>
 void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Shape& sh, int act, bool residual,
-                  const Prologue<A>& pro = Prologue<A>()) {
+                  const Prologue<A>& pro = Prologue<A>(), bool y_cl = false) {
   const T* xp = x.const_data_ptr<T>();
   const int64_t sB = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
 #ifdef DW_HAVE_FLAT
@@ -1308,11 +1301,12 @@ void forward_impl(const at::Tensor& x, const A* w, const A* bias, T* y, const Sh
       const std::vector<float> wblk = cblock_weights(w, sh.C, static_cast<int64_t>(sh.k) * sh.k);
       const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sh.Ho * sh.Wo * sh.k * sh.k * 16));
       at::parallel_for(0, sh.B * (sh.C / 16), grain, [&](int64_t begin, int64_t end) {
-        cblock_forward(xp, sB, sC, sH, sW, sh, wblk.data(), bias, y, act, residual, begin, end);
+        cblock_forward(xp, sB, sC, sH, sW, sh, wblk.data(), bias, y, y_cl, act, residual, begin, end);
       });
       return;
     }
   }
+  TORCH_CHECK(!y_cl, "dwconv2d: internal error: channels_last output outside the channel-blocked path");
   if constexpr (std::is_same_v<T, A>) {
     if (pro.sp == nullptr && use_flat(sh.Ho, sh.Wo, sh.k, sh.s, true)) {
       const Flat f = make_flat(sh.H, sh.W, sh.k, sh.s, sh.p, Simd<A>::L);
@@ -1377,17 +1371,50 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   check_args("_dwconv2d_forward", x, weight, bias, stride, padding, activation, residual);
   TORCH_CHECK(x.device().is_cpu(), "_dwconv2d_forward: expected CPU tensors");
   const Shape sh = make_shape(x, weight, stride, padding);
-  at::Tensor y = at::empty({sh.B, sh.C, sh.Ho, sh.Wo}, x.options());
-  if (y.numel() == 0) return y;
+  // The output takes x's layout (channels_last in, channels_last out), as PyTorch's conv does.
+  const bool cl = is_channels_last(x);
+  const bool direct_cl = cl && writes_channels_last(x, sh);
+  at::Tensor y = at::empty({sh.B, sh.C, sh.Ho, sh.Wo}, x.options(),
+                           direct_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (y.numel() == 0) return cl ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv2d_fwd", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const at::Tensor wa = to_acc<A>(weight);
     at::Tensor ba;
     if (bias.has_value()) ba = to_acc<A>(*bias);
     forward_impl<scalar_t, A>(x, wa.const_data_ptr<A>(), bias.has_value() ? ba.const_data_ptr<A>() : nullptr,
-                              y.mutable_data_ptr<scalar_t>(), sh, static_cast<int>(activation), residual);
+                              y.mutable_data_ptr<scalar_t>(), sh, static_cast<int>(activation), residual,
+                              Prologue<A>(), direct_cl);
   });
-  return y;
+  // The per-plane paths write NCHW planes; one copy puts them in x's channels_last layout.
+  return cl && !direct_cl ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
+}
+
+// In place, for inference: x ← act(conv(x) + bias) [+ x] at stride 1 and "same" padding, where the
+// channel-blocked path runs (fp32, NCHW or channels_last). Each task copies its whole 16-channel
+// block of a sample into its tile before writing those same channels back, and no other task reads
+// them, so overwriting the input is safe; FAT's ConvFFN ``U + DW(U)`` then needs no second
+// hidden-size buffer. Returns false (x untouched) where the path does not apply.
+bool forward_inplace(at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     int64_t activation, bool residual) {
+  TORCH_CHECK(weight.dim() == 4, "_dwconv2d_same_: weight must be (C, 1, k, k)");
+  const int64_t padding = weight.size(-1) / 2;
+  check_args("_dwconv2d_same_", x, weight, bias, 1, padding, activation, residual);
+  TORCH_CHECK(x.device().is_cpu(), "_dwconv2d_same_: expected CPU tensors");
+  const Shape sh = make_shape(x, weight, 1, padding);
+  const bool cl = is_channels_last(x);
+  if (!writes_channels_last(x, sh) || !(x.is_contiguous() || cl) || x.numel() == 0) return false;
+#ifdef DW_HAVE_FLAT
+  const at::Tensor wa = to_acc<float>(weight);
+  at::Tensor ba;
+  if (bias.has_value()) ba = to_acc<float>(*bias);
+  forward_impl<float, float>(x, wa.const_data_ptr<float>(), bias.has_value() ? ba.const_data_ptr<float>() : nullptr,
+                             x.mutable_data_ptr<float>(), sh, static_cast<int>(activation), residual, Prologue<float>(),
+                             cl);
+  return true;
+#else
+  return false;
+#endif
 }
 
 at::Tensor gc_forward(const at::Tensor& x, const at::Tensor& sp, const at::Tensor& c, const at::Tensor& weight,
@@ -1584,7 +1611,8 @@ at::Tensor forward_choice(const at::Tensor& x, const at::Tensor& weight, const c
                           int64_t stride, int64_t padding, int64_t activation, bool residual, bool onednn) {
   if (!onednn) return forward(x, weight, bias, stride, padding, activation, residual);
   check_args("_dwconv2d_autograd", x, weight, bias, stride, padding, activation, residual);
-  at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1}, x.size(1)).contiguous();
+  at::Tensor y = at::conv2d(x, weight, bias, {stride, stride}, {padding, padding}, {1, 1}, x.size(1))
+                     .contiguous(is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (activation == kSilu) {
     at::silu_(y);
   } else if (activation == kGelu) {
@@ -1627,7 +1655,7 @@ struct DwAutograd : public torch::autograd::Function<DwAutograd> {
     auto [dx, dw, db] = backward_kernels(grads[0], s[0], s[1], bias, ctx->saved_data["stride"].toInt(),
                                          ctx->saved_data["padding"].toInt(), ctx->saved_data["activation"].toInt(),
                                          ctx->saved_data["residual"].toBool(), need_dx, need_dw);
-    if (need_dx) res[0] = dx;
+    if (need_dx) res[0] = is_channels_last(s[0]) ? dx.contiguous(at::MemoryFormat::ChannelsLast) : dx;  // x's layout
     if (need_dw) res[1] = dw;
     if (bias.has_value() && ctx->needs_input_grad(2)) res[2] = db;
     return res;
@@ -1648,6 +1676,7 @@ TORCH_LIBRARY_IMPL(fastvit_ops, AutogradCPU, m) {
 TORCH_LIBRARY_IMPL(fastvit_ops, CPU, m) {
   m.impl("_dwconv2d_autograd", &forward_choice);  // below autograd (inference mode): the forward alone
   m.impl("_dwconv2d_forward", &forward);
+  m.impl("_dwconv2d_same_", &forward_inplace);
   m.impl("_dwconv2d_gc_forward", &gc_forward);
   m.impl("_dwconv2d_backward", &backward);
 }

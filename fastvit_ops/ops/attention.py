@@ -219,7 +219,15 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, gate: Optional
                    layout: int = BHND) -> Tensor:
     """Validated-elsewhere entry used by the fused modules: any-strided (B, h, N, d) q and gate,
     output stored in ``layout`` (``BHND``, ``CHANNELS_FIRST`` or ``TOKENS``)."""
-    out, _ = _op(q, k, v, gate, float(scale), int(layout), dispatch.get_backend())
+    backend = dispatch.get_backend()
+    if dispatch.no_grad_cpu(q, backend, (k, v, gate)):
+        # Inference on CPU: the C++ forward straight away (no custom-op dispatch or autograd glue).
+        out = _empty_out(q, layout)
+        if q.numel() and out.numel():
+            lse = torch.empty(_stats_shape(q), dtype=_lse_dtype(q), device=q.device)
+            _ext_fwd(q, k, v, gate, out, lse, float(scale))
+        return out
+    out, _ = _op(q, k, v, gate, float(scale), int(layout), backend)
     return out
 
 

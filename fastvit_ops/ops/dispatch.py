@@ -98,19 +98,37 @@ def resolve(op: str, requested: str, device: torch.device, impls: Dict[str, Call
     return "reference", impls["reference"]
 
 
-def eager_cpu(x: torch.Tensor, backend: str, params) -> bool:
+def eager_cpu(x: torch.Tensor, backend: str, params, channels_last: bool = False) -> bool:
     """Whether a call may take an op's C++ autograd fast path (a ``torch::autograd::Function``
     registered for AutogradCPU) instead of its Python custom op: the cpu backend is requested or
-    picked by ``auto``, ``x`` is a plain contiguous CPU tensor, and no compiler, functorch
+    picked by ``auto``, ``x`` is a plain contiguous CPU tensor (or channels_last, where the op's
+    C++ path takes that layout: ``channels_last=True``), and no compiler, functorch
     transform, dispatch mode or tensor subclass is involved (those keep the custom op, which is
     what ``opcheck`` and the compiler see). Same kernels and results; the custom op's per-call
     Python dispatch and autograd glue (tens to hundreds of µs) are what it saves."""
     if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
         return False
-    if not x.is_contiguous() or torch.compiler.is_compiling():
+    if not (x.is_contiguous() or (channels_last and x.is_contiguous(memory_format=torch.channels_last))):
+        return False
+    return _plain_cpu_call(params)
+
+
+def _plain_cpu_call(params) -> bool:
+    if torch.compiler.is_compiling():
         return False
     if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
         return False
     if any(p is not None and type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter for p in params):
         return False
-    return backend_available("cpu", x.device)[0]
+    return avail.cpu_extension()[0]
+
+
+def no_grad_cpu(x: torch.Tensor, backend: str, params) -> bool:
+    """Whether a call may run an op's C++ CPU kernel directly, without the custom op: like
+    :func:`eager_cpu` but for any strides, and only when no autograd graph is being recorded for
+    it (grad mode off, or nothing involved requires grad), so there is no backward to set up."""
+    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
+        return False
+    return _plain_cpu_call(params)

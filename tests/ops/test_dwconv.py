@@ -196,6 +196,35 @@ def test_channel_blocked_forward_float32(monkeypatch, path_max, channels_last):
                                            msg=f"{(B, C, H, W)} k={k} s={stride} p={p} act={act} res={residual}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_output_and_in_place_forward(channels_last):
+    """The C++ forward returns x's layout (the channel-blocked fp32 path writes channels_last
+    directly, the other paths copy once), and _dwconv2d_same_ overwrites x with act(DW(x)) [+ x]
+    where the channel-blocked path runs, returning False and leaving x alone elsewhere."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for (B, C, H, W), k, act, residual, dtype in [((2, 32, 9, 11), 5, 2, True, torch.float32),
+                                                 ((1, 16, 1, 1), 3, 1, False, torch.float32),
+                                                 ((2, 48, 7, 5), 13, 0, True, torch.float32),
+                                                 ((2, 20, 9, 9), 3, 0, True, torch.float32),   # C % 16 != 0
+                                                 ((2, 32, 9, 9), 3, 1, False, torch.float64)]:  # not fp32
+        x = (torch.randn(B, C, H, W, dtype=dtype) * 2).contiguous(memory_format=fmt)
+        w, b = torch.randn(C, 1, k, k, dtype=dtype) / k, torch.randn(C, dtype=dtype)
+        ref = dw._reference_fwd(x.double(), w.double(), b.double(), 1, k // 2, act, residual)
+        y = torch.ops.fastvit_ops._dwconv2d_forward(x, w, b, 1, k // 2, act, residual)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        cl_in = channels_last and not x.is_contiguous()
+        assert y.is_contiguous(memory_format=torch.channels_last if cl_in else torch.contiguous_format)
+        z = x.clone()
+        done = torch.ops.fastvit_ops._dwconv2d_same_(z, w, b, act, residual)
+        assert done == (dtype == torch.float32 and C % 16 == 0)
+        torch.testing.assert_close(z.double(), ref if done else x.double(), rtol=1e-5, atol=1e-5)
+        assert z.stride() == x.stride()
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.fastvit_ops._dwconv2d_same_(torch.randn(1, 16, 5, 5), torch.randn(16, 1, 3), None, 0, False)
+
+
 def test_small_planes_strided_grad_and_partial_backward():
     """The raw backward with a non-contiguous dy, and dx-only / dw-only calls, on small planes."""
     if not backend_ok("cpu"):
@@ -417,8 +446,9 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
                 return _fn(*args)
             monkeypatch.setitem(table, name, spy)
     x, w, b = make((1, 2, 5, 5), 3)
-    # channels_last keeps the cpu backend on the custom op (the eager fast path takes NCHW only)
-    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    # A non-dense input keeps the cpu backend on the custom op (the eager fast path takes NCHW and
+    # channels_last only)
+    x_cl = torch.randn(1, 2, 5, 8, dtype=x.dtype)[..., 1:6].requires_grad_()
     for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
         calls.clear()
         with fastvit_ops.backend(name):
@@ -449,14 +479,20 @@ def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice):
     `auto` chose (our kernel, or oneDNN + epilogue); forward and every gradient equal the custom
     op's running the same choice, including partial gradients (x only, weight only, no bias)."""
     monkeypatch.setattr(dw, "cpu_forward_choice", lambda *a: choice)
-    for shape, k, stride, act, residual in [((2, 16, 7, 9), 5, 1, "silu", True), ((1, 32, 14, 13), 3, 2, "gelu", False),
-                                            ((2, 3, 9, 7), 7, 1, None, False)]:
+    for shape, k, stride, act, residual, cl in [((2, 16, 7, 9), 5, 1, "silu", True, False),
+                                                ((1, 32, 14, 13), 3, 2, "gelu", False, False),
+                                                ((2, 3, 9, 7), 7, 1, None, False, False),
+                                                ((2, 32, 7, 9), 5, 1, "gelu", True, True),
+                                                ((2, 3, 9, 7), 3, 2, "silu", False, True)]:
         x, w, b = (t.detach().to(dtype) for t in make(shape, k))
+        if cl:  # channels_last takes the fast path too and stays channels_last
+            x = x.contiguous(memory_format=torch.channels_last)
         dy = torch.randn(dw._out_shape(x, k, stride, k // 2), dtype=dtype)
         for grads in ((True, True, True), (True, False, False), (False, True, True), (True, True, None)):
             ins = [t.clone().requires_grad_(g) if g is not None else None for t, g in zip((x, w, b), grads)]
             y = dwconv2d(*ins, stride, None, act, residual)
             assert type(y.grad_fn).__name__ == "CppFunction"
+            assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             leaves = [t for t in ins if t is not None and t.requires_grad]
             got = torch.autograd.grad(y, leaves, dy)
             ins2 = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in ins]
@@ -466,7 +502,7 @@ def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice):
             for a, c in zip(got, want):
                 torch.testing.assert_close(a, c, rtol=0, atol=0)
     with torch.inference_mode():  # below autograd: the forward alone
-        torch.testing.assert_close(dwconv2d(x, w, b, 1, None, "silu"), dw._op(x, w, b, 1, 3, 1, False, "auto"))
+        torch.testing.assert_close(dwconv2d(x, w, b, 1, None, "silu"), dw._op(x, w, b, 1, k // 2, 1, False, "auto"))
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
