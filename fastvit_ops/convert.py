@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # Attributes an authors' module must have to be taken as the reference layer of the same name.
 _DUCK_ATTRS = {
     "FASA": ("q", "kv", "local_mixer", "mixer", "pool", "num_heads", "dim_head", "window_size", "scalor"),
+    "ConvFFN": ("fc1", "act", "dwconv", "bn", "fc2"),
+    "FATBlock": ("cpe", "norm1", "attn", "norm2", "downsample", "ffn"),
+    "PatchEmbedding": ("conv1", "conv2", "conv3", "conv4", "conv5", "layernorm"),
     "GlobalContext": ("rescale_weight", "rescale_bias", "fc1", "fc2"),
     "TokenMixer": ("dw1", "dw2", "gc1", "gc2", "fc1", "fc2"),
     "Attention": ("conv_proj_q", "conv_proj_k", "conv_proj_v", "proj_q", "proj_k", "proj_v", "proj", "num_heads"),

@@ -4,15 +4,16 @@
 drop-in; ``fastvit_ops.models`` builds models with them (the reference is used for any name that
 has no fused layer yet).
 """
-from .fat import FASA
+from .fat import FASA, ConvFFN, FATBlock, PatchEmbedding
 from .cvt import ConvProjectionAttention
 from .dwconv import DepthwiseConv2d
 from .fcvit import GlobalContext, TokenMixer
 from .vt import FilterTokenizer, Projector, RecurrentTokenizer, TokenTransformer
 
-FAT_LAYERS: dict = {"FASA": FASA, "DepthwiseConv2d": DepthwiseConv2d}
+FAT_LAYERS: dict = {"FASA": FASA, "ConvFFN": ConvFFN, "FATBlock": FATBlock, "PatchEmbedding": PatchEmbedding,
+                    "DepthwiseConv2d": DepthwiseConv2d}
 FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer, "DepthwiseConv2d": DepthwiseConv2d}
 CVT_LAYERS: dict = {"Attention": ConvProjectionAttention}
 
-__all__ = ["FASA", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ConvProjectionAttention", "FilterTokenizer",
+__all__ = ["FASA", "ConvFFN", "FATBlock", "PatchEmbedding", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ConvProjectionAttention", "FilterTokenizer",
            "RecurrentTokenizer", "TokenTransformer", "Projector", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]

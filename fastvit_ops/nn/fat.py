@@ -1,18 +1,31 @@
-"""Fused FAT layers: :func:`fused_fasa` and the FASA drop-in for ``fastvit_ops.reference.fat``
-(same constructor and state_dict)."""
+"""Fused FAT layers: :func:`fused_fasa` and the drop-ins for ``fastvit_ops.reference.fat``'s FASA,
+ConvFFN, FATBlock and PatchEmbedding (same constructors and state_dicts).
+
+CPU inference path. In eval mode with nothing needing gradients, on fp32 CPU tensors and outside
+the compiler, the block, FFN and stem drop-ins run a fused inference forward (same outputs up to
+fp32 rounding): activations are kept channels_last (oneDNN's 1×1 convolutions run on that layout
+without reordering: 3–5× faster than NCHW at FAT-B0's 56×56 stage); every eval BatchNorm is folded
+into a convolution next to it (cached until its parameters change); GELU, ReLU and the residual
+adds run as oneDNN post-ops of the convolution before them (:mod:`._pointwise`); ``x + DW(x)``
+(CPE, ConvFFN) is one depthwise conv with a residual epilogue. Everything else (training, autograd,
+``torch.compile``, autocast, other devices) runs the reference composition on the fused ops.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import dispatch
 from ..ops.attention import CHANNELS_FIRST, TOKENS, attention_core
 from ..ops.cross_modulation import sigmoid_cross_modulation
 from ..ops.validate import check_tensor, is_channels_last
 from ..reference import fat as ref
 from ._amp import autocast_like_conv
-from ._bn import fold_eval_bn, is_eval_bn
+from ._bn import bn_sources, cached_fold, fold_bn_into_next_1x1, fold_eval_bn, is_eval_bn
+from ._pointwise import conv_add_, conv_epilogue
 
 try:  # the fused depthwise conv (SPEC §1.1) with a SiLU epilogue; the module's own convs otherwise
     from ..ops.dwconv import dwconv2d as _dwconv2d
@@ -48,6 +61,32 @@ def _depthwise(x: Tensor, conv: nn.Conv2d, weight: Tensor, bias: Optional[Tensor
     return F.silu(y) if silu else y
 
 
+def _inference(x: Tensor, module: nn.Module) -> bool:
+    """Whether ``module`` may take the fused CPU inference path (see the module docstring)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or module.training:
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return False
+    return True
+
+
+def _no_grad_fold(x: Tensor) -> bool:
+    """Folded weights may be cached (no autograd graph through them is wanted)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _folded_after(conv: nn.Conv2d, bn, x: Tensor):
+    """``fold_eval_bn(conv, bn)``, cached when nothing needs its graph."""
+    if not _no_grad_fold(x):
+        return fold_eval_bn(conv, bn)
+    return cached_fold(conv, f"bn_after_{bn.eps}", (conv.weight, conv.bias) + bn_sources(bn),
+                       lambda: fold_eval_bn(conv, bn))
+
+
 def _pool(pool: nn.Module, x: Tensor) -> Tensor:
     """FASA's K/V downsampler; each eval-mode BN is folded into the depthwise conv before it
     (train-mode BN keeps batch statistics: the modules run as they are)."""
@@ -60,7 +99,7 @@ def _pool(pool: nn.Module, x: Tensor) -> Tensor:
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:
             if is_eval_bn(nxt):
-                w, b = fold_eval_bn(m, nxt)
+                w, b = _folded_after(m, nxt, x)
                 x = _depthwise(x, m, w, b, silu=False)
                 i += 2
                 continue
@@ -115,6 +154,12 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
         ValueError: ``x`` is not 4-D, or its channels differ from ``num_heads · dim_head``; the
             underlying ops raise for a head width d > 128.
     """
+    gated = _fasa_gated(x, fasa)  # validates fasa and x first
+    return fasa.mixer(gated)
+
+
+def _fasa_gated(x: Tensor, fasa: nn.Module) -> Tensor:
+    """FASA up to the mixer: ``SiLU(L0) ⊙ SiLU(G)`` (B, C, H, W), in ``x``'s layout (validated)."""
     if not isinstance(fasa, nn.Module):
         raise TypeError(f"fasa: expected an nn.Module with FASA's attributes, got {type(fasa).__name__}")
     missing = [a for a in FASA_ATTRIBUTES if not hasattr(fasa, a)]
@@ -141,11 +186,11 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
         q = q_local.permute(0, 2, 3, 1).reshape(b, h * w, heads, d).transpose(1, 2)
         g = gate.permute(0, 2, 3, 1).reshape(b, h * w, heads, d).transpose(1, 2)
         out = attention_core(q, k, v, float(fasa.scalor), g, TOKENS)        # SiLU(G)·SiLU(L0)
-        return fasa.mixer(out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2))
+        return out.transpose(1, 2).reshape(b, h, w, c).permute(0, 3, 1, 2)
     q = q_local.reshape(b, heads, d, h * w).transpose(2, 3)
     g = gate.reshape(b, heads, d, h * w).transpose(2, 3)
     out = attention_core(q, k, v, float(fasa.scalor), g, CHANNELS_FIRST)   # SiLU(G)·SiLU(L0)
-    return fasa.mixer(out.transpose(2, 3).reshape(b, c, h, w))
+    return out.transpose(2, 3).reshape(b, c, h, w)
 
 
 class FASA(ref.FASA):
@@ -170,3 +215,177 @@ class FASA(ref.FASA):
 
     def forward(self, x: Tensor) -> Tensor:
         return fused_fasa(x, self)
+
+
+# ---- CPU inference path of the block, FFN and stem ------------------------------------------------------
+def _is_1x1(conv) -> bool:
+    return (isinstance(conv, nn.Conv2d) and tuple(conv.kernel_size) == (1, 1) and conv.groups == 1
+            and tuple(conv.stride) == (1, 1) and not isinstance(conv.padding, str)
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1))
+
+
+def _dw_residual(conv: nn.Module, x: Tensor) -> Tensor:
+    """``x + conv(x)``: one depthwise conv with a residual epilogue where the fused kernel runs it."""
+    if (_dwconv2d is not None and _dw_shape_ok(conv) and conv.stride[0] == 1
+            and conv.padding[0] == conv.kernel_size[0] // 2):
+        xc, w, b = autocast_like_conv(x, conv.weight, conv.bias)
+        # Under autocast an fp32 x is cast for the conv, but the reference adds the fp32 x itself
+        # (and its sum stays fp32): only fuse when the conv sees x as it is.
+        if xc is x:
+            return _dwconv2d(x, w, b, 1, conv.padding[0], None, True)
+    return x + conv(x)
+
+
+def _dw_residual_(conv: nn.Module, u: Tensor) -> Tensor:
+    """``u + conv(u)`` written over ``u`` (a temporary of the inference path) where the C++ kernel
+    can (fp32 channel-blocked path: no second buffer of u's size), else :func:`_dw_residual`."""
+    if (_dwconv2d is not None and _dw_shape_ok(conv) and conv.stride[0] == 1
+            and conv.padding[0] == conv.kernel_size[0] // 2 and conv.weight.dtype == u.dtype
+            and (conv.bias is None or conv.bias.dtype == u.dtype)
+            and dispatch.eager_cpu(u, dispatch.get_backend(), (conv.weight, conv.bias), channels_last=True)
+            and torch.ops.fastvit_ops._dwconv2d_same_(u, conv.weight, conv.bias, 0, True)):
+        return u
+    return _dw_residual(conv, u)
+
+
+def _downsample_inference(ds: nn.Module, x: Tensor) -> Tensor:
+    """FATBlock's shortcut: identity, or ``1×1(BN(DW_5/s2(x)))`` with the BN folded into the DW."""
+    if isinstance(ds, nn.Identity):
+        return x
+    mods = list(ds.children()) if isinstance(ds, nn.Sequential) else []
+    if (len(mods) == 3 and _dw_shape_ok(mods[0]) and is_eval_bn(mods[1]) and isinstance(mods[2], nn.Conv2d)
+            and _is_1x1(mods[2])):
+        w, b = _folded_after(mods[0], mods[1], x)
+        y = _depthwise(x, mods[0], w, b, silu=False)
+        return conv_epilogue(y, mods[2].weight, mods[2].bias)
+    return ds(x)
+
+
+#: The FFN's hidden activation (fc1's output) is produced this many bytes at a time at most, in
+#: chunks of whole samples, when the whole batch's would exceed it: at FAT-B0's 56×56 stage the
+#: hidden map is 12.8 MB at batch 8, and two samples at a time (3.2 MB) stay in cache between
+#: fc1, the depthwise conv and fc2 instead of going to DRAM and back (7.5 → 5.1 ms per FFN, 2-core
+#: Zen 4); smaller maps gained nothing and run whole.
+FFN_CHUNK_BYTES = 4 << 20
+
+
+def _ffn_chunk(z: Tensor, hidden: int) -> int:
+    per_sample = hidden * z.shape[2] * z.shape[3] * z.element_size()
+    if per_sample * z.shape[0] <= 2 * FFN_CHUNK_BYTES:
+        return z.shape[0]
+    return max(1, FFN_CHUNK_BYTES // per_sample)
+
+
+def _ffn_inference(ffn: nn.Module, z: Tensor, shortcut: Optional[Tensor], own_shortcut: bool = False) -> Tensor:
+    """``shortcut + ConvFFN(z)`` with ``fc2(BN(U))`` folded into one 1×1 conv and the GELU and the
+    shortcut add as oneDNN post-ops (falls back to the module for anything unexpected).
+    ``own_shortcut``: ``shortcut`` is a temporary of the caller, so ``fc2`` may accumulate into it
+    in place, a chunk of samples at a time on large maps (see :data:`FFN_CHUNK_BYTES`)."""
+    fc1, act, dw, bn, fc2 = (getattr(ffn, n, None) for n in ("fc1", "act", "dwconv", "bn", "fc2"))
+    if not (_is_1x1(fc1) and isinstance(act, nn.GELU) and act.approximate == "none" and _dw_shape_ok(dw)
+            and (is_eval_bn(bn) or isinstance(bn, nn.Identity)) and _is_1x1(fc2)):
+        y = _ffn_composite(ffn, z) if isinstance(ffn, ConvFFN) else ffn(z)
+        return y if shortcut is None else shortcut + y
+    if isinstance(bn, nn.Identity):  # already folded by fuse_for_inference
+        w2, b2 = fc2.weight, fc2.bias
+    else:
+        w2, b2 = cached_fold(fc2, f"bn_before_{bn.eps}", (fc2.weight, fc2.bias) + bn_sources(bn),
+                             lambda: fold_bn_into_next_1x1(bn, fc2))
+
+    def hidden(zc: Tensor) -> Tensor:
+        u = conv_epilogue(zc, fc1.weight, fc1.bias, activation="gelu")                # GELU(fc1(Z))
+        if dw.stride[0] == 1:
+            return _dw_residual_(dw, u)                                               # U + DW(U)
+        return _depthwise(u, dw, dw.weight, dw.bias, silu=False)                      # DW/s2(U)
+
+    if not (own_shortcut and shortcut is not None):
+        return conv_epilogue(hidden(z), w2, b2, residual=shortcut)                    # fc2(BN(U)) (+ shortcut)
+    n = _ffn_chunk(z, fc1.out_channels)
+    for i in range(0, z.shape[0], n):                                                 # shortcut += fc2(BN(U))
+        conv_add_(shortcut[i:i + n], hidden(z[i:i + n]), w2, b2)
+    return shortcut
+
+
+def _conv_bn_relu_inference(unit: nn.Module, x: Tensor) -> Tensor:
+    """FAT stem unit ``ReLU(BN(conv(x)))`` as one conv (BN folded, ReLU a post-op)."""
+    seq = getattr(unit, "conv", None)
+    mods = list(seq.children()) if isinstance(seq, nn.Sequential) else []
+    if len(mods) == 2:  # after fuse_for_inference: (conv, ReLU), the BN already folded
+        mods = [mods[0], None, mods[1]]
+    if (len(mods) == 3 and isinstance(mods[0], nn.Conv2d) and mods[0].groups == 1
+            and (mods[1] is None or is_eval_bn(mods[1])) and isinstance(mods[2], nn.ReLU)
+            and not isinstance(mods[0].padding, str) and mods[0].padding_mode == "zeros"
+            and len(set(mods[0].stride)) == 1 and len(set(mods[0].padding)) == 1
+            and tuple(mods[0].dilation) == (1, 1)):
+        conv = mods[0]
+        w, b = _folded_after(conv, mods[1], x) if mods[1] is not None else (conv.weight, conv.bias)
+        return conv_epilogue(x, w, b, conv.stride[0], conv.padding[0], activation="relu")
+    return unit(x)
+
+
+class ConvFFN(ref.ConvFFN):
+    """``reference.fat.ConvFFN`` (same constructor, parameters, state_dict) on the fused ops.
+
+    ``U = GELU(fc1(Z))``; stride 1: ``U + DW_k(U)`` as one depthwise conv with a residual epilogue;
+    stride 2: ``DW_k/s2(U)``; ``out = fc2(BN(U))``. On the CPU inference path (module docstring)
+    the BN is folded into ``fc2`` and the GELU runs as ``fc1``'s post-op. In (B, C_in, H, W) →
+    (B, C_out, ceil(H/s), ceil(W/s)), same dtype; channels_last on the CPU inference path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _inference(x, self):
+            return _ffn_inference(self, x.contiguous(memory_format=torch.channels_last), None)
+        return _ffn_composite(self, x)
+
+
+def _ffn_composite(ffn: nn.Module, x: Tensor) -> Tensor:
+    """ConvFFN as the reference composes it (autograd, compile, autocast), the inner residual fused."""
+    u = ffn.act(ffn.fc1(x))
+    u = _dw_residual(ffn.dwconv, u) if ffn.dwconv.stride[0] == 1 else ffn.dwconv(u)
+    return ffn.fc2(ffn.bn(u))
+
+
+class FATBlock(ref.FATBlock):
+    """``reference.fat.FATBlock`` (same constructor, parameters, state_dict) on the fused ops::
+
+        x ← x + cpe(x)                                  one depthwise conv, residual epilogue
+        x ← x + attn(norm1(x))                          FASA (fused_fasa)
+        x ← downsample(x) + ffn(norm2(x))               ConvFFN
+
+    On the CPU inference path (module docstring) the block computes channels_last and returns
+    channels_last (same values): the FASA mixer and ``fc2`` add their residuals as oneDNN post-ops,
+    the BNs of ``downsample`` and the FFN are folded. In (B, dim, H, W) → (B, out_dim,
+    ceil(H/stride), ceil(W/stride)), same dtype.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        drop_path = getattr(self, "drop_path", None)
+        if _inference(x, self):
+            x = _dw_residual(self.cpe, x.contiguous(memory_format=torch.channels_last))
+            attn = self.attn
+            if all(hasattr(attn, a) for a in FASA_ATTRIBUTES) and _is_1x1(attn.mixer):
+                x = conv_epilogue(_fasa_gated(self.norm1(x), attn), attn.mixer.weight, attn.mixer.bias, residual=x)
+            else:
+                x = x + attn(self.norm1(x))
+            # The shortcut (x, or downsample(x)) is a temporary of this forward: fc2 adds into it.
+            return _ffn_inference(self.ffn, self.norm2(x), _downsample_inference(self.downsample, x), True)
+        x = _dw_residual(self.cpe, x)
+        y = self.attn(self.norm1(x))
+        x = x + (drop_path(y) if drop_path is not None else y)
+        y = self.ffn(self.norm2(x))
+        return self.downsample(x) + (drop_path(y) if drop_path is not None else y)
+
+
+class PatchEmbedding(ref.PatchEmbedding):
+    """``reference.fat.PatchEmbedding`` (same constructor, parameters, state_dict). On the CPU
+    inference path (module docstring) the image is made channels_last once here, so the whole
+    model runs in that layout, and each 3×3 conv+BN+ReLU unit is one oneDNN conv (BN folded, ReLU a
+    post-op). (B, in, H, W) → (B, C, ceil(ceil(H/2)/2), ceil(ceil(W/2)/2))."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _inference(x, self):
+            return super().forward(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for unit in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = _conv_bn_relu_inference(unit, x)
+        return self.layernorm(self.conv5(x))

@@ -312,7 +312,7 @@ class FAT(nn.Module):
         self.num_classes = num_classes
         self.num_layers = n
         self.mlp_ratios = list(mlp_ratios)
-        self.patch_embed = PatchEmbedding(in_chans, embed_dims[0], layers=layers)
+        self.patch_embed = L["PatchEmbedding"](in_chans, embed_dims[0], layers=layers)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         start = 0
@@ -350,6 +350,7 @@ REFERENCE_LAYERS = {
     "FATBlock": FATBlock,
     "DepthwiseConv2d": DepthwiseConv2d,
     "GroupNorm1": GroupNorm1,
+    "PatchEmbedding": PatchEmbedding,
 }
 
 _COMMON = dict(kernel_sizes=(3, 5, 7, 9), window_sizes=(8, 4, 2, 1),

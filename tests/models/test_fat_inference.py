@@ -1,0 +1,159 @@
+"""The fused FAT modules' CPU inference path (fastvit_ops.nn.fat): channels_last, BN folded into the
+convs (cached until the parameters change), GELU/ReLU/residual adds as oneDNN post-ops, the
+ConvFFN's hidden map in place and in chunks of samples. Same values as the reference modules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastvit_ops
+from conftest import assert_error_rule, randomize_
+from fastvit_ops.nn import fat as fused_fat
+from fastvit_ops.nn._pointwise import conv_add_, conv_epilogue
+from fastvit_ops.reference import fat as ref_fat
+
+CFG = ref_fat.CONFIGS["fat_b0"]
+# (dim, out_dim, kernel, heads, window, stride): every FAT-B0 block configuration.
+BLOCKS = [(32, 32, 3, 2, 8, 1), (32, 80, 3, 2, 8, 2), (80, 80, 5, 5, 4, 1), (80, 160, 5, 5, 4, 2),
+          (160, 160, 7, 10, 2, 1), (160, 256, 7, 10, 2, 2), (256, 256, 9, 16, 1, 1)]
+
+
+def _pair(ref_cls, fused_cls, *args):
+    ref = randomize_(ref_cls(*args)).eval()
+    fused = fused_cls(*args).eval()
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _exact(ref, x):
+    with torch.no_grad():
+        return copy.deepcopy(ref).double()(x.double())
+
+
+@pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("size", [(9, 11), (16, 16)])
+def test_block_inference_path_matches_reference(cfg, size, monkeypatch):
+    dim, out_dim, k, heads, window, stride = cfg
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, dim, out_dim, k, heads, window, 5, 4, stride)
+    calls = []
+    real = fused_fat._ffn_inference
+    monkeypatch.setattr(fused_fat, "_ffn_inference", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, dim, *size)
+    with torch.no_grad():
+        y_ref, y = ref(x), fused(x)
+    assert calls, "the inference path was not taken"
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
+    assert_error_rule(f"FATBlock{cfg}", y, y_ref, _exact(ref, x))
+
+
+def test_block_inference_chunks_the_ffn(monkeypatch):
+    """Maps above FFN_CHUNK_BYTES run fc1 → DW → fc2 a few samples at a time, adding into the shortcut."""
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 32, 32, 3, 2, 8, 5, 4, 1)
+    x = torch.randn(5, 32, 12, 12)
+    with torch.no_grad():
+        whole = fused(x)
+        monkeypatch.setattr(fused_fat, "FFN_CHUNK_BYTES", 2 * 128 * 12 * 12 * 4)  # two samples per chunk
+        assert fused_fat._ffn_chunk(x, 128) == 2
+        chunked = fused(x)
+        y_ref = ref(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert_error_rule("chunked FATBlock", chunked, y_ref, _exact(ref, x))
+
+
+def test_folds_are_refreshed_when_parameters_change():
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 80, 160, 5, 5, 4, 5, 4, 2)
+    x = torch.randn(2, 80, 10, 10)
+    with torch.no_grad():
+        fused(x)  # fills the fold cache
+        for m in (ref, fused):
+            m.ffn.bn.running_var.mul_(3.0)
+            m.downsample[1].running_mean.add_(0.5)
+            m.ffn.fc2.weight.mul_(-1.0)
+            m.attn.pool.bn0.weight.add_(1.0)
+        y_ref, y = ref(x), fused(x)
+    assert_error_rule("FATBlock after in-place parameter updates", y, y_ref, _exact(ref, x))
+
+
+def test_block_with_grad_takes_the_differentiable_path():
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 32, 80, 3, 2, 8, 5, 4, 2)
+    x = torch.randn(2, 32, 9, 9)
+    y = fused(x)  # eval, grad mode on, parameters require grad: the autograd composition
+    assert y.requires_grad and y.is_contiguous()
+    y.square().sum().backward()
+    ref(x).square().sum().backward()
+    for (n, a), b in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("train", [False, True])
+def test_convffn_matches_reference(stride, train):
+    ref, fused = _pair(ref_fat.ConvFFN, fused_fat.ConvFFN, 48, 192, 5, stride, 64)
+    ref.train(train), fused.train(train)
+    x = torch.randn(2, 48, 13, 13)
+    with torch.no_grad():
+        y_ref, y = ref(x), fused(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) != train
+    assert_error_rule(f"ConvFFN stride {stride} train={train}", y, y_ref,
+                      copy.deepcopy(ref).double()(x.double()).detach())
+
+
+def test_patch_embedding_inference_path():
+    ref, fused = _pair(ref_fat.PatchEmbedding, fused_fat.PatchEmbedding, 3, 32)
+    x = torch.randn(2, 3, 37, 41)
+    with torch.no_grad():
+        y_ref, y = ref(x), fused(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_error_rule("PatchEmbedding", y, y_ref, _exact(ref, x))
+
+
+def test_converted_fat_b0_inference_runs_channels_last():
+    ref = randomize_(fastvit_ops.models.create("fat_b0", reference=True)).eval()
+    conv = fastvit_ops.convert(ref)
+    rep = conv.fastvit_ops_report
+    assert rep.get("FATBlock") == 12 and rep.get("ConvFFN") == 12 and rep.get("PatchEmbedding") == 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = conv.layers[0](conv.patch_embed(x))
+        y_ref, y = ref(x), conv(x)
+    assert feats.is_contiguous(memory_format=torch.channels_last)
+    assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x), floor="tensor")
+
+
+# ---- the oneDNN post-op helpers ----------------------------------------------------------------------
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_epilogue_matches_composite(activation, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 24, 7, 9).contiguous(memory_format=fmt)
+    w, b = torch.randn(40, 24, 3, 3) * 0.2, torch.randn(40)
+    res = torch.randn(3, 40, 4, 5).contiguous(memory_format=fmt)
+    act = {None: lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu}[activation]
+    with torch.no_grad():
+        for residual in (None, res):
+            y = conv_epilogue(x, w, b, 2, 1, activation, residual if activation is None else None)
+            expect = act(torch.nn.functional.conv2d(x, w, b, 2, 1))
+            if residual is not None and activation is None:
+                expect = expect + residual
+            torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+            assert y.is_contiguous(memory_format=fmt)
+    with pytest.raises(ValueError, match="activation"):
+        conv_epilogue(x, w, b, activation="tanh")
+
+
+def test_conv_epilogue_and_conv_add_with_grad_fall_back():
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(6, 8, 1, 1, requires_grad=True)
+    y = conv_epilogue(x, w, None, activation="gelu")
+    y.sum().backward()  # the composite: differentiable
+    assert x.grad is not None and w.grad is not None
+    with torch.no_grad():
+        out = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+        expect = out + torch.nn.functional.conv2d(x, w)
+        r = conv_add_(out[1:], x[1:], w, None)
+        assert r.data_ptr() == out[1:].data_ptr()
+        torch.testing.assert_close(out[1:], expect[1:], rtol=1e-5, atol=1e-5)
+        out_nchw = torch.randn(2, 6, 5, 5)
+        expect = out_nchw + torch.nn.functional.conv2d(x, w)
+        torch.testing.assert_close(conv_add_(out_nchw, x.contiguous(), w, None), expect, rtol=1e-5, atol=1e-5)
