@@ -6,9 +6,11 @@ the compiler, the block, FFN and stem drop-ins run a fused inference forward (sa
 fp32 rounding): activations are kept channels_last (oneDNN's 1×1 convolutions run on that layout
 without reordering: 3–5× faster than NCHW at FAT-B0's 56×56 stage); every eval BatchNorm is folded
 into a convolution next to it (cached until its parameters change); GELU, ReLU and the residual
-adds run as oneDNN post-ops of the convolution before them (:mod:`._pointwise`); ``x + DW(x)``
-(CPE, ConvFFN) is one depthwise conv with a residual epilogue. Everything else (training, autograd,
-``torch.compile``, autocast, other devices) runs the reference composition on the fused ops.
+adds run in place on the output of the convolution before them (:mod:`._pointwise`); ``x + DW(x)``
+(CPE, ConvFFN) is one depthwise conv with a residual epilogue, in place on the FFN's hidden map;
+the FFN runs a few samples at a time on large maps and adds straight into the block's shortcut.
+Everything else (training, autograd, ``torch.compile``, autocast, other devices) runs the
+reference composition on the fused ops.
 """
 from __future__ import annotations
 
@@ -278,7 +280,7 @@ def _ffn_chunk(z: Tensor, hidden: int) -> int:
 
 def _ffn_inference(ffn: nn.Module, z: Tensor, shortcut: Optional[Tensor], own_shortcut: bool = False) -> Tensor:
     """``shortcut + ConvFFN(z)`` with ``fc2(BN(U))`` folded into one 1×1 conv and the GELU and the
-    shortcut add as oneDNN post-ops (falls back to the module for anything unexpected).
+    shortcut add in place (falls back to the module for anything unexpected).
     ``own_shortcut``: ``shortcut`` is a temporary of the caller, so ``fc2`` may accumulate into it
     in place, a chunk of samples at a time on large maps (see :data:`FFN_CHUNK_BYTES`)."""
     fc1, act, dw, bn, fc2 = (getattr(ffn, n, None) for n in ("fc1", "act", "dwconv", "bn", "fc2"))
@@ -307,7 +309,7 @@ def _ffn_inference(ffn: nn.Module, z: Tensor, shortcut: Optional[Tensor], own_sh
 
 
 def _conv_bn_relu_inference(unit: nn.Module, x: Tensor) -> Tensor:
-    """FAT stem unit ``ReLU(BN(conv(x)))`` as one conv (BN folded, ReLU a post-op)."""
+    """FAT stem unit ``ReLU(BN(conv(x)))`` as one conv (BN folded) and an in-place ReLU."""
     seq = getattr(unit, "conv", None)
     mods = list(seq.children()) if isinstance(seq, nn.Sequential) else []
     if len(mods) == 2:  # after fuse_for_inference: (conv, ReLU), the BN already folded
@@ -328,7 +330,7 @@ class ConvFFN(ref.ConvFFN):
 
     ``U = GELU(fc1(Z))``; stride 1: ``U + DW_k(U)`` as one depthwise conv with a residual epilogue;
     stride 2: ``DW_k/s2(U)``; ``out = fc2(BN(U))``. On the CPU inference path (module docstring)
-    the BN is folded into ``fc2`` and the GELU runs as ``fc1``'s post-op. In (B, C_in, H, W) →
+    the BN is folded into ``fc2`` and the GELU runs in place on ``fc1``'s output. In (B, C_in, H, W) →
     (B, C_out, ceil(H/s), ceil(W/s)), same dtype; channels_last on the CPU inference path.
     """
 
@@ -353,8 +355,8 @@ class FATBlock(ref.FATBlock):
         x ← downsample(x) + ffn(norm2(x))               ConvFFN
 
     On the CPU inference path (module docstring) the block computes channels_last and returns
-    channels_last (same values): the FASA mixer and ``fc2`` add their residuals as oneDNN post-ops,
-    the BNs of ``downsample`` and the FFN are folded. In (B, dim, H, W) → (B, out_dim,
+    channels_last (same values): the FASA mixer and ``fc2`` add their residuals in place, the BNs
+    of ``downsample`` and the FFN are folded. In (B, dim, H, W) → (B, out_dim,
     ceil(H/stride), ceil(W/stride)), same dtype.
     """
 
@@ -379,8 +381,8 @@ class FATBlock(ref.FATBlock):
 class PatchEmbedding(ref.PatchEmbedding):
     """``reference.fat.PatchEmbedding`` (same constructor, parameters, state_dict). On the CPU
     inference path (module docstring) the image is made channels_last once here, so the whole
-    model runs in that layout, and each 3×3 conv+BN+ReLU unit is one oneDNN conv (BN folded, ReLU a
-    post-op). (B, in, H, W) → (B, C, ceil(ceil(H/2)/2), ceil(ceil(W/2)/2))."""
+    model runs in that layout, and each 3×3 conv+BN+ReLU unit is one conv (BN folded) with an
+    in-place ReLU. (B, in, H, W) → (B, C, ceil(ceil(H/2)/2), ceil(ceil(W/2)/2))."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _inference(x, self):

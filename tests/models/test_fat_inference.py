@@ -121,7 +121,7 @@ def test_converted_fat_b0_inference_runs_channels_last():
     assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x), floor="tensor")
 
 
-# ---- the oneDNN post-op helpers ----------------------------------------------------------------------
+# ---- the conv + epilogue helpers --------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_conv_epilogue_matches_composite(activation, channels_last):
@@ -130,30 +130,30 @@ def test_conv_epilogue_matches_composite(activation, channels_last):
     w, b = torch.randn(40, 24, 3, 3) * 0.2, torch.randn(40)
     res = torch.randn(3, 40, 4, 5).contiguous(memory_format=fmt)
     act = {None: lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu}[activation]
+    expect = act(torch.nn.functional.conv2d(x, w, b, 2, 1))
     with torch.no_grad():
         for residual in (None, res):
-            y = conv_epilogue(x, w, b, 2, 1, activation, residual if activation is None else None)
-            expect = act(torch.nn.functional.conv2d(x, w, b, 2, 1))
-            if residual is not None and activation is None:
-                expect = expect + residual
-            torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+            y = conv_epilogue(x, w, b, 2, 1, activation, residual)
+            torch.testing.assert_close(y, expect if residual is None else expect + residual, rtol=1e-5, atol=1e-5)
             assert y.is_contiguous(memory_format=fmt)
     with pytest.raises(ValueError, match="activation"):
         conv_epilogue(x, w, b, activation="tanh")
 
 
-def test_conv_epilogue_and_conv_add_with_grad_fall_back():
+def test_conv_epilogue_with_grad_is_differentiable_and_conv_add_accumulates():
     x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = torch.randn(6, 8, 1, 1, requires_grad=True)
-    y = conv_epilogue(x, w, None, activation="gelu")
-    y.sum().backward()  # the composite: differentiable
-    assert x.grad is not None and w.grad is not None
+    res = torch.randn(2, 6, 5, 5)
+    y = conv_epilogue(x, w, None, activation="gelu", residual=res)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = torch.nn.functional.gelu(torch.nn.functional.conv2d(x2, w2)) + res
+    ex, ew = torch.autograd.grad(y2.square().sum(), (x2, w2))
+    torch.testing.assert_close(gx, ex), torch.testing.assert_close(gw, ew)
     with torch.no_grad():
         out = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
         expect = out + torch.nn.functional.conv2d(x, w)
         r = conv_add_(out[1:], x[1:], w, None)
         assert r.data_ptr() == out[1:].data_ptr()
-        torch.testing.assert_close(out[1:], expect[1:], rtol=1e-5, atol=1e-5)
-        out_nchw = torch.randn(2, 6, 5, 5)
-        expect = out_nchw + torch.nn.functional.conv2d(x, w)
-        torch.testing.assert_close(conv_add_(out_nchw, x.contiguous(), w, None), expect, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, torch.cat([expect[:1] - torch.nn.functional.conv2d(x[:1], w), expect[1:]]),
+                                   rtol=1e-5, atol=1e-5)
