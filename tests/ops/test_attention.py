@@ -311,6 +311,42 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
         assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
 
 
+@pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
+@pytest.mark.parametrize("d", [16, 32, 20])
+def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch):
+    """With no graph to record, attention_core runs the C++ forward directly (no custom op); the
+    result equals the custom op's for every query/output layout, token-major fp32 included (d a
+    multiple of 16 gathers with AVX-512 transposes, d = 20 the scalar way; N = 99 leaves a
+    partial tile)."""
+    B, h, N, M = 2, 3, 99, 7
+    c = h * d
+    q_map, g_map = torch.randn(B, c, 9, 11), torch.randn(B, c, 9, 11)
+    k, v = torch.randn(B, h, M, d), torch.randn(B, h, M, d)
+    q_cl, g_cl = (t.contiguous(memory_format=torch.channels_last) for t in (q_map, g_map))
+    cases = [
+        (att.BHND, torch.randn(B, h, N, d), torch.randn(B, h, N, d)),
+        (att.CHANNELS_FIRST, q_map.reshape(B, h, d, N).transpose(2, 3), g_map.reshape(B, h, d, N).transpose(2, 3)),
+        (att.TOKENS, q_cl.permute(0, 2, 3, 1).reshape(B, N, h, d).transpose(1, 2),
+         g_cl.permute(0, 2, 3, 1).reshape(B, N, h, d).transpose(1, 2)),
+    ]
+    calls = []
+    monkeypatch.setitem(att.FORWARD, "cpu", lambda *a: calls.append(1) or att._ext_fwd(*a))
+    for layout, q, g in cases:
+        want, _ = att._op(q, k, v, g, 0.3, layout, "auto")
+        calls.clear()
+        with torch.no_grad():
+            got = att.attention_core(q, k, v, 0.3, g, layout)
+        assert calls == [], "no-grad CPU calls skip the custom op"
+        assert got.stride() == want.stride()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        exact = att.reference(q.double(), k.double(), v.double(), 0.3, g.double())
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    # a graph to record: the custom op (differentiable)
+    q = cases[2][1].clone().requires_grad_()
+    att.attention_core(q, k, v, 0.3, cases[2][2], att.TOKENS).sum().backward()
+    assert calls and q.grad is not None
+
+
 # ---- GPU (run where a CUDA device is lent) ----------------------------------------------------------------
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
