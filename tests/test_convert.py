@@ -7,6 +7,7 @@ import fastvit_ops
 from fastvit_ops import models
 from fastvit_ops.convert import convert, revert
 from fastvit_ops.reference import fat as ref_fat
+from conftest import randomize_
 
 
 @pytest.mark.parametrize("name", ["fat_b0", "fcvit_tiny", "cvt_13"])
@@ -70,6 +71,35 @@ def test_duck_typed_authors_fasa():
     x = torch.randn(2, 32, 15, 13)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), wrapper(x), rtol=1e-5, atol=1e-5)
+
+
+def test_duck_typed_authors_fat_block_stem_and_ffn():
+    """Classes named FATBlock, ConvFFN and PatchEmbedding with the authors' attributes (not ours) are
+    converted by duck typing, and the converted stem + stride-2 block keep the outputs (they run the
+    CPU inference path: channels_last, BNs folded)."""
+    def authors(ref_cls):
+        cls = type(ref_cls.__name__, (nn.Module,), {"forward": ref_cls.forward})
+
+        def make(*args):
+            m = cls()
+            m.__dict__.update(ref_cls(*args).__dict__)
+            return m
+        return make
+
+    stem = authors(ref_fat.PatchEmbedding)(3, 32)
+    block = authors(ref_fat.FATBlock)(32, 80, 3, 2, 8, 5, 4, 2)
+    block.ffn = authors(ref_fat.ConvFFN)(32, 128, 5, 2, 80)
+    model = randomize_(nn.Sequential(stem, block)).eval()
+    conv = convert(model)
+    rep = conv.fastvit_ops_report
+    for name in ("PatchEmbedding", "FATBlock", "ConvFFN"):
+        assert isinstance([m for m in conv.modules() if type(m).__name__ == name][0], fastvit_ops.nn.FAT_LAYERS[name])
+        assert any(k.startswith(name) and "duck-typed" in k for k in rep), rep
+    x = torch.randn(2, 3, 45, 39)
+    with torch.no_grad():
+        y = conv(x)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_plain_depthwise_convs_only():
