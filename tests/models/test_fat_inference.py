@@ -157,3 +157,23 @@ def test_conv_epilogue_with_grad_is_differentiable_and_conv_add_accumulates():
         assert r.data_ptr() == out[1:].data_ptr()
         torch.testing.assert_close(out, torch.cat([expect[:1] - torch.nn.functional.conv2d(x[:1], w), expect[1:]]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_then_no_grad_then_training_graph():
+    """Folds cached under torch.inference_mode serve later no_grad calls; a grad-enabled call takes
+    the differentiable path and backpropagates."""
+    ref = randomize_(fastvit_ops.models.create("fat_b0", reference=True)).eval()
+    conv = fastvit_ops.convert(ref)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        y_ref = ref(x)
+    with torch.inference_mode():
+        a = conv(x)
+    with torch.no_grad():
+        b = conv(x)
+    c = conv(x)
+    c.square().sum().backward()
+    assert all(p.grad is not None for p in conv.parameters() if p.requires_grad)
+    exact = _exact(ref, x)
+    for name, y in (("inference_mode", a), ("no_grad", b), ("grad", c.detach())):
+        assert_error_rule(f"converted fat_b0 under {name}", y, y_ref, exact, floor="tensor")
