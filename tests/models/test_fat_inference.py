@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import fastvit_ops
 from conftest import assert_error_rule, randomize_
