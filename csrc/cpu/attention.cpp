@@ -399,6 +399,32 @@ __attribute__((FASTVIT_AVX512_ATTR)) void scatter_tokens16(const float* X, int64
 }
 #endif
 
+#ifndef FASTVIT_HAVE_AVX512
+bool tokens16(const at::Tensor&, int64_t) { return false; }
+#endif
+
+// Tile of (b, h) rows n0 … n0 + cnt − 1 in or out, through the 16×16 transposes where `tok`
+// (fp32 token-major, see tokens16), element by element otherwise.
+template <typename T, typename A>
+void gather_any(const View4<T>& t, bool tok, int64_t b, int64_t h, int64_t n0, int64_t cnt, int64_t D, A* X) {
+#ifdef FASTVIT_HAVE_AVX512
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    if (tok) return gather_tokens16(t.at(b, h), t.sn, n0, cnt, D, X);
+  }
+#endif
+  gather(t.at(b, h), t.sn, t.sd, n0, cnt, D, X);
+}
+
+template <typename T, typename A>
+void scatter_any(const A* X, int64_t cnt, int64_t D, const View4<T>& t, bool tok, int64_t b, int64_t h, int64_t n0) {
+#ifdef FASTVIT_HAVE_AVX512
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+    if (tok) return scatter_tokens16(X, cnt, D, t.at(b, h), t.sn, n0);
+  }
+#endif
+  scatter(X, cnt, D, t.at(b, h), t.sn, t.sd, n0);
+}
+
 // K or V of one (b, h) → contiguous M × D in the accumulation type, times `mul`.
 template <typename T, typename A>
 void load_kv(const View4<T>& t, int64_t b, int64_t h, int64_t M, int64_t D, A mul, A* out) {
@@ -439,9 +465,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t tiles = (g.N + NT - 1) / NT;
   const int64_t M = g.M, D = g.D;
   const A qk_scale = static_cast<A>(scale * kLog2e);
-#ifdef FASTVIT_HAVE_AVX512
   const bool q_tok = tokens16(q, D), g_tok = has_gate && tokens16(*gate, D), o_tok = tokens16(out, D);
-#endif
   // Work item = (b, h, tile); K/V of the item's head are reloaded only when the head changes.
   at::parallel_for(0, g.B * g.H * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> kbuf(M * D), vbuf(M * D), X(D * NT), S(M * NT), Y(D * NT), Gt(D * NT), mx(NT), l(NT);
@@ -454,34 +478,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         loaded = bh;
       }
       const int64_t n0 = t * NT, cnt = std::min(NT, g.N - n0);
-#ifdef FASTVIT_HAVE_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        if (q_tok) gather_tokens16(Q.at(b, h), Q.sn, n0, cnt, D, X.data());
-        else gather(Q.at(b, h), Q.sn, Q.sd, n0, cnt, D, X.data());
-      } else
-#endif
-        gather(Q.at(b, h), Q.sn, Q.sd, n0, cnt, D, X.data());
+      gather_any(Q, q_tok, b, h, n0, cnt, D, X.data());
       rows_dot(kbuf.data(), X.data(), S.data(), M, D);
       softmax_cols(S.data(), mx.data(), l.data(), qk_scale, M);  // exp2 with scale·log2(e) folded in
       cols_dot(vbuf.data(), S.data(), Y.data(), M, D);
       for (int64_t n = 0; n < NT; ++n) l[n] = A(1) / l[n];
-      if (has_gate) {
-#ifdef FASTVIT_HAVE_AVX512
-        if constexpr (std::is_same_v<T, float>) {
-          if (g_tok) gather_tokens16(G.at(b, h), G.sn, n0, cnt, D, Gt.data());
-          else gather(G.at(b, h), G.sn, G.sd, n0, cnt, D, Gt.data());
-        } else
-#endif
-          gather(G.at(b, h), G.sn, G.sd, n0, cnt, D, Gt.data());
-      }
+      if (has_gate) gather_any(G, g_tok, b, h, n0, cnt, D, Gt.data());
       finish(Y.data(), l.data(), has_gate ? Gt.data() : nullptr, D);
-#ifdef FASTVIT_HAVE_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        if (o_tok) scatter_tokens16(Y.data(), cnt, D, O.at(b, h), O.sn, n0);
-        else scatter(Y.data(), cnt, D, O.at(b, h), O.sn, O.sd, n0);
-      } else
-#endif
-        scatter(Y.data(), cnt, D, O.at(b, h), O.sn, O.sd, n0);
+      scatter_any(Y.data(), cnt, D, O, o_tok, b, h, n0);
       A* lrow = L + (bh * g.N + n0) * 2;
       for (int64_t n = 0; n < cnt; ++n) {
         lrow[2 * n] = mx[n];
