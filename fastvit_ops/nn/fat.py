@@ -4,11 +4,12 @@ ConvFFN, FATBlock and PatchEmbedding (same constructors and state_dicts).
 CPU inference path. In eval mode with nothing needing gradients, on fp32 CPU tensors and outside
 the compiler, the block, FFN and stem drop-ins run a fused inference forward (same outputs up to
 fp32 rounding): activations are kept channels_last (oneDNN's 1×1 convolutions run on that layout
-without reordering: 3–5× faster than NCHW at FAT-B0's 56×56 stage); every eval BatchNorm is folded
-into a convolution next to it (cached until its parameters change); GELU, ReLU and the residual
-adds run in place on the output of the convolution before them (:mod:`._pointwise`); ``x + DW(x)``
-(CPE, ConvFFN) is one depthwise conv with a residual epilogue, in place on the FFN's hidden map;
-the FFN runs a few samples at a time on large maps and adds straight into the block's shortcut.
+without reordering: 5.5× faster than NCHW for FAT-B0's 56×56 ``fc1``, 1.1× at 14×14); every eval
+BatchNorm is folded into a convolution next to it (cached until its parameters change); GELU,
+ReLU and the residual adds run in place on the output of the convolution before them
+(:mod:`._pointwise`); ``x + DW(x)`` (CPE, ConvFFN) is one depthwise conv with a residual epilogue,
+in place on the FFN's hidden map; the FFN runs a few samples at a time on large maps and adds
+straight into the block's shortcut.
 Everything else (training, autograd, ``torch.compile``, autocast, other devices) runs the
 reference composition on the fused ops.
 """
