@@ -35,15 +35,44 @@ def _exact(ref, x):
 def test_block_inference_path_matches_reference(cfg, size, monkeypatch):
     dim, out_dim, k, heads, window, stride = cfg
     ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, dim, out_dim, k, heads, window, 5, 4, stride)
-    calls = []
-    real = fused_fat._ffn_inference
-    monkeypatch.setattr(fused_fat, "_ffn_inference", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(3, dim, *size)
+    exact = _exact(ref, x)
     with torch.no_grad():
         y_ref, y = ref(x), fused(x)
-    assert calls, "the inference path was not taken"
+    assert fused.__dict__["_fastvit_ops_plan"][2] is not None, "the flat inference plan was not used"
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
-    assert_error_rule(f"FATBlock{cfg}", y, y_ref, _exact(ref, x))
+    assert_error_rule(f"FATBlock{cfg}", y, y_ref, exact)
+    # The module-by-module inference path (what non-standard blocks run) gives the same result.
+    calls = []
+    real = fused_fat._ffn_inference
+    monkeypatch.setattr(fused_fat, "_block_plan", lambda blk: None)
+    monkeypatch.setattr(fused_fat, "_ffn_inference", lambda *a: calls.append(1) or real(*a))
+    fused.__dict__.pop("_fastvit_ops_plan")
+    with torch.no_grad():
+        y2 = fused(x)
+    assert calls, "the module inference path was not taken"
+    assert_error_rule(f"FATBlock{cfg} module path", y2, y_ref, exact)
+
+
+def test_non_standard_block_keeps_the_module_path():
+    """A block whose norm is not a GroupNorm (say, a user's replacement) runs the module path."""
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 32, 32, 3, 2, 8, 5, 4, 1)
+
+    class MyNorm(torch.nn.Module):
+        def __init__(self, gn):
+            super().__init__()
+            self.gn = gn
+
+        def forward(self, x):
+            return self.gn(x)
+
+    ref.norm1, fused.norm1 = MyNorm(ref.norm1), MyNorm(fused.norm1)
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        y_ref, y = ref(x), fused(x)
+        assert fused.__dict__["_fastvit_ops_plan"][0] is None  # remembered as non-standard
+        fused(x)
+    assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x))
 
 
 def test_block_inference_chunks_the_ffn(monkeypatch):
