@@ -530,7 +530,6 @@ class FATBlock(ref.FATBlock):
         y = self.ffn(self.norm2(x))
         return self.downsample(x) + (drop_path(y) if drop_path is not None else y)
 
-
     def _plan(self, x: Tensor):
         """The flat inference closure (see ``_block_plan``), built or rebuilt as needed; None where
         the block is not the standard structure or the C++ kernels cannot run here."""
@@ -538,22 +537,19 @@ class FATBlock(ref.FATBlock):
                 or not dispatch.no_grad_cpu(x, "cpu", ()) or not x.is_contiguous(memory_format=torch.channels_last)
                 and not x.is_contiguous()):
             return None
+        # Valid while the submodules are the same objects (a swapped-in module may hold tensors
+        # the plan never read) and every tensor it read is unchanged.
+        structure = tuple(id(m) for m in self.modules())
         cached = self.__dict__.get("_fastvit_ops_plan")
-        if cached is not None and cached[0] is not None and cached[0] == _plan_key(cached[1]):
-            return cached[2]
-        if cached is not None and cached[0] is None and cached[1] == self._structure():
-            return None  # not a standard block: the module path
+        if cached is not None and cached[0] == structure:
+            _, tensors, key, run = cached
+            if run is None or key == _plan_key(tensors):
+                return run  # None: not a standard block, the module path
         with torch.no_grad():
             built = _block_plan(self)
-        if built is None:
-            self.__dict__["_fastvit_ops_plan"] = (None, self._structure(), None)
-            return None
-        tensors, run = built
-        self.__dict__["_fastvit_ops_plan"] = (_plan_key(tensors), tensors, run)
+        tensors, run = built if built is not None else ((), None)
+        self.__dict__["_fastvit_ops_plan"] = (structure, tensors, _plan_key(tensors), run)
         return run
-
-    def _structure(self) -> tuple:
-        return tuple(id(m) for m in self.modules())
 
 
 class PatchEmbedding(ref.PatchEmbedding):

@@ -39,7 +39,7 @@ def test_block_inference_path_matches_reference(cfg, size, monkeypatch):
     exact = _exact(ref, x)
     with torch.no_grad():
         y_ref, y = ref(x), fused(x)
-    assert fused.__dict__["_fastvit_ops_plan"][2] is not None, "the flat inference plan was not used"
+    assert fused.__dict__["_fastvit_ops_plan"][3] is not None, "the flat inference plan was not used"
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
     assert_error_rule(f"FATBlock{cfg}", y, y_ref, exact)
     # The module-by-module inference path (what non-standard blocks run) gives the same result.
@@ -66,12 +66,19 @@ def test_non_standard_block_keeps_the_module_path():
         def forward(self, x):
             return self.gn(x)
 
-    ref.norm1, fused.norm1 = MyNorm(ref.norm1), MyNorm(fused.norm1)
     x = torch.randn(2, 32, 9, 9)
     with torch.no_grad():
-        y_ref, y = ref(x), fused(x)
-        assert fused.__dict__["_fastvit_ops_plan"][0] is None  # remembered as non-standard
         fused(x)
+        assert fused.__dict__["_fastvit_ops_plan"][3] is not None  # standard until the swap
+        # Swapped after the plan was built: the plan must not outlive the structure it read, even
+        # though none of the tensors it read changed.
+        ref.norm1, fused.norm1 = MyNorm(ref.norm1), MyNorm(copy.deepcopy(fused.norm1))
+        with torch.no_grad():
+            ref.norm1.gn.weight.mul_(-2.0)
+            fused.norm1.gn.weight.mul_(-2.0)
+        y_ref, y = ref(x), fused(x)
+        assert fused.__dict__["_fastvit_ops_plan"][3] is None  # remembered as non-standard
+        torch.testing.assert_close(fused(x), y)
     assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x))
 
 
