@@ -279,16 +279,26 @@ def _ffn_chunk(z: Tensor, hidden: int) -> int:
     return max(1, FFN_CHUNK_BYTES // per_sample)
 
 
+def _standard_ffn(ffn: nn.Module):
+    """(fc1, dwconv, bn, fc2) of a ConvFFN the inference path runs (1×1 fc1/fc2, exact GELU, a
+    depthwise conv the fused kernel takes, an eval BN or one already folded away), else None."""
+    fc1, act, dw, bn, fc2 = (getattr(ffn, n, None) for n in ("fc1", "act", "dwconv", "bn", "fc2"))
+    if (_is_1x1(fc1) and isinstance(act, nn.GELU) and act.approximate == "none" and _dw_shape_ok(dw)
+            and (is_eval_bn(bn) or isinstance(bn, nn.Identity)) and _is_1x1(fc2)):
+        return fc1, dw, bn, fc2
+    return None
+
+
 def _ffn_inference(ffn: nn.Module, z: Tensor, shortcut: Optional[Tensor], own_shortcut: bool = False) -> Tensor:
     """``shortcut + ConvFFN(z)`` with ``fc2(BN(U))`` folded into one 1×1 conv and the GELU and the
     shortcut add in place (falls back to the module for anything unexpected).
     ``own_shortcut``: ``shortcut`` is a temporary of the caller, so ``fc2`` may accumulate into it
     in place, a chunk of samples at a time on large maps (see :data:`FFN_CHUNK_BYTES`)."""
-    fc1, act, dw, bn, fc2 = (getattr(ffn, n, None) for n in ("fc1", "act", "dwconv", "bn", "fc2"))
-    if not (_is_1x1(fc1) and isinstance(act, nn.GELU) and act.approximate == "none" and _dw_shape_ok(dw)
-            and (is_eval_bn(bn) or isinstance(bn, nn.Identity)) and _is_1x1(fc2)):
+    parts = _standard_ffn(ffn)
+    if parts is None:
         y = _ffn_composite(ffn, z) if isinstance(ffn, ConvFFN) else ffn(z)
         return y if shortcut is None else shortcut + y
+    fc1, dw, bn, fc2 = parts
     if isinstance(bn, nn.Identity):  # already folded by fuse_for_inference
         w2, b2 = fc2.weight, fc2.bias
     else:
@@ -334,36 +344,19 @@ def _conv_bn_relu_inference(unit: nn.Module, x: Tensor) -> Tensor:
 # folded weights that calls the ops directly and drops each intermediate as soon as it is used; it
 # is rebuilt when any tensor it read changes (storage or version counter). Anything else keeps the
 # module path.
-_DW_OP = None
-
-
-def _dw_op():
-    global _DW_OP
-    if _DW_OP is None:
-        _DW_OP = torch.ops.fastvit_ops._dwconv2d_autograd.default
-    return _DW_OP
-
-
-def _plain_conv(m) -> bool:
-    return isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-
-
 def _dw_step(conv, bn, act: int = 0, residual: bool = False):
-    """(tensors read, fn(x)) for ``act(DW(x)) [+ x]`` with ``bn`` (eval, or None) folded in."""
+    """(tensors read, fn(x)) for ``act(DW(x)) [+ x]`` with ``bn`` (eval, or None) folded in; the
+    forward ``auto`` timed faster for the call's signature, as :func:`dwconv2d` picks it."""
+    from ..ops.dwconv import onednn_forward
+
     w, b = fold_eval_bn(conv, bn) if bn is not None else (conv.weight, conv.bias)
     w, b = w.detach(), (b.detach() if b is not None else None)
     s, p = conv.stride[0], conv.padding[0]
-    op, choice = _dw_op(), _dwconv_choice
+    op = torch.ops.fastvit_ops._dwconv2d_autograd.default
 
     def run(x: Tensor) -> Tensor:
-        return op(x, w, b, s, p, act, residual, choice(x, w, b, s, p, act, residual))
+        return op(x, w, b, s, p, act, residual, onednn_forward(dispatch.get_backend(), x, w, b, s, p, act, residual))
     return [conv.weight, conv.bias] + (list(bn_sources(bn)) if bn is not None else []), run
-
-
-def _dwconv_choice(x, w, b, s, p, act, residual) -> bool:
-    """oneDNN's forward for this signature under ``auto`` (what dwconv2d's tuner decided)."""
-    from ..ops.dwconv import cpu_forward_choice
-    return dispatch.get_backend() == "auto" and cpu_forward_choice(x, w, b, s, p, act, residual) == "onednn"
 
 
 def _seq_steps(seq) -> Optional[list]:
@@ -401,11 +394,10 @@ def _block_plan(blk: nn.Module):
         return None
     pool = [] if isinstance(attn.pool, nn.Identity) else _seq_steps(attn.pool)
     shortcut = [] if isinstance(ds, nn.Identity) else _seq_steps(ds)
-    fc1, act, dw, bn, fc2 = (getattr(ffn, a, None) for a in ("fc1", "act", "dwconv", "bn", "fc2"))
-    if pool is None or shortcut is None or not (
-            _is_1x1(fc1) and isinstance(act, nn.GELU) and act.approximate == "none" and _dw_shape_ok(dw)
-            and (is_eval_bn(bn) or isinstance(bn, nn.Identity)) and _is_1x1(fc2)):
+    parts = _standard_ffn(ffn)
+    if pool is None or shortcut is None or parts is None:
         return None
+    fc1, dw, bn, fc2 = parts
     tensors = [n1.weight, n1.bias, n2.weight, n2.bias]
     cpe_t, cpe_run = _dw_step(cpe, None, residual=True)
     lm_t, lm_run = _dw_step(attn.local_mixer, None, act=1)
@@ -425,7 +417,7 @@ def _block_plan(blk: nn.Module):
         fc1.weight, fc1.bias))
     heads, d, scale = int(attn.num_heads), int(attn.dim_head), float(attn.scalor)
     dw_stride1 = dw.stride[0] == 1 and dw.padding[0] == dw.kernel_size[0] // 2
-    dw_t, dw_run = _dw_step(dw, None, residual=dw_stride1)
+    _, dw_run = _dw_step(dw, None, residual=dw_stride1)
     dww, dwb = dw.weight.detach(), (dw.bias.detach() if dw.bias is not None else None)
     same_ = torch.ops.fastvit_ops._dwconv2d_same_.default
     attn_fwd = torch.ops.fastvit_ops._downsampled_attention_forward.default

@@ -201,6 +201,13 @@ def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     return choice
 
 
+def onednn_forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                   activation: int, residual: bool) -> bool:
+    """Whether the C++ fast path should run oneDNN's forward for this call: only under ``auto``,
+    where :func:`cpu_forward_choice` timed it faster (``backend("cpu")`` always runs ours)."""
+    return backend == "auto" and cpu_forward_choice(x, weight, bias, stride, padding, activation, residual) == "onednn"
+
+
 def cpu_forward_choices() -> Dict[tuple, str]:
     """A copy of the cached per-shape CPU forward choices (for inspection and tests)."""
     return dict(_cpu_choice)
@@ -351,7 +358,7 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
     if dispatch.eager_cpu(x, backend, (weight, bias), channels_last=True):
         # Plain eager CPU call: the same kernels (and per-shape forward choice) under a C++
         # autograd node, without the custom op's Python overhead.
-        onednn = backend == "auto" and cpu_forward_choice(x, weight, bias, stride, padding, act, residual) == "onednn"
+        onednn = onednn_forward(backend, x, weight, bias, stride, padding, act, residual)
         return torch.ops.fastvit_ops._dwconv2d_autograd(x, weight, bias, stride, padding, act, residual, onednn)
     return _op(x, weight, bias, stride, padding, act, residual, backend)
 
