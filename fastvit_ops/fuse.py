@@ -28,8 +28,10 @@ import copy
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .nn._bn import eval_bn_affine, fold_bn_into_next_1x1
 
 __all__ = ["fuse_for_inference"]
 
@@ -39,17 +41,6 @@ KNOWN_PATTERNS: Dict[str, Tuple[str, str, str]] = {
     "OverlapPatchEmbed": ("proj", "norm", "after"),
     "ConvFFN": ("fc2", "bn", "before"),
 }
-
-
-def _affine(bn: _BatchNorm) -> Tuple[Tensor, Tensor]:
-    """(s, t) in float64 with ``BN(y) = y·s + t`` (eval mode)."""
-    s = (bn.running_var.double() + bn.eps).rsqrt()
-    if bn.weight is not None:
-        s = s * bn.weight.double()
-    t = -bn.running_mean.double() * s
-    if bn.bias is not None:
-        t = t + bn.bias.double()
-    return s, t
 
 
 def _foldable(bn, conv, where: str) -> bool:
@@ -66,14 +57,14 @@ def _foldable(bn, conv, where: str) -> bool:
 
 @torch.no_grad()
 def _fold(conv: nn.Conv2d, bn: _BatchNorm, where: str) -> None:
-    s, t = _affine(bn)
-    w = conv.weight.double()
-    b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
-                                                                     device=w.device)
     if where == "after":
+        s, t = eval_bn_affine(bn)
+        w = conv.weight.double()
+        b = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                         device=w.device)
         w_new, b_new = w * s.view(-1, 1, 1, 1), b * s + t
     else:
-        w_new, b_new = w * s.view(1, -1, 1, 1), b + w[:, :, 0, 0] @ t
+        w_new, b_new = fold_bn_into_next_1x1(bn, conv)
     dtype = conv.weight.dtype
     conv.weight = nn.Parameter(w_new.to(dtype), requires_grad=conv.weight.requires_grad)
     conv.bias = nn.Parameter(b_new.to(dtype), requires_grad=conv.weight.requires_grad)

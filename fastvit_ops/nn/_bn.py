@@ -25,16 +25,22 @@ def fold_eval_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> Tuple[
     return w, (b + bn.bias if bn.bias is not None else b)
 
 
-def fold_bn_into_next_1x1(bn: nn.modules.batchnorm._BatchNorm, conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
-    """(weight, bias) of one 1×1 conv equal to ``conv(bn(u))`` in eval mode: with ``bn(u) = u·s + t``
-    per channel, ``W' = W·s`` (per input channel) and ``b' = b + W·t``. Folded in float64, returned
-    in the conv's dtype (FAT's ConvFFN ``fc2(bn(u))``)."""
-    s = torch.rsqrt(bn.running_var.double() + bn.eps)
+def eval_bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[Tensor, Tensor]:
+    """(s, t) in float64 with ``BN(y) = y·s + t`` per channel (eval mode)."""
+    s = (bn.running_var.double() + bn.eps).rsqrt()
     if bn.weight is not None:
         s = s * bn.weight.double()
     t = -bn.running_mean.double() * s
     if bn.bias is not None:
         t = t + bn.bias.double()
+    return s, t
+
+
+def fold_bn_into_next_1x1(bn: nn.modules.batchnorm._BatchNorm, conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
+    """(weight, bias) of one 1×1 conv equal to ``conv(bn(u))`` in eval mode: with ``bn(u) = u·s + t``
+    per channel, ``W' = W·s`` (per input channel) and ``b' = b + W·t``. Folded in float64, returned
+    in the conv's dtype (FAT's ConvFFN ``fc2(bn(u))``)."""
+    s, t = eval_bn_affine(bn)
     w = conv.weight.double()
     b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     w2 = w[:, :, 0, 0]
