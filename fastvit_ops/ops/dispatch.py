@@ -106,14 +106,15 @@ def eager_cpu(x: torch.Tensor, backend: str, params, channels_last: bool = False
     transform, dispatch mode or tensor subclass is involved (those keep the custom op, which is
     what ``opcheck`` and the compiler see). Same kernels and results; the custom op's per-call
     Python dispatch and autograd glue (tens to hundreds of µs) are what it saves."""
-    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
     if not (x.is_contiguous() or (channels_last and x.is_contiguous(memory_format=torch.channels_last))):
         return False
-    return _plain_cpu_call(params)
+    return _plain_cpu_call(x, backend, params)
 
 
-def _plain_cpu_call(params) -> bool:
+def _plain_cpu_call(x: torch.Tensor, backend: str, params) -> bool:
+    """cpu/auto backend, a plain CPU tensor, the extension built, nothing tracing or intercepting."""
+    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
+        return False
     if torch.compiler.is_compiling():
         return False
     if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
@@ -127,8 +128,6 @@ def no_grad_cpu(x: torch.Tensor, backend: str, params) -> bool:
     """Whether a call may run an op's C++ CPU kernel directly, without the custom op: like
     :func:`eager_cpu` but for any strides, and only when no autograd graph is being recorded for
     it (grad mode off, or nothing involved requires grad), so there is no backward to set up."""
-    if backend not in ("auto", "cpu") or type(x) is not torch.Tensor or x.device.type != "cpu":
-        return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params)):
         return False
-    return _plain_cpu_call(params)
+    return _plain_cpu_call(x, backend, params)
