@@ -77,14 +77,9 @@ def _inference(x: Tensor, module: nn.Module) -> bool:
     return True
 
 
-def _no_grad_fold(x: Tensor) -> bool:
-    """Folded weights may be cached (no autograd graph through them is wanted)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def _folded_after(conv: nn.Conv2d, bn, x: Tensor):
+def _folded_after(conv: nn.Conv2d, bn):
     """``fold_eval_bn(conv, bn)``, cached when nothing needs its graph."""
-    if not _no_grad_fold(x):
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a graph through the fold is wanted
         return fold_eval_bn(conv, bn)
     return cached_fold(conv, f"bn_after_{bn.eps}", (conv.weight, conv.bias) + bn_sources(bn),
                        lambda: fold_eval_bn(conv, bn))
@@ -102,7 +97,7 @@ def _pool(pool: nn.Module, x: Tensor) -> Tensor:
         nxt = mods[i + 1] if i + 1 < len(mods) else None
         if isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels:
             if is_eval_bn(nxt):
-                w, b = _folded_after(m, nxt, x)
+                w, b = _folded_after(m, nxt)
                 x = _depthwise(x, m, w, b, silu=False)
                 i += 2
                 continue
@@ -258,7 +253,7 @@ def _downsample_inference(ds: nn.Module, x: Tensor) -> Tensor:
     mods = list(ds.children()) if isinstance(ds, nn.Sequential) else []
     if (len(mods) == 3 and _dw_shape_ok(mods[0]) and is_eval_bn(mods[1]) and isinstance(mods[2], nn.Conv2d)
             and _is_1x1(mods[2])):
-        w, b = _folded_after(mods[0], mods[1], x)
+        w, b = _folded_after(mods[0], mods[1])
         y = _depthwise(x, mods[0], w, b, silu=False)
         return conv_epilogue(y, mods[2].weight, mods[2].bias)
     return ds(x)
@@ -331,7 +326,7 @@ def _conv_bn_relu_inference(unit: nn.Module, x: Tensor) -> Tensor:
             and len(set(mods[0].stride)) == 1 and len(set(mods[0].padding)) == 1
             and tuple(mods[0].dilation) == (1, 1)):
         conv = mods[0]
-        w, b = _folded_after(conv, mods[1], x) if mods[1] is not None else (conv.weight, conv.bias)
+        w, b = _folded_after(conv, mods[1]) if mods[1] is not None else (conv.weight, conv.bias)
         return conv_epilogue(x, w, b, conv.stride[0], conv.padding[0], activation="relu")
     return unit(x)
 
