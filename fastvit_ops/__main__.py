@@ -26,6 +26,7 @@ from . import _availability as avail
 from .benchmarks import load, op_names, runner
 from .benchmarks import models as model_bench
 from .benchmarks.shapes import default_batch
+from .benchmarks.kernel_resources import launched_kernels
 from .ops.dispatch import BACKENDS, backend_available
 
 # Wide enough for the bench table when the output is a file or a CI log (rich assumes 80 there).
@@ -79,14 +80,24 @@ def cmd_info(args) -> int:
     return 0
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def cmd_check(args) -> int:
     dev = _device(args.device)
     ops = _ops(args.ops)
-    total = sum(len(load(op).check_cases(dev)) for op in ops) * len(runner.backends_here(dev))
+    real = None
+    if args.real_shapes:
+        real = (args.batch or default_batch(dev), _DTYPES[args.dtype])
+    names = runner.backends_here(dev, fused_only=real is not None)
+    total = sum(len(runner.check_cases(op, dev, real)) for op in ops) * len(names)
     with _progress() as p:
         task = p.add_task("checking", total=total)
-        rows = runner.run_checks(dev, ops, progress=lambda: p.advance(task))
-    table = Table(title=f"fused ops vs eager reference on {dev}")
+        rows = runner.run_checks(dev, ops, progress=lambda: p.advance(task), real_shapes=real,
+                                 log=console.print if args.verbose else None)
+    title = (f"fused ops vs float64 at the layer shapes, batch {real[0]}, {args.dtype}, on {dev}" if real
+             else f"fused ops vs eager reference on {dev}")
+    table = Table(title=title)
     for col in ("op", "shape", "backend", "fwd max err", "bwd max err", "ok"):
         table.add_column(col)
     for r in rows:
@@ -95,7 +106,8 @@ def cmd_check(args) -> int:
     console.print(table)
     failed = [r for r in rows if not r["ok"]]
     if args.json:
-        _write_json(args.json, {"env": runner.environment(dev), "checks": rows})
+        _write_json(args.json, {"env": runner.environment(dev), "checks": rows,
+                                "triton_kernels": launched_kernels() if dev.type == "cuda" else []})
     if failed:
         console.print(f"[red]{len(failed)} check(s) failed[/]")
         return 1
@@ -113,8 +125,9 @@ def cmd_bench(args) -> int:
     ops = [] if args.no_ops else _ops(args.ops)
     cases = []
     shape_prefixes = None if args.all_shapes else [m.strip() for m in args.shapes.split(",") if m.strip()]
+    dtype = _DTYPES[args.dtype]
     for op in ops:
-        cs = load(op).bench_cases(batch, dev)
+        cs = load(op).bench_cases(batch, dev, dtype)
         if shape_prefixes:
             cs = [c for c in cs if any(c.shape.startswith(m) for m in shape_prefixes)]
         cases += cs[:1] if args.quick else cs
@@ -124,26 +137,49 @@ def cmd_bench(args) -> int:
     modes = ("inference", "train") if args.train else ("inference",)
     variants = model_bench.VARIANTS if not args.no_compile else ("reference", "fused")
     reps, max_s = (5, 0.5) if args.quick else (20, 2.0)
+    rounds, model_s = (3, 5.0) if args.quick else (7, 30.0)
+    if args.reps:  # e.g. --reps 1: only compile and warm up (fills torch.compile's on-disk caches)
+        reps, rounds = args.reps, args.reps
     started = time.time()
     op_rows, model_rows = [], []
+    env = runner.environment(dev)
+    autocast = _DTYPES[args.autocast] if args.autocast else None
+
+    def save():  # after every case, so a run that is cut short still leaves its results
+        if args.json:
+            _write_json(args.json, _bench_result(env, batch, args, op_rows, model_rows, dev), quiet=True)
+
     with _progress() as p:
         task = p.add_task("benchmarking", total=len(cases) + len(models) * len(modes))
         for case in cases:
             p.update(task, description=f"{case.op} {case.shape}")
-            op_rows += runner.bench_case(case, dev, compile_=not args.no_compile, reps=reps, max_seconds=max_s)
+            rows = runner.bench_case(case, dev, compile_=not args.no_compile, reps=reps, max_seconds=max_s)
+            op_rows += rows
+            if args.verbose:
+                for r in rows:
+                    console.print(f"[{time.time() - started:5.0f} s] {r['op']} {r['shape']} {r['pass']}: eager "
+                                  f"{_fmt(r['eager_ms'])} compile {_fmt(r['compile_ms'])} fused {_fmt(r['fused_ms'])} "
+                                  f"ms{'' if r.get('sdpa_ms') is None else ' sdpa ' + _fmt(r['sdpa_ms'])}")
+            save()
             p.advance(task)
         for name in models:
             for mode in modes:
                 p.update(task, description=f"model {name} {mode}")
-                model_rows.append(model_bench.throughput(name, batch, dev, mode, variants=variants,
-                                                         rounds=3 if args.quick else 7,
-                                                         max_seconds=5.0 if args.quick else 30.0))
+                row = model_bench.throughput(name, batch, dev, mode, variants=variants,
+                                             rounds=rounds, max_seconds=model_s, autocast=autocast)
+                model_rows.append(row)
+                if args.verbose:
+                    console.print(f"[{time.time() - started:5.0f} s] {name} {mode}: " + ", ".join(
+                        f"{v} {row[v + '_img_s']:.1f} img/s" for v in variants))
+                save()
                 p.advance(task)
-    env = runner.environment(dev)
     gpu = dev.type == "cuda"
-    table = Table(title=f"fused ops, batch {batch}, {env['device']} ({env['cpu_threads']} threads)" if not gpu
-                  else f"fused ops, batch {batch}, {env['device']}")
+    table = Table(title=f"fused ops, batch {batch}, {args.dtype}, {env['device']} ({env['cpu_threads']} threads)"
+                  if not gpu else f"fused ops, batch {batch}, {args.dtype}, {env['device']}")
     cols = ["op", "shape", "pass", "eager ms", "compile ms", "fused ms", "× eager", "× compile", "max err"]
+    with_sdpa = any(r.get("sdpa_ms") is not None for r in op_rows)
+    if with_sdpa:
+        cols += ["× sdpa"]
     if gpu:
         cols += ["GB/s", "TFLOP/s"]
     for c in cols:
@@ -151,6 +187,8 @@ def cmd_bench(args) -> int:
     for r in op_rows:
         row = [r["op"], r["shape"], r["pass"], _fmt(r["eager_ms"]), _fmt(r["compile_ms"]), _fmt(r["fused_ms"]),
                _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"), f"{r['max_error']:.1e}"]
+        if with_sdpa:
+            row += [_fmt(r.get("speedup_vs_sdpa"), ".2f")]
         if gpu:
             row += [_fmt(r.get("fused_GBps"), ".0f"), _fmt(r.get("fused_TFLOPs"), ".2f")]
         table.add_row(*row)
@@ -159,15 +197,19 @@ def cmd_bench(args) -> int:
     if model_rows:
         _model_table(model_rows, batch, variants)
     console.print(f"done in {time.time() - started:.0f} s")
-    result = {"env": env, "batch": batch, "ops": op_rows, "models": model_rows}
     if args.json:
-        _write_json(args.json, result)
+        _write_json(args.json, _bench_result(env, batch, args, op_rows, model_rows, dev))
     if args.plot:
         if op_rows:
             _plot(args.plot, op_rows, env)
         if model_rows:
             _plot_models(args.plot if not op_rows else _suffixed(args.plot, "_models"), model_rows, env)
     return 0
+
+
+def _bench_result(env, batch, args, op_rows, model_rows, dev) -> dict:
+    return {"env": env, "batch": batch, "dtype": args.dtype, "autocast": args.autocast, "ops": op_rows,
+            "models": model_rows, "triton_kernels": launched_kernels() if dev.type == "cuda" else []}
 
 
 def _models(arg: Optional[str]) -> List[str]:
@@ -204,10 +246,11 @@ def _suffixed(path: str, suffix: str) -> str:
     return f"{root}{suffix}{ext or '.png'}"
 
 
-def _write_json(path, obj) -> None:
+def _write_json(path, obj, quiet: bool = False) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
-    console.print(f"wrote {path}")
+    if not quiet:
+        console.print(f"wrote {path}")
 
 
 def _plot(path, rows, env) -> None:
@@ -272,6 +315,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("check", help="fused ops vs reference at small random shapes; exit 1 on failure")
     p.add_argument("--device")
     p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
+    p.add_argument("--real-shapes", action="store_true",
+                   help="check at the bench's layer shapes (--batch, --dtype) instead of small ones; fused backends only")
+    p.add_argument("--batch", type=int, help="batch of --real-shapes (default 64 on GPU, 8 on CPU)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of --real-shapes (default fp32)")
+    p.add_argument("--verbose", action="store_true", help="print each check as it finishes")
     p.add_argument("--json", metavar="PATH")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("bench", help="eager vs torch.compile vs fused at the real layer shapes")
@@ -289,6 +337,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-models", action="store_true", help="skip the end-to-end rows")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op rows (end-to-end rows only)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the per-op inputs (default fp32)")
+    p.add_argument("--autocast", choices=("bf16", "fp16"),
+                   help="run the end-to-end rows under torch.autocast in this dtype (default: fp32, no autocast)")
+    p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    p.add_argument("--reps", type=int, help="timed rounds per case / model (default 20 / 7; 5 / 3 with --quick)")
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups")
     p.set_defaults(fn=cmd_bench)

@@ -87,8 +87,10 @@ def peak_memory_mib(step: Callable[[], object], device) -> float:
 
 
 def throughput(name: str, batch: int, device, mode: str = "inference", size: int = 224,
-               variants: Sequence[str] = VARIANTS, rounds: int = 5, max_seconds: float = 20.0) -> Dict:
-    """Images/s, peak memory and compile time of each variant of ``name`` in ``mode`` (one row)."""
+               variants: Sequence[str] = VARIANTS, rounds: int = 5, max_seconds: float = 20.0,
+               autocast: torch.dtype = None) -> Dict:
+    """Images/s, peak memory and compile time of each variant of ``name`` in ``mode`` (one row);
+    ``autocast`` (bf16/fp16): every variant's step runs under ``torch.autocast`` in that dtype."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -99,11 +101,15 @@ def throughput(name: str, batch: int, device, mode: str = "inference", size: int
     target = torch.randint(0, 1000, (batch,), device=device)
     with torch.no_grad():
         err = max_error(fused.eval()(x), ref.eval()(x))
-    steps, row = {}, {"model": name, "mode": mode, "batch": batch, "size": size, "max_logit_error": err}
+    steps = {}
+    row = {"model": name, "mode": mode, "batch": batch, "size": size, "max_logit_error": err,
+           "autocast": str(autocast).replace("torch.", "") if autocast is not None else None}
     for v in variants:
         base = ref if v.startswith("reference") else fused
         model = copy.deepcopy(base)  # each variant trains its own weights
         step = make_step(model, mode, x, target, torch.compile(model) if v.endswith("compile") else None)
+        if autocast is not None:
+            step = _autocast_step(step, x.device.type, autocast)
         t0 = time.perf_counter()
         step()  # compiles (when compiled), allocator warm-up
         step()
@@ -118,6 +124,13 @@ def throughput(name: str, batch: int, device, mode: str = "inference", size: int
         for v in times:
             row[f"{v}_speedup"] = row[f"{v}_img_s"] / row["reference_img_s"]
     return row
+
+
+def _autocast_step(step, device_type: str, dtype: torch.dtype):
+    def run():
+        with torch.autocast(device_type, dtype=dtype):
+            return step()
+    return run
 
 
 def run(names: Sequence[str], batch: int, device, modes: Sequence[str] = ("inference",),

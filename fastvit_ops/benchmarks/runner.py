@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import platform
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,9 +37,18 @@ def environment(device) -> Dict[str, str]:
     return info
 
 
-def backends_here(device) -> List[str]:
-    """Backends that can run on ``device`` now (``reference`` first)."""
-    return [b for b in ("reference", "cpu", "cuda", "triton") if backend_available(b, torch.device(device))[0]]
+def backends_here(device, fused_only: bool = False) -> List[str]:
+    """Backends that can run on ``device`` now (``reference`` first, left out with ``fused_only``)."""
+    names = ("cpu", "cuda", "triton") if fused_only else ("reference", "cpu", "cuda", "triton")
+    return [b for b in names if backend_available(b, torch.device(device))[0]]
+
+
+def check_cases(op: str, device, real_shapes: Optional[Tuple[int, torch.dtype]] = None) -> List[Case]:
+    """``op``'s small check cases, or with ``real_shapes=(batch, dtype)`` its bench (layer) shapes."""
+    if real_shapes is None:
+        return load(op).check_cases(device)
+    batch, dtype = real_shapes
+    return load(op).bench_cases(batch, device, dtype)
 
 
 def _grads(f, inputs):
@@ -72,24 +81,46 @@ def check_case(case: Case, name: str) -> Dict:
     with backend(name):
         out = case.fused(*inputs)
         grads = torch.autograd.grad(out, leaves, gout) if case.backward and leaves else ()
-    ok = out.shape == out_ref.shape and error_rule(out, out_ref, exact, floor="tensor").ok
-    for a, b, e in zip(grads, grads_ref, grads_exact):
-        ok = ok and error_rule(a, b, e, floor="tensor").ok
+    ok = out.shape == out_ref.shape
+    rules = [error_rule(out, out_ref, exact, floor="tensor")] if ok else []
+    rules += [error_rule(a, b, e, floor="tensor") for a, b, e in zip(grads, grads_ref, grads_exact)]
+    ok = ok and all(r.ok for r in rules)
+    # The worst result (largest fused error over the allowed one), for the JSON: fused and eager
+    # errors vs float64 of the output (index 0) or of the i-th gradient.
+    worst = max(range(len(rules)), key=lambda i: rules[i].fused_error / max(rules[i].eager_error, 1e-30),
+                default=None)
     return {
         "op": case.op, "shape": case.shape, "backend": name,
         "forward_max_error": max_error(out, out_ref),
         "backward_max_error": max((max_error(a, b) for a, b in zip(grads, grads_ref)), default=0.0),
         "ok": bool(ok),
+        "failed_tensors": [i for i, r in enumerate(rules) if not r.ok],
+        "worst_tensor": worst,
+        "worst_fused_vs_float64": rules[worst].fused_error if worst is not None else None,
+        "worst_eager_vs_float64": rules[worst].eager_error if worst is not None else None,
     }
 
 
-def run_checks(device, ops: Optional[Sequence[str]] = None, progress=None) -> List[Dict]:
+def run_checks(device, ops: Optional[Sequence[str]] = None, progress=None,
+               real_shapes: Optional[Tuple[int, torch.dtype]] = None, log=None) -> List[Dict]:
+    """:func:`check_case` for every case of ``ops`` on every backend here. An exception inside a
+    case (a kernel that fails to compile or launch) is a failed row with its message, not the end
+    of the run. ``real_shapes=(batch, dtype)``: the layer shapes, fused backends only."""
     rows = []
-    names = backends_here(device)
+    names = backends_here(device, fused_only=real_shapes is not None)
     for op in ops or op_names():
-        for case in load(op).check_cases(device):
+        for case in check_cases(op, device, real_shapes):
             for name in names:
-                rows.append(check_case(case, name))
+                try:
+                    row = check_case(case, name)
+                except Exception as e:  # noqa: BLE001  (reported, and the run goes on)
+                    row = {"op": case.op, "shape": case.shape, "backend": name, "forward_max_error": float("nan"),
+                           "backward_max_error": float("nan"), "ok": False,
+                           "error": f"{type(e).__name__}: {e}"[:500]}
+                rows.append(row)
+                if log:
+                    log(f"{row['op']} {row['shape']} {name}: {'ok' if row['ok'] else 'FAIL'} "
+                        f"{row.get('error', '')}")
                 if progress:
                     progress()
     return rows
@@ -112,12 +143,16 @@ def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_se
         fns = {"eager": make(case.eager, inputs), "fused": make(case.fused, inputs)}
         if compiled is not None:
             fns["compile"] = make(compiled, inputs)
+        sdpa = getattr(case, "sdpa", None)  # the attention cases: F.scaled_dot_product_attention
+        if sdpa is not None:
+            fns["sdpa"] = make(sdpa, inputs)
         t = interleaved_median_ms(fns, device, reps=reps, max_seconds=3 * max_seconds)
         row = {"op": case.op, "shape": case.shape, "pass": label, "eager_ms": t["eager"],
                "compile_ms": t.get("compile"), "fused_ms": t["fused"],
                "speedup_vs_eager": t["eager"] / t["fused"],
                "speedup_vs_compile": (t["compile"] / t["fused"]) if "compile" in t else None,
-               "max_error": err}
+               "max_error": err, "sdpa_ms": t.get("sdpa"),
+               "speedup_vs_sdpa": (t["sdpa"] / t["fused"]) if "sdpa" in t else None}
         if label == "fwd+bwd":  # peak memory of one step, above what was live before it
             row["eager_peak_mib"] = peak_memory_mib(make(case.eager, inputs), device)
             row["fused_peak_mib"] = peak_memory_mib(make(case.fused, inputs), device)
