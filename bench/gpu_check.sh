@@ -26,11 +26,11 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2
     exit 2
 fi
 DEV=$("$PY" -c "import torch, re; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
-CC=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 OUTDIR=${GPU_CHECK_OUT:-bench/results}
 mkdir -p "$OUTDIR"
 P="$OUTDIR/gpu_${DEV}"
-log "device $DEV (sm_${CC/./}), $NPROC CPU cores, budget ${BUDGET} s, results in ${P}_*"
+log "device $DEV (sm_${CAP/./}), $NPROC CPU cores, budget ${BUDGET} s, results in ${P}_*"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version \
     --format=csv > "${P}_nvidia_smi.csv" 2>&1 || true
 
@@ -52,7 +52,7 @@ RC=$(mktemp -d)  # one file per step: its exit status (background steps report t
 # 1. Build (objects kept in ./build, so a second run rebuilds only what changed). ptxas -v gives
 #    each CUDA kernel's registers, stack frame and spill bytes.
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$CC} NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas=-v" \
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$CAP} NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:-} -Xptxas=-v" \
         run build 300 "$PY" -m pip install -v -e . --no-build-isolation --no-deps
     grep -E "ptxas info|bytes stack frame|Compiling entry" "${P}_build.log" > "${P}_ptxas.txt" 2>/dev/null || true
 fi
