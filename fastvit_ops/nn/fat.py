@@ -458,8 +458,23 @@ def _block_plan(blk: nn.Module):
     return tensors, run
 
 
-def _plan_key(tensors) -> tuple:
-    return tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+_SCALARS = (bool, int, float, str, tuple, type(None))
+
+
+def _state_key(module: nn.Module) -> tuple:
+    """Everything a cached inference plan of ``module`` was built from, read afresh: each submodule
+    (identity, mode, plain hyperparameter attributes such as ``eps``, ``stride``, ``num_heads``) and
+    each parameter and buffer (identity, storage, version, dtype, device, requires_grad). A plan
+    whose key differs is rebuilt, so replaced tensors (``load_state_dict(assign=True)``,
+    ``to_empty()``), in-place edits, ``.to()``/``.half()``, swapped submodules and edited attributes
+    can never leave a stale plan running."""
+    key = []
+    for m in module.modules():
+        key.append((id(m), tuple((k, v) for k, v in vars(m).items()
+                                 if not k.startswith("_") and isinstance(v, _SCALARS))))
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            key.append(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.requires_grad))
+    return tuple(key)
 
 
 class ConvFFN(ref.ConvFFN):
@@ -524,19 +539,22 @@ class FATBlock(ref.FATBlock):
                 or not dispatch.no_grad_cpu(x, "cpu", ()) or not x.is_contiguous(memory_format=torch.channels_last)
                 and not x.is_contiguous()):
             return None
-        # Valid while the submodules are the same objects (a swapped-in module may hold tensors
-        # the plan never read) and every tensor it read is unchanged.
-        structure = tuple(id(m) for m in self.modules())
+        key = _state_key(self)
         cached = self.__dict__.get("_fastvit_ops_plan")
-        if cached is not None and cached[0] == structure:
-            _, tensors, key, run = cached
-            if run is None or key == _plan_key(tensors):
-                return run  # None: not a standard block, the module path
+        if cached is not None and cached[0] == key:
+            return cached[1]  # None: not a standard block, the module path
         with torch.no_grad():
             built = _block_plan(self)
-        tensors, run = built if built is not None else ((), None)
-        self.__dict__["_fastvit_ops_plan"] = (structure, tensors, _plan_key(tensors), run)
+        run = built[1] if built is not None else None
+        self.__dict__["_fastvit_ops_plan"] = (key, run)
         return run
+
+    def __getstate__(self):
+        # The plan is a closure (not picklable) over this module's tensors: rebuilt on demand.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_fastvit_ops_plan", None)
+        return state
 
 
 class PatchEmbedding(ref.PatchEmbedding):

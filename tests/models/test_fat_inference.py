@@ -39,7 +39,7 @@ def test_block_inference_path_matches_reference(cfg, size, monkeypatch):
     exact = _exact(ref, x)
     with torch.no_grad():
         y_ref, y = ref(x), fused(x)
-    assert fused.__dict__["_fastvit_ops_plan"][3] is not None, "the flat inference plan was not used"
+    assert fused.__dict__["_fastvit_ops_plan"][1] is not None, "the flat inference plan was not used"
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
     assert_error_rule(f"FATBlock{cfg}", y, y_ref, exact)
     # The module-by-module inference path (what non-standard blocks run) gives the same result.
@@ -69,7 +69,7 @@ def test_non_standard_block_keeps_the_module_path():
     x = torch.randn(2, 32, 9, 9)
     with torch.no_grad():
         fused(x)
-        assert fused.__dict__["_fastvit_ops_plan"][3] is not None  # standard until the swap
+        assert fused.__dict__["_fastvit_ops_plan"][1] is not None  # standard until the swap
         # Swapped after the plan was built: the plan must not outlive the structure it read, even
         # though none of the tensors it read changed.
         ref.norm1, fused.norm1 = MyNorm(ref.norm1), MyNorm(copy.deepcopy(fused.norm1))
@@ -77,7 +77,7 @@ def test_non_standard_block_keeps_the_module_path():
             ref.norm1.gn.weight.mul_(-2.0)
             fused.norm1.gn.weight.mul_(-2.0)
         y_ref, y = ref(x), fused(x)
-        assert fused.__dict__["_fastvit_ops_plan"][3] is None  # remembered as non-standard
+        assert fused.__dict__["_fastvit_ops_plan"][1] is None  # remembered as non-standard
         torch.testing.assert_close(fused(x), y)
     assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x))
 
@@ -212,3 +212,61 @@ def test_inference_mode_then_no_grad_then_training_graph():
     exact = _exact(ref, x)
     for name, y in (("inference_mode", a), ("no_grad", b), ("grad", c.detach())):
         assert_error_rule(f"converted fat_b0 under {name}", y, y_ref, exact, floor="tensor")
+
+
+def _reference_and_converted(name="fat_b0"):
+    from fastvit_ops import models
+
+    ref = randomize_(models.create(name, reference=True), scale=0.05).eval()
+    return ref, fastvit_ops.convert(ref).eval()
+
+
+@pytest.mark.slow
+def test_plan_follows_load_state_dict_assign():
+    """Issue reproducer: after an inference call builds the plans, load_state_dict(assign=True)
+    replaces every parameter object; the converted model must compute with the new weights (it
+    kept the old ones, 1.38 relative off, before the plan was keyed on the module's current
+    tensors)."""
+    ref, fused = _reference_and_converted()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fused(x)
+    sd2 = {k: v.clone() for k, v in ref.state_dict().items()}
+    for k, v in sd2.items():
+        if v.is_floating_point():
+            v.copy_(torch.rand_like(v) + 0.5 if k.endswith("running_var") else torch.randn_like(v) * 0.05)
+    ref.load_state_dict(sd2)
+    fused.load_state_dict({k: v.clone() for k, v in sd2.items()}, assign=True)
+    with torch.inference_mode():
+        y_ref, y = ref(x), fused(x)
+    assert_error_rule("converted fat_b0 after load_state_dict(assign=True)", y, y_ref, _exact(ref, x))
+
+
+def test_plan_follows_replaced_parameter_and_edited_attribute():
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 32, 32, 3, 2, 8, 5, 4, 1)
+    x = torch.randn(2, 32, 9, 9)
+    with torch.no_grad():
+        fused(x)
+        for m in (ref, fused):  # a new Parameter object (the old one untouched) and a new eps
+            m.attn.q.weight = torch.nn.Parameter(torch.randn_like(m.attn.q.weight))
+            m.norm2.eps = 0.5
+        fused.attn.q.weight.data.copy_(ref.attn.q.weight)
+        y_ref, y = ref(x), fused(x)
+    assert_error_rule("FATBlock after a replaced parameter and a new eps", y, y_ref, _exact(ref, x))
+
+
+@pytest.mark.slow
+def test_converted_model_pickles_after_inference(tmp_path):
+    """Issue reproducer: torch.save(model) failed after the first inference call (the plan closure
+    is not picklable). The loaded copy computes the same output."""
+    ref, fused = _reference_and_converted()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        y = fused(x)
+    path = tmp_path / "model.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    clone = copy.deepcopy(fused)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
