@@ -16,9 +16,13 @@ def _sigmoid(x):
 @triton.jit
 def _load(ptr, offs, mask, F64: tl.constexpr):
     x = tl.load(ptr + offs, mask=mask, other=0.0)
+    # One return statement: the compiler rejects two returns of different types even when a
+    # constexpr condition leaves only one reachable (the interpreter accepted it).
     if F64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit

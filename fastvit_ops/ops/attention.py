@@ -220,6 +220,8 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, gate: Optional
     """Validated-elsewhere entry used by the fused modules: any-strided (B, h, N, d) q and gate,
     output stored in ``layout`` (``BHND``, ``CHANNELS_FIRST`` or ``TOKENS``)."""
     backend = dispatch.get_backend()
+    if dispatch.eager_reference(q, backend):
+        return reference(q, k, v, scale, gate)
     if dispatch.no_grad_cpu(q, backend, (k, v, gate)):
         # Inference on CPU: the C++ forward straight away (no custom-op dispatch or autograd glue).
         out = _empty_out(q, layout)

@@ -120,7 +120,10 @@ def context_dwconv2d(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Opt
         raise ValueError(f"sp: expected (B, G, H, W) = ({B}, G, {H}, {W}) with G dividing {C}, got {tuple(sp.shape)}")
     if tuple(c.shape) != (B, C):
         raise ValueError(f"c: expected shape ({B}, {C}), got {tuple(c.shape)}")
-    return _op(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation], dispatch.get_backend())
+    backend = dispatch.get_backend()
+    if dispatch.eager_reference(x, backend):
+        return _reference(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation])
+    return _op(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation], backend)
 
 
 __all__ = ["context_dwconv2d"]

@@ -159,5 +159,9 @@ def conv_projection_qkv(x: Tensor, hw: Tuple[int, int], cls_token: bool, weight_
     for name, s in (("stride_q", stride_q), ("stride_kv", stride_kv)):
         if s not in (1, 2):
             raise ValueError(f"{name}: expected 1 or 2, got {s}")
+    backend = dispatch.get_backend()
+    if dispatch.eager_reference(x, backend):
+        return _reference(x, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, h, w, cls, int(stride_q),
+                          int(stride_kv))
     return _op(x, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, h, w, cls, int(stride_q),
-               int(stride_kv), dispatch.get_backend())
+               int(stride_kv), backend)

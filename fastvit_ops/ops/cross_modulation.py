@@ -142,4 +142,7 @@ def sigmoid_cross_modulation(local: Tensor, global_: Tensor, mode: str = "silu")
     check_tensor("global_", global_)
     check_like("global_", global_, "local", local)
     check_choice("mode", mode, MODES)
-    return _op(local, global_, mode, dispatch.get_backend())
+    backend = dispatch.get_backend()
+    if dispatch.eager_reference(local, backend):
+        return reference(local, global_, mode)
+    return _op(local, global_, mode, backend)

@@ -77,7 +77,21 @@ def backend_available(name: str, device: torch.device) -> Tuple[bool, str]:
 
 
 # Preference order for ``auto``, fastest first, per device type. An op may override it.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# ``auto`` runs our kernels only where they were measured faster than eager PyTorch. On CUDA the
+# first GPU run (H200, batch 64; bench/results/gpu_h200_2026-12-04) measured the Triton and CUDA
+# kernels slower than cuDNN / cuBLAS eager at almost every layer shape (dwconv 0.03-0.44x forward,
+# converted fat_b0 0.16x), so on CUDA ``auto`` runs each op's reference composition as plain eager
+# PyTorch (see :func:`eager_reference`) until a GPU run shows a kernel ahead. backend("triton") and
+# backend("cuda") still run ours.
+AUTO_ORDER = {"cuda": ("reference",), "cpu": ("cpu", "reference")}
+
+
+def eager_reference(x: torch.Tensor, backend: str) -> bool:
+    """True when ``auto`` resolves to ``reference`` on ``x``'s device (CUDA, and devices with no
+    kernels of ours): the public op then calls its reference composition directly, as plain eager
+    PyTorch (PyTorch's autograd, fusable by torch.compile), instead of the custom op, whose
+    per-call dispatch and closed-form backward would only add time."""
+    return backend == "auto" and AUTO_ORDER.get(x.device.type, ("reference",))[0] == "reference"
 
 
 def resolve(op: str, requested: str, device: torch.device, impls: Dict[str, Callable],

@@ -355,6 +355,8 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
     """
     stride, padding = check_args(x, weight, bias, stride, padding, activation, residual)
     backend, act = dispatch.get_backend(), _ACT_ID[activation]
+    if dispatch.eager_reference(x, backend):
+        return reference(x, weight, bias, stride, padding, activation, residual)
     if dispatch.eager_cpu(x, backend, (weight, bias), channels_last=True):
         # Plain eager CPU call: the same kernels (and per-shape forward choice) under a C++
         # autograd node, without the custom op's Python overhead.

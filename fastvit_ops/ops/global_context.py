@@ -97,6 +97,27 @@ def _mlp_backward(dc: Tensor, g: Tensor, w1, b1, w2, b2):
     return dg, (dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype))
 
 
+# ---- eager composition (what ``auto`` runs where our kernels are not faster: see dispatch) --------
+def reference(x: Tensor, rescale_weight: Tensor, rescale_bias: Tensor, groups: int, eps: float,
+              mlp=None, residual: bool = True) -> Tensor:
+    """Eager PyTorch, as the released FCViT code writes it: ``S'`` (``mlp=None``), else
+    ``[x +] S'·c`` with ``mlp = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)``. Differentiable."""
+    B, C, H, W = x.shape
+    G, d = groups, C // groups
+    g = x.mean(dim=(2, 3))
+    s = torch.einsum("bgdn,bgd->bgn", x.reshape(B, G, d, H * W), g.reshape(B, G, d)) * d ** -0.5
+    std, mean = torch.std_mean(s, dim=(1, 2), keepdim=True)
+    s = (s - mean) / (std + eps) * rescale_weight.view(1, G, 1) + rescale_bias.view(1, G, 1)
+    if mlp is None:
+        return s.reshape(B, G, H, W)
+    w1, b1, w2, b2 = mlp
+    u = F.linear(g, w1, b1)
+    h = w2.shape[1]
+    c = F.linear(torch.maximum(u[:, :h], u[:, h:]), w2, b2)
+    y = (s.reshape(B, G, 1, H * W) * c.reshape(B, G, d, 1)).reshape(B, C, H, W)
+    return x + y if residual else y
+
+
 # ---- reference backend: the same algorithm in torch ops (the readable spec of the kernels) ------
 def _ref_forward(x, g, c, alpha, beta, groups, eps, residual):
     B, C, H, W = x.shape
@@ -451,6 +472,8 @@ def token_global_similarity(x: Tensor, rescale_weight: Tensor, rescale_bias: Ten
     """
     _check_common(x, rescale_weight, rescale_bias, groups, eps)
     backend = dispatch.get_backend()
+    if dispatch.eager_reference(x, backend):
+        return reference(x, rescale_weight, rescale_bias, groups, float(eps))
     if _eager_cpu(x, backend, (rescale_weight, rescale_bias)):
         return torch.ops.fastvit_ops._gc_autograd(x, None, None, None, None, rescale_weight,
                                                   rescale_bias, groups, float(eps), False)
@@ -474,6 +497,9 @@ def _global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weigh
     _check_common(x, rescale_weight, rescale_bias, groups, eps)
     _check_mlp(x, groups, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     backend = dispatch.get_backend()
+    if dispatch.eager_reference(x, backend):
+        return reference(x, rescale_weight, rescale_bias, groups, float(eps),
+                         (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual)
     if _eager_cpu(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight,
                                rescale_bias)):
         return torch.ops.fastvit_ops._gc_autograd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
@@ -516,4 +542,4 @@ def global_context(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: 
                            rescale_bias, groups, eps, True)
 
 
-__all__ = ["token_global_similarity", "global_context"]
+__all__ = ["token_global_similarity", "global_context", "reference"]

@@ -1,0 +1,85 @@
+"""``auto`` on a device whose preference list is ``reference`` only (CUDA since the H200
+measurement, see ``ops/dispatch.AUTO_ORDER``): every public op runs its reference composition as
+plain eager PyTorch, never the custom op, with PyTorch's autograd. Simulated here on the CPU by
+giving the CPU the CUDA rule."""
+import pytest
+import torch
+
+import fastvit_ops
+from fastvit_ops.ops import attention, context_dwconv, conv_projection, cross_modulation, dispatch, dwconv
+from fastvit_ops.ops import global_context as gc
+
+
+@pytest.fixture
+def cpu_like_cuda(monkeypatch):
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", dispatch.AUTO_ORDER["cuda"])
+    # Any custom-op or C++ fast-path call would now be a failure of the rule.
+    def forbidden(*a, **k):
+        raise AssertionError("auto ran a kernel of ours where the rule says eager PyTorch")
+    for mod in (attention, context_dwconv, conv_projection, cross_modulation, dwconv):
+        monkeypatch.setattr(mod, "_op", forbidden)
+    for name in ("_gc_op", "_sim_op"):
+        monkeypatch.setattr(gc, name, forbidden)
+    monkeypatch.setattr(dispatch, "eager_cpu", lambda *a, **k: False)
+    monkeypatch.setattr(dispatch, "no_grad_cpu", lambda *a, **k: False)
+
+
+def _leaf(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, requires_grad=True)
+
+
+def _cases():
+    x = _leaf(2, 8, 7, 9)
+    w, b = _leaf(8, 1, 5, 5), _leaf(8)
+    yield "dwconv2d", lambda: fastvit_ops.dwconv2d(x, w, b, 1, None, "gelu", False), \
+        lambda: dwconv.reference(x, w, b, 1, None, "gelu", False), (x, w, b)
+    l, g = _leaf(2, 4, 5, 3), _leaf(2, 4, 5, 3)
+    yield "sigmoid_cross_modulation", lambda: fastvit_ops.sigmoid_cross_modulation(l, g, "full"), \
+        lambda: cross_modulation.reference(l, g, "full"), (l, g)
+    q, k, v = _leaf(2, 3, 10, 4), _leaf(2, 3, 5, 4), _leaf(2, 3, 5, 4)
+    yield "downsampled_attention", lambda: fastvit_ops.downsampled_attention(q, k, v, 0.3), \
+        lambda: attention.reference(q, k, v, 0.3), (q, k, v)
+    qm, gate = _leaf(2, 12, 2, 5), _leaf(2, 12, 2, 5)
+    yield "downsampled_attention_nchw", \
+        lambda: fastvit_ops.downsampled_attention_nchw(qm, k, v, 3, None, gate), \
+        lambda: attention.reference(qm.reshape(2, 3, 4, 10).transpose(2, 3), k, v, None, gate.reshape(2, 3, 4, 10).transpose(2, 3)).transpose(2, 3).reshape(2, 12, 2, 5), \
+        (qm, k, v, gate)
+    al, be = _leaf(4), _leaf(4)
+    w1, b1, w2, b2 = _leaf(4, 8), _leaf(4), _leaf(8, 2), _leaf(8)
+    yield "global_context", lambda: fastvit_ops.global_context(x, w1, b1, w2, b2, al, be, groups=4), \
+        lambda: gc.reference(x, al, be, 4, 1e-5, (w1, b1, w2, b2)), (x, w1, b1, w2, b2, al, be)
+    yield "token_global_similarity", lambda: fastvit_ops.token_global_similarity(x, al, be, groups=4), \
+        lambda: gc.reference(x, al, be, 4, 1e-5), (x, al, be)
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_auto_runs_the_eager_reference(cpu_like_cuda, case):
+    _, fused, ref, leaves = case
+    y, y_ref = fused(), ref()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, leaves, dy)
+    g_ref = torch.autograd.grad(ref(), leaves, dy)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_explicit_backends_still_run_the_kernels(monkeypatch):
+    """The rule is about ``auto`` only: backend("reference") (and triton/cuda/cpu) keep the custom op."""
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("reference",))
+    calls = []
+    real = cross_modulation._op
+    monkeypatch.setattr(cross_modulation, "_op", lambda *a: calls.append(a[-1]) or real(*a))
+    l, g = _leaf(2, 4, 5, 3), _leaf(2, 4, 5, 3)
+    with fastvit_ops.backend("reference"):
+        fastvit_ops.sigmoid_cross_modulation(l, g)
+    fastvit_ops.sigmoid_cross_modulation(l, g)  # auto: eager, no custom op
+    assert calls == ["reference"]
+
+
+def test_the_cuda_rule():
+    """On CUDA, auto is eager PyTorch (the measured rule); on the CPU, the C++ kernels first."""
+    assert dispatch.eager_reference(torch.empty(1, device="meta"), "auto")
+    assert not dispatch.eager_reference(torch.empty(1), "auto")
+    assert not dispatch.eager_reference(torch.empty(1, device="meta"), "triton")
+    assert dispatch.AUTO_ORDER["cuda"] == ("reference",)
