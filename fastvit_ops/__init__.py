@@ -14,7 +14,7 @@ Public API:
     token_global_similarity(x, rescale_weight, rescale_bias, groups=8, eps=1e-5)
                                                              S' (B, G, H, W) (SPEC §1.2 steps 1–4)
     backend(name) / get_backend()                            backend selection (auto|triton|cuda|cpu|reference)
-    models.create(name), models.list_models()                FAT-B0..B3, FCViT tiny..B48, CvT-13/21
+    models.create(name), models.list_models()                FAT-B0..B3, FCViT tiny..B48, CvT-13/21, VT-ResNet-18/34
     fused_fasa(x, fasa)                                      FAT's whole FASA forward, fused, for any FASA module (SPEC §2)
     convert(model) / revert(model)                           swap layers for fused drop-ins, weights kept
     fuse_for_inference(model, inplace=False)                 eval-only BatchNorm folding into adjacent convs

@@ -42,12 +42,13 @@ _DUCK_ATTRS = {
 def _pairs() -> Dict[Type[nn.Module], Type[nn.Module]]:
     """reference class → fused class, from the layer maps of ``fastvit_ops.nn``."""
     from . import nn as fused
-    from .reference import cvt, fat, fcvit
+    from .reference import cvt, fat, fcvit, vt_resnet
 
     out = {}
     for ref_layers, fused_layers in ((fat.REFERENCE_LAYERS, fused.FAT_LAYERS),
                                      (fcvit.REFERENCE_LAYERS, fused.FCVIT_LAYERS),
-                                     (cvt.REFERENCE_LAYERS, fused.CVT_LAYERS)):
+                                     (cvt.REFERENCE_LAYERS, fused.CVT_LAYERS),
+                                     (vt_resnet.REFERENCE_LAYERS, fused.VT_LAYERS)):
         for name, fused_cls in fused_layers.items():
             ref_cls = ref_layers.get(name)
             if ref_cls is not None and fused_cls is not ref_cls:

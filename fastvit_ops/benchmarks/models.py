@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .timing import _sync, interleaved_median_ms, max_error
 
-MODELS = ("fat_b0", "fat_b1", "fat_b2", "fat_b3", "fcvit_tiny", "fcvit_b12", "cvt_13")
+MODELS = ("fat_b0", "fat_b1", "fat_b2", "fat_b3", "fcvit_tiny", "fcvit_b12", "cvt_13", "vt_resnet18", "vt_resnet34")
 DEFAULT_MODELS = ("fat_b0", "fcvit_tiny", "cvt_13")
 MODES = ("inference", "train")
 VARIANTS = ("reference", "reference_compile", "fused", "fused_compile")

@@ -1,4 +1,5 @@
-"""Model factories: FAT-B0..B3, FCViT tiny..B48, CvT-13/21 (state_dicts = the authors' checkpoints).
+"""Model factories: FAT-B0..B3, FCViT tiny..B48, CvT-13/21 (state_dicts = the authors' checkpoints),
+VT-ResNet-18/34 (built from the paper; no released weights).
 
 Each factory is ``name(num_classes=1000, reference=False, **kwargs)``: fused layers from
 ``fastvit_ops.nn`` by default, the pure-PyTorch reference with ``reference=True``.
@@ -12,10 +13,11 @@ from torch import nn
 from .cvt import cvt_13, cvt_21
 from .fat import fat_b0, fat_b1, fat_b2, fat_b3
 from .fcvit import fcvit_b12, fcvit_b24, fcvit_b48, fcvit_tiny
+from .vt import vt_resnet18, vt_resnet34
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     f.__name__: f for f in (fat_b0, fat_b1, fat_b2, fat_b3, fcvit_tiny, fcvit_b12, fcvit_b24, fcvit_b48,
-                            cvt_13, cvt_21)
+                            cvt_13, cvt_21, vt_resnet18, vt_resnet34)
 }
 
 

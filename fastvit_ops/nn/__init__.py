@@ -1,6 +1,6 @@
 """Fused drop-in modules: same constructor signature and state_dict as ``fastvit_ops.reference``.
 
-``FAT_LAYERS``, ``FCVIT_LAYERS``, ``CVT_LAYERS`` map a reference layer name to its fused
+``FAT_LAYERS``, ``FCVIT_LAYERS``, ``CVT_LAYERS``, ``VT_LAYERS`` map a reference layer name to its fused
 drop-in; ``fastvit_ops.models`` builds models with them (the reference is used for any name that
 has no fused layer yet).
 """
@@ -14,6 +14,8 @@ FAT_LAYERS: dict = {"FASA": FASA, "ConvFFN": ConvFFN, "FATBlock": FATBlock, "Pat
                     "DepthwiseConv2d": DepthwiseConv2d}
 FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer, "DepthwiseConv2d": DepthwiseConv2d}
 CVT_LAYERS: dict = {"Attention": ConvProjectionAttention}
+VT_LAYERS: dict = {"FilterTokenizer": FilterTokenizer, "RecurrentTokenizer": RecurrentTokenizer,
+                   "TokenTransformer": TokenTransformer, "Projector": Projector}
 
 __all__ = ["FASA", "ConvFFN", "FATBlock", "PatchEmbedding", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ConvProjectionAttention", "FilterTokenizer",
-           "RecurrentTokenizer", "TokenTransformer", "Projector", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS"]
+           "RecurrentTokenizer", "TokenTransformer", "Projector", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS", "VT_LAYERS"]

@@ -8,8 +8,9 @@ state_dicts), running every softmax-weighted sum on the downsampled-attention ke
   written straight back to (B, C, H, W);
 * :class:`TokenTransformer`: ``L × L`` self-attention of the tokens.
 
-Shapes the kernel does not take (head width > 128, or value width ≠ key width with
-``value_projection`` and ``token_channels ≠ in_channels``) use the reference composite.
+Shapes the kernel does not take (head width > 128, or value width ≠ key width, e.g. a
+transformer with ``qk_channels ≠ channels``) use the reference composite; so do the VT-ResNet
+models' blocks, whose single-head widths are 256–1024.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class TokenTransformer(_FusedCore, ref.TokenTransformer):
 class Projector(_FusedCore, ref.Projector):
     """``reference.vt.Projector`` (paper Eq. 5): ``X + softmax_L((X W_Q)(T W_K)ᵀ) T``, fused.
 
-    ``forward(x, tokens)``: ``x (B, C, H, W)``, tokens ``(B, L, C_T)`` → ``(B, C, H, W)``; the
+    ``forward(x, tokens)``: ``x (B, C, H, W)``, tokens ``(B, L, C_T)`` → ``(B, C_out, H, W)``; the
     kernel writes the attended values channels-first, so no transpose copy precedes the residual.
     """
 
@@ -61,8 +62,8 @@ class Projector(_FusedCore, ref.Projector):
         v = v.unsqueeze(1)
         if not _fusable(q, k, v, self.scale):
             return super().forward(x, tokens)
-        out = attention_core(q, k, v, self.scale, None, CHANNELS_FIRST)   # (B, 1, HW, C), stored (B, C, HW)
-        return x + out.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        out = attention_core(q, k, v, self.scale, None, CHANNELS_FIRST)   # (B, 1, HW, C'), stored (B, C', HW)
+        return self.residual(x) + out.squeeze(1).transpose(1, 2).reshape(B, self.out_channels, H, W)
 
 
 __all__ = ["FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector"]

@@ -1,7 +1,7 @@
 """Visual Transformer (VT) reference blocks (SPEC.md §5).
 
 Source: Wu et al., "Visual Transformers: Token-based Image Representation and Processing for
-Computer Vision", 2020 (``papers/002_97155e2c3b9ff0f4.txt``), §3.1–3.3, Eqs. (1)–(5). No official
+Computer Vision", 2020 (arXiv 2006.03677), §3.1–3.3, Eqs. (1)–(5). No official
 code exists; these modules implement the paper's equations literally. The paper writes a feature
 map as ``X ∈ R^{HW×C}`` and tokens as ``T ∈ R^{L×C}``; here feature maps are NCHW
 ``(B, C, H, W)`` (pixels flattened row-major, ``p = i·W + j``) and tokens are ``(B, L, C_T)``.
@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector"]
@@ -35,6 +36,12 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"expected an NCHW feature map (B, C, H, W), got shape {tuple(x.shape)}")
     return x.flatten(2).transpose(1, 2)
+
+
+def _value_projection(wv: Optional[nn.Linear], pooled: torch.Tensor) -> torch.Tensor:
+    """A tokenizer's ``Aᵀ (X W_V)`` computed as ``(Aᵀ X) W_V`` (equal by associativity): W_V acts
+    on the L pooled tokens instead of the H·W pixels (L·C·C_T multiply-adds instead of HW·C·C_T)."""
+    return pooled if wv is None else wv(pooled)
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -97,8 +104,8 @@ class FilterTokenizer(_TokenAttention):
         X = _pixels(x)                                       # (B, HW, C)
         B = X.shape[0]
         q = self.wa.weight.to(X.dtype).unsqueeze(0).expand(B, -1, -1)  # (B, L, C): rows of W_Aᵀ
-        v = X if self.wv is None else self.wv(X)             # (B, HW, C_T)
-        return self.attention(q.unsqueeze(1), X.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        X = X.unsqueeze(1)
+        return _value_projection(self.wv, self.attention(q.unsqueeze(1), X, X).squeeze(1))
 
 
 class RecurrentTokenizer(_TokenAttention):
@@ -131,10 +138,9 @@ class RecurrentTokenizer(_TokenAttention):
         return logits.softmax(dim=1)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        X = _pixels(x)                                       # (B, HW, C)
+        X = _pixels(x).unsqueeze(1)                          # (B, 1, HW, C)
         q = self.w_tr(tokens)                                # W_R (B, L, C)
-        v = X if self.wv is None else self.wv(X)             # (B, HW, C_T)
-        return self.attention(q.unsqueeze(1), X.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return _value_projection(self.wv, self.attention(q.unsqueeze(1), X, X).squeeze(1))
 
 
 class TokenTransformer(_TokenAttention):
@@ -144,18 +150,24 @@ class TokenTransformer(_TokenAttention):
     ``forward(tokens)``: ``(B, L, C)`` → ``(B, L, C)``. The softmax normalizes each row of the
     ``L×L`` matrix over the ``L`` columns, so the rows come from ``T K`` — in
     :meth:`attention` terms ``T K`` is the query and ``T Q`` the key (the paper's naming).
-    With ``value_projection`` the attended values are ``T W_V``; with ``scale`` the logits are ``/√C``.
+    With ``value_projection`` the attended values are ``T W_V``; with ``scale`` the logits are
+    ``/√qk_channels``.
 
-    Params (paper names): ``k`` = ``Kᵀ``, ``q`` = ``Qᵀ`` (``C×C``, no bias); ``f1``, ``f2``
-    (``C×C``, bias iff ``bias`` — the paper's Eq. (4) has none); ``wv`` when ``value_projection``.
+    Params (paper names): ``k`` = ``Kᵀ``, ``q`` = ``Qᵀ`` (``qk_channels×C``, no bias; the paper
+    gives K and Q no shape, ``qk_channels`` defaults to ``C``); ``f1``, ``f2`` (``C×C`` as in the
+    paper, bias iff ``bias`` — the paper's Eq. (4) has none); ``wv`` when ``value_projection``.
     """
 
     def __init__(self, channels: int, value_projection: bool = False, scale: bool = False,
-                 bias: bool = False):
-        super().__init__(channels, scale)
+                 bias: bool = False, qk_channels: Optional[int] = None):
+        qk_channels = channels if qk_channels is None else int(qk_channels)
+        if qk_channels < 1:
+            raise ValueError(f"qk_channels: expected a positive width, got {qk_channels}")
+        super().__init__(qk_channels, scale)
         self.channels = channels
-        self.k = nn.Linear(channels, channels, bias=False)
-        self.q = nn.Linear(channels, channels, bias=False)
+        self.qk_channels = qk_channels
+        self.k = nn.Linear(channels, qk_channels, bias=False)
+        self.q = nn.Linear(channels, qk_channels, bias=False)
         self.wv = nn.Linear(channels, channels, bias=False) if value_projection else None
         self.f1 = nn.Linear(channels, channels, bias=bias)
         self.f2 = nn.Linear(channels, channels, bias=bias)
@@ -171,26 +183,43 @@ class TokenTransformer(_TokenAttention):
 class Projector(_TokenAttention):
     """Projector, paper Eq. (5): ``X_out = X_in + SOFTMAX_L((X_in W_Q)(T W_K)ᵀ) T``.
 
-    ``forward(x, tokens)``: ``x (B, C, H, W)``, tokens ``(B, L, C_T)`` → ``(B, C, H, W)``. Each
+    ``forward(x, tokens)``: ``x (B, C, H, W)``, tokens ``(B, L, C_T)`` → ``(B, C_out, H, W)``. Each
     pixel's query attends over the ``L`` tokens (softmax over L, rows sum to 1). With
-    ``value_projection`` the values are ``T W_V`` (``W_V ∈ R^{C_T×C}``, needed when ``C_T ≠ C``);
-    with ``scale`` the logits are ``/√C``.
+    ``value_projection`` the values are ``T W_V`` (``W_V ∈ R^{C_T×C_out}``, needed when
+    ``C_T ≠ C_out``); with ``scale`` the logits are ``/√C_out``.
 
-    Params: ``q`` = ``W_Qᵀ`` ``(C, C)``; ``k`` = ``W_Kᵀ`` ``(C, C_T)``; ``wv`` = ``W_Vᵀ``
-    ``(C, C_T)`` when ``value_projection``.
+    ``out_channels`` (default ``C``) lets the projector change the feature map's width, as the
+    first VT module of a VT-ResNet does (256 → 512, paper Table 11): the residual becomes
+    ``X_in W_S`` with a learned ``W_S ∈ R^{C×C_out}`` (the paper's Eq. 5 has the identity, which
+    only exists for ``C_out = C``), and ``W_Q ∈ R^{C×C_out}``, ``W_K ∈ R^{C_T×C_out}``.
+
+    Params: ``q`` = ``W_Qᵀ`` ``(C_out, C)``; ``k`` = ``W_Kᵀ`` ``(C_out, C_T)``; ``wv`` = ``W_Vᵀ``
+    ``(C_out, C_T)`` when ``value_projection``; ``shortcut`` = ``W_Sᵀ`` ``(C_out, C)`` when
+    ``C_out ≠ C``.
     """
 
     def __init__(self, in_channels: int, token_channels: Optional[int] = None,
-                 value_projection: bool = False, scale: bool = False):
-        super().__init__(in_channels, scale)
+                 value_projection: bool = False, scale: bool = False,
+                 out_channels: Optional[int] = None):
+        out_channels = in_channels if out_channels is None else int(out_channels)
+        super().__init__(out_channels, scale)
         token_channels = in_channels if token_channels is None else token_channels
-        if token_channels != in_channels and not value_projection:
-            raise ValueError("token_channels != in_channels needs value_projection=True")
+        if token_channels != out_channels and not value_projection:
+            raise ValueError("token_channels != out_channels needs value_projection=True")
         self.in_channels = in_channels
+        self.out_channels = out_channels
         self.token_channels = token_channels
-        self.q = nn.Linear(in_channels, in_channels, bias=False)
-        self.k = nn.Linear(token_channels, in_channels, bias=False)
-        self.wv = nn.Linear(token_channels, in_channels, bias=False) if value_projection else None
+        self.q = nn.Linear(in_channels, out_channels, bias=False)
+        self.k = nn.Linear(token_channels, out_channels, bias=False)
+        self.wv = nn.Linear(token_channels, out_channels, bias=False) if value_projection else None
+        self.shortcut = (nn.Linear(in_channels, out_channels, bias=False)
+                         if out_channels != in_channels else None)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``X_in`` or ``X_in W_S`` as a (B, C_out, H, W) map (a 1×1 convolution, no transposes)."""
+        if self.shortcut is None:
+            return x
+        return F.conv2d(x, self.shortcut.weight.to(x.dtype)[:, :, None, None])
 
     def attention_weights(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """``softmax_L((X W_Q)(T W_K)ᵀ)``: → ``(B, H·W, L)``, each row sums to 1."""
@@ -202,7 +231,7 @@ class Projector(_TokenAttention):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         X = _pixels(x)                                       # (B, HW, C)
-        v = tokens if self.wv is None else self.wv(tokens)   # (B, L, C)
+        v = tokens if self.wv is None else self.wv(tokens)   # (B, L, C_out)
         out = self.attention(self.q(X).unsqueeze(1), self.k(tokens).unsqueeze(1),
-                             v.unsqueeze(1)).squeeze(1)      # (B, HW, C)
-        return x + out.transpose(1, 2).reshape(B, C, H, W)
+                             v.unsqueeze(1)).squeeze(1)      # (B, HW, C_out)
+        return self.residual(x) + out.transpose(1, 2).reshape(B, self.out_channels, H, W)

@@ -6,7 +6,8 @@ import fastvit_ops
 from conftest import checkpoint_spec
 from fastvit_ops import models
 
-NAMES = ["fat_b0", "fat_b1", "fat_b2", "fat_b3", "fcvit_tiny", "fcvit_b12", "fcvit_b24", "fcvit_b48", "cvt_13", "cvt_21"]
+RELEASED = ["fat_b0", "fat_b1", "fat_b2", "fat_b3", "fcvit_tiny", "fcvit_b12", "fcvit_b24", "fcvit_b48", "cvt_13", "cvt_21"]
+NAMES = RELEASED + ["vt_resnet18", "vt_resnet34"]  # VT-ResNets: built from the paper, no released weights
 
 
 def test_list_models():
@@ -18,7 +19,7 @@ def test_create_unknown_name():
         models.create("fat_b9")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", RELEASED)
 def test_fused_model_state_dict_is_the_checkpoint(name):
     """The default (fused) build has exactly the released keys/shapes and loads the reference weights strictly."""
     entries, n_params = checkpoint_spec(name)

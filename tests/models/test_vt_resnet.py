@@ -1,0 +1,138 @@
+"""VT-ResNet-18/34 (VT paper §4, Table 11): the paper's Table 2 counts, the trunk's torchvision
+names, fused vs reference builds on every backend, convert()/revert(), forward and backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastvit_ops
+from conftest import assert_error_rule, backends_for, randomize_
+from fastvit_ops import models
+from fastvit_ops.nn import vt as fused_vt
+from fastvit_ops.reference import vt as ref_vt
+from fastvit_ops.reference.vt_resnet import VTResNet
+
+# Paper Table 2 (VT-R18 / VT-R34): parameters (M) and FLOPs (M multiply-adds at 224²), and the
+# exact counts this implementation gives.
+PAPER = {"vt_resnet18": (11.7e6, 1570e6, 11_676_200, 1_585_242_112),
+         "vt_resnet34": (21.9e6, 3280e6, 22_044_456, 3_337_347_072)}
+
+
+def multiply_adds(model, size=224):
+    """Multiply-adds of every convolution and matrix product (FlopCounterMode counts 2 per MAC)."""
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return fc.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_counts_match_paper_table2(name):
+    paper_params, paper_flops, params, flops = PAPER[name]
+    model = models.create(name, reference=True).eval()
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert multiply_adds(model) == flops
+    assert abs(params / paper_params - 1) <= 0.02
+    assert abs(flops / paper_flops - 1) <= 0.03
+
+
+def test_structure():
+    """2 / 3 VT modules; filter tokenizer first, recurrent after; 256 → 512 in the first projector;
+    no projector in the last module; torchvision's trunk names; 16 tokens of 1024 channels."""
+    for name, n in (("vt_resnet18", 2), ("vt_resnet34", 3)):
+        m = models.create(name, reference=True)
+        assert len(m.vt) == n
+        assert type(m.vt[0].tokenizer) is ref_vt.FilterTokenizer
+        assert all(type(v.tokenizer) is ref_vt.RecurrentTokenizer for v in m.vt[1:])
+        assert m.vt[0].projector.shortcut.weight.shape == (512, 256)
+        assert all(v.projector.shortcut is None for v in m.vt[1:-1])
+        assert m.vt[-1].projector is None
+        assert m.vt[0].tokenizer.wa.weight.shape == (16, 256)
+        assert m.vt[-1].transformer.f1.weight.shape == (1024, 1024)
+        assert m.vt[-1].transformer.k.weight.shape == (256, 1024)
+        assert m.head.weight.shape == (1000, 1024)
+    keys = models.create("vt_resnet18", reference=True).state_dict()
+    for k in ("conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
+              "layer3.1.bn2.bias"):
+        assert k in keys, k
+    assert not any(k.startswith("layer4") for k in keys)
+
+
+def test_fused_build_uses_fused_blocks_and_loads_reference_weights():
+    ref = models.create("vt_resnet18", reference=True)
+    fused = models.create("vt_resnet18")
+    assert isinstance(fused.vt[0].tokenizer, fused_vt.FilterTokenizer)
+    assert isinstance(fused.vt[1].tokenizer, fused_vt.RecurrentTokenizer)
+    assert isinstance(fused.vt[0].projector, fused_vt.Projector)
+    assert [(k, v.shape) for k, v in fused.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    conv = fastvit_ops.convert(ref)
+    assert conv.fastvit_ops_report == {"FilterTokenizer": 1, "RecurrentTokenizer": 1, "TokenTransformer": 2,
+                                       "Projector": 1}
+    back = fastvit_ops.revert(conv)
+    assert all(type(m) in (ref_vt.FilterTokenizer, ref_vt.RecurrentTokenizer, ref_vt.TokenTransformer,
+                           ref_vt.Projector) for v in back.vt for m in v.children() if m is not None)
+
+
+def small(layers=None, seed=0):
+    """A VT-ResNet with narrow widths whose single-head attention widths (≤ 32) the fused kernels
+    take, so the fused blocks run their kernels (at the paper's widths 256–1024 they fall back)."""
+    torch.manual_seed(seed)
+    return VTResNet((1, 1, 1), 3, num_classes=7, widths=(8, 12, 16), vt_channels=24, num_tokens=5,
+                    token_channels=32, qk_channels=32, layers=layers)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_forward_backward_every_backend(backend):
+    """fp32 forward and backward of the fused build on each backend, held to the 2× rule against a
+    float64 reference (eager fp32 reference as the yardstick); the fused VT blocks run their kernel."""
+    ref = randomize_(small(), 0.1).train()
+    fused = small(dict(fastvit_ops.nn.VT_LAYERS))
+    fused.load_state_dict(ref.state_dict())
+    fused.train()
+    exact = small().double()
+    exact.load_state_dict(ref.state_dict())
+    exact.train()
+    x = torch.randn(3, 3, 40, 36)
+    calls = []
+    orig = fused_vt.attention_core
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return orig(*a, **k)
+    fused_vt.attention_core = spy
+    try:
+        with fastvit_ops.backend(backend):
+            y = fused(x)
+            y.square().sum().backward()
+    finally:
+        fused_vt.attention_core = orig
+    assert len(calls) >= 5  # 3 tokenizers + 2 projectors; the transformer's widths match too
+    y_ref = ref(x)
+    y_ref.square().sum().backward()
+    y_exact = exact(x.double())
+    y_exact.square().sum().backward()
+    assert_error_rule("logits", y.detach(), y_ref.detach(), y_exact.detach(), floor="tensor")
+    for (n, pf), pr, pe in zip(fused.named_parameters(), ref.parameters(), exact.parameters()):
+        assert_error_rule(f"grad {n}", pf.grad, pr.grad, pe.grad, floor="tensor")
+
+
+@pytest.mark.slow
+def test_vt_resnet18_fused_matches_reference_224():
+    ref = models.create("vt_resnet18", reference=True).eval()
+    fused = fastvit_ops.convert(ref)
+    exact = models.create("vt_resnet18", reference=True).double().eval()
+    exact.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert_error_rule("vt_resnet18 logits", fused(x), ref(x), exact(x.double()), floor="tensor")
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="vt_modules"):
+        VTResNet(vt_modules=0)
+    with pytest.raises(ValueError, match="layers: unknown layer name"):
+        VTResNet(layers={"Nope": torch.nn.Identity})
+    m = models.create("vt_resnet18", reference=True)
+    with pytest.raises(ValueError, match="tokens"):
+        m.vt[1](torch.randn(1, 512, 4, 4))
