@@ -103,6 +103,9 @@ setup(
     install_requires=["torch>=2.6", "rich>=13", "matplotlib>=3.7"],
     extras_require={
         "triton": ["triton>=3.2"],
+        # timm needs torchvision; 0.29.1 is the release paired with torch 2.14.1 (pinned so pip does not
+        # move torch to fit a newer torchvision).
+        "timm": ["timm>=1.0", "torchvision==0.29.1"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy"],
     },
     ext_modules=ext_modules,

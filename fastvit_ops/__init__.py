@@ -19,6 +19,7 @@ Public API:
     convert(model) / revert(model)                           swap layers for fused drop-ins, weights kept
     fuse_for_inference(model, inplace=False)                 eval-only BatchNorm folding into adjacent convs
     reference, nn                                            reference layers and fused drop-ins
+    timm.create_model("fastvit_ops_<name>", ...)             every model in timm's registry (timm_models)
 """
 from . import _availability, models, nn, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
@@ -63,3 +64,9 @@ _availability.extension()
 from . import _autocast  # noqa: E402
 
 _autocast.register()
+
+# With timm installed, every model is registered in timm's registry as ``fastvit_ops_<name>`` once
+# timm is imported (see fastvit_ops/timm_models.py).
+from . import timm_models  # noqa: E402
+
+timm_models.install()
