@@ -106,7 +106,11 @@ setup(
         # timm needs torchvision; 0.29.1 is the release paired with torch 2.14.1 (pinned so pip does not
         # move torch to fit a newer torchvision).
         "timm": ["timm>=1.0", "torchvision==0.29.1"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy"],
+        # torch.onnx.export (the dynamo exporter needs onnxscript) and onnxruntime to run the result.
+        "export": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2"],
+        # CI installs the timm and export extras too (about 25 s of downloads) so their tests run.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "numpy",
+                 "timm>=1.0", "torchvision==0.29.1", "onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.2"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -65,6 +65,11 @@ from . import _autocast  # noqa: E402
 
 _autocast.register()
 
+# torch.onnx.export lowers each fused custom op to its reference composition (fastvit_ops/export.py).
+from . import export  # noqa: E402
+
+export.register_decompositions()
+
 # With timm installed, every model is registered in timm's registry as ``fastvit_ops_<name>`` once
 # timm is imported (see fastvit_ops/timm_models.py).
 from . import timm_models  # noqa: E402
