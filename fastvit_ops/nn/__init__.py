@@ -7,15 +7,16 @@ has no fused layer yet).
 from .fat import FASA, ConvFFN, FATBlock, PatchEmbedding
 from .cvt import ConvProjectionAttention
 from .dwconv import DepthwiseConv2d
-from .fcvit import GlobalContext, TokenMixer
+from .fcvit import ChannelMixer, FCViTBlock, GlobalContext, PatchEmbed, TokenMixer
 from .vt import FilterTokenizer, Projector, RecurrentTokenizer, TokenTransformer
 
 FAT_LAYERS: dict = {"FASA": FASA, "ConvFFN": ConvFFN, "FATBlock": FATBlock, "PatchEmbedding": PatchEmbedding,
                     "DepthwiseConv2d": DepthwiseConv2d}
-FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer, "DepthwiseConv2d": DepthwiseConv2d}
+FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer, "DepthwiseConv2d": DepthwiseConv2d,
+                      "ChannelMixer": ChannelMixer, "FCViTBlock": FCViTBlock, "PatchEmbed": PatchEmbed}
 CVT_LAYERS: dict = {"Attention": ConvProjectionAttention}
 VT_LAYERS: dict = {"FilterTokenizer": FilterTokenizer, "RecurrentTokenizer": RecurrentTokenizer,
                    "TokenTransformer": TokenTransformer, "Projector": Projector}
 
-__all__ = ["FASA", "ConvFFN", "FATBlock", "PatchEmbedding", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ConvProjectionAttention", "FilterTokenizer",
+__all__ = ["FASA", "ConvFFN", "FATBlock", "PatchEmbedding", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed", "ConvProjectionAttention", "FilterTokenizer",
            "RecurrentTokenizer", "TokenTransformer", "Projector", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS", "VT_LAYERS"]

@@ -12,6 +12,7 @@ from ..ops.dwconv import dwconv2d
 from ..ops.global_context import _global_context, _mlp, token_global_similarity
 from ..reference import common as ref_common
 from ..reference import fcvit as ref
+from . import _plan
 from ._amp import autocast_like_conv
 
 
@@ -107,4 +108,53 @@ class TokenMixer(ref.TokenMixer):
         return self.act(self.fc2(_depthwise(self.dw2, x)))
 
 
-__all__ = ["GlobalContext", "TokenMixer"]
+class ChannelMixer(ref.ChannelMixer):
+    """``reference.fcvit.ChannelMixer`` (same constructor, parameters, state_dict) with the GELU as
+    the epilogue of the fused depthwise conv (:func:`fastvit_ops.dwconv2d` with
+    ``activation="gelu"``), one pass over the 8×-wide hidden map fewer, in training too.
+    (B, C, H, W) → (B, C, H, W), same dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dw = self.dwconv
+        if not (isinstance(dw, ref_common.DepthwiseConv2d) and isinstance(self.act, torch.nn.GELU)
+                and self.act.approximate == "none" and dw.stride[0] == dw.stride[1]
+                and dw.padding[0] == dw.padding[1]):
+            return super().forward(x)
+        u = self.fc1(x)
+        u, w, b = autocast_like_conv(u, dw.weight, dw.bias)
+        u = self.drop(dwconv2d(u, w, b, dw.stride[0], dw.padding[0], "gelu"))
+        return self.drop(self.fc2(u))
+
+
+class FCViTBlock(ref.FCViTBlock):
+    """``reference.fcvit.FCViTBlock`` (same constructor, parameters, state_dict). On the CPU
+    inference path (:mod:`fastvit_ops.nn.fcvit_inference`: eval, fp32, no grad) one cached plan:
+    the layer scales folded, the channel mixer's GELU fused into its depthwise conv and run in
+    place, residuals added in place, a few samples at a time on large maps. Elsewhere the reference
+    composition of the fused layers. (B, C, H, W) → (B, C, H, W)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _plan.applies(x, self):
+            from . import fcvit_inference
+            return _plan.run(self, x, fcvit_inference.block)
+        return super().forward(x)
+
+    def __getstate__(self):
+        return _plan.drop_plan(super().__getstate__())
+
+
+class PatchEmbed(ref.PatchEmbed):
+    """``reference.fcvit.PatchEmbed`` (same parameters, state_dict); on the CPU inference path the
+    eval BatchNorm is folded into the convolution. (B, C_in, H, W) → (B, C_out, H', W')."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _plan.applies(x, self):
+            from . import fcvit_inference
+            return _plan.run(self, x, fcvit_inference.patch_embed)
+        return super().forward(x)
+
+    def __getstate__(self):
+        return _plan.drop_plan(super().__getstate__())
+
+
+__all__ = ["GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed"]

@@ -19,8 +19,8 @@ the input dtype (no internal up-casting, like the released code).
 Layer injection: ``REFERENCE_LAYERS`` names the replaceable layers. Composite modules
 (``TokenMixer``, ``ChannelMixer``, ``FCViTBlock``, ``FCViT``) take a trailing ``layers=None``
 mapping, resolve it with :func:`fastvit_ops.reference.common.resolve_layers`, build their
-submodules through it and pass it down. Leaf layers (``GlobalContext``, ``DepthwiseConv2d``) take
-no ``layers`` argument. Fused subclasses in ``fastvit_ops.nn`` keep constructors and state_dicts.
+submodules through it and pass it down. Leaf layers (``GlobalContext``, ``DepthwiseConv2d``,
+``PatchEmbed``) take no ``layers`` argument. Fused subclasses in ``fastvit_ops.nn`` keep constructors and state_dicts.
 """
 from __future__ import annotations
 
@@ -270,7 +270,6 @@ class FCViT(nn.Module):
                  use_layer_scale: bool = True, layer_scale_init_value: float = 1e-5,
                  layers: Optional[Mapping[str, type]] = None):
         super().__init__()
-        resolve_layers(REFERENCE_LAYERS, layers)  # validate names early
         depths = list(depths)
         n_stages = len(depths)
         if not (len(embed_dims) == len(mlp_ratios) == n_stages):
@@ -278,14 +277,15 @@ class FCViT(nn.Module):
         downsamples = [True] * n_stages if downsamples is None else list(downsamples)
         self.num_classes = num_classes
         self.embed_dims = list(embed_dims)
-        self.patch_embed = PatchEmbed(7, 4, in_chans, embed_dims[0])
+        L = resolve_layers(REFERENCE_LAYERS, layers)
+        self.patch_embed = L["PatchEmbed"](7, 4, in_chans, embed_dims[0])
         total = sum(depths)
         network = []
         for i in range(n_stages):
             blocks = []
             for j in range(depths[i]):
                 dpr = drop_path_rate * (j + sum(depths[:i])) / max(total - 1, 1)
-                blocks.append(FCViTBlock(
+                blocks.append(L["FCViTBlock"](
                     embed_dims[i], mlp_ratio=mlp_ratios[i], kernel_size=kernel_size,
                     groups=groups, drop=drop_rate, drop_path=dpr,
                     use_layer_scale=use_layer_scale,
@@ -294,7 +294,7 @@ class FCViT(nn.Module):
             if i == n_stages - 1:
                 break
             if downsamples[i] or embed_dims[i] != embed_dims[i + 1]:
-                network.append(PatchEmbed(3, 2, embed_dims[i], embed_dims[i + 1]))
+                network.append(L["PatchEmbed"](3, 2, embed_dims[i], embed_dims[i + 1]))
         self.network = nn.ModuleList(network)
         self.norm = GroupNorm1(embed_dims[-1])
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -323,6 +323,8 @@ REFERENCE_LAYERS = {
     "TokenMixer": TokenMixer,
     "ChannelMixer": ChannelMixer,
     "DepthwiseConv2d": DepthwiseConv2d,
+    "FCViTBlock": FCViTBlock,
+    "PatchEmbed": PatchEmbed,
 }
 
 # SPEC.md §3 table (released factories fcvit_tiny / fcvit_b12 / fcvit_b24 / fcvit_b48).

@@ -1,0 +1,67 @@
+"""Cached inference plans of fused modules: when a plan may run, its cache key, and its cache.
+
+A plan is a flat closure a module builds once from its (folded) weights and calls instead of its
+module-by-module forward on the CPU inference path. It is cached on the module under
+:func:`state_key` — every submodule's identity and plain attributes, every parameter's and
+buffer's identity, storage, version, dtype, device and requires_grad, read afresh on each call — so
+``load_state_dict`` (also ``assign=True``), in-place edits, ``.to()``, swapped submodules and edited
+hyperparameters rebuild it before it can run stale; it is dropped when pickling
+(:func:`drop_plan`). The same rule as FAT's block plan (``fastvit_ops.nn.fat``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+_PLAN = "_fastvit_ops_plan"
+_SCALARS = (bool, int, float, str, tuple, type(None))
+
+
+def applies(x: Tensor, module: nn.Module) -> bool:
+    """Whether ``module`` may run its CPU inference plan on ``x``: eval mode, an fp32 plain CPU
+    tensor, nothing that needs gradients, and no compiler, autocast, functorch transform or
+    dispatch mode active (those see the differentiable composition of the fused ops)."""
+    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or module.training:
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return False
+    return True
+
+
+def state_key(module: nn.Module) -> tuple:
+    """Everything a plan of ``module`` was built from (see the module docstring)."""
+    key = []
+    for m in module.modules():
+        key.append((id(m), tuple((k, v) for k, v in vars(m).items()
+                                 if not k.startswith("_") and isinstance(v, _SCALARS))))
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            key.append(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.requires_grad))
+    return tuple(key)
+
+
+def run(module: nn.Module, x: Tensor, build: Callable[[nn.Module], Callable[[Tensor], Tensor]]) -> Tensor:
+    """``module``'s plan applied to ``x``; the plan is ``build(module)``, rebuilt when the key changed."""
+    key = state_key(module)
+    cached = module.__dict__.get(_PLAN)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build(module))
+        module.__dict__[_PLAN] = cached
+    return cached[1](x)
+
+
+def drop_plan(state: dict) -> dict:
+    """A module's ``__getstate__`` dict without its plan (a closure: rebuilt on demand)."""
+    state = dict(state)
+    state.pop(_PLAN, None)
+    return state
+
+
+def detached(*tensors):
+    return tuple(None if t is None else t.detach() for t in tensors)
