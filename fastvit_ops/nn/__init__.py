@@ -5,6 +5,7 @@ drop-in; ``fastvit_ops.models`` builds models with them (the reference is used f
 has no fused layer yet).
 """
 from .fat import FASA, ConvFFN, FATBlock, PatchEmbedding
+from .cvt import Block as CvTBlock
 from .cvt import ConvProjectionAttention
 from .dwconv import DepthwiseConv2d
 from .fcvit import ChannelMixer, FCViTBlock, GlobalContext, PatchEmbed, TokenMixer
@@ -14,9 +15,9 @@ FAT_LAYERS: dict = {"FASA": FASA, "ConvFFN": ConvFFN, "FATBlock": FATBlock, "Pat
                     "DepthwiseConv2d": DepthwiseConv2d}
 FCVIT_LAYERS: dict = {"GlobalContext": GlobalContext, "TokenMixer": TokenMixer, "DepthwiseConv2d": DepthwiseConv2d,
                       "ChannelMixer": ChannelMixer, "FCViTBlock": FCViTBlock, "PatchEmbed": PatchEmbed}
-CVT_LAYERS: dict = {"Attention": ConvProjectionAttention}
+CVT_LAYERS: dict = {"Attention": ConvProjectionAttention, "Block": CvTBlock}
 VT_LAYERS: dict = {"FilterTokenizer": FilterTokenizer, "RecurrentTokenizer": RecurrentTokenizer,
                    "TokenTransformer": TokenTransformer, "Projector": Projector}
 
-__all__ = ["FASA", "ConvFFN", "FATBlock", "PatchEmbedding", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed", "ConvProjectionAttention", "FilterTokenizer",
+__all__ = ["FASA", "ConvFFN", "FATBlock", "PatchEmbedding", "DepthwiseConv2d", "GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed", "ConvProjectionAttention", "CvTBlock", "FilterTokenizer",
            "RecurrentTokenizer", "TokenTransformer", "Projector", "FAT_LAYERS", "FCVIT_LAYERS", "CVT_LAYERS", "VT_LAYERS"]

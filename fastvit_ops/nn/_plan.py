@@ -45,15 +45,15 @@ def state_key(module: nn.Module) -> tuple:
     return tuple(key)
 
 
-def run(module: nn.Module, x: Tensor, build: Callable[[nn.Module], Callable[[Tensor], Tensor]]) -> Tensor:
-    """``module``'s plan applied to ``x``; the plan is ``build(module)``, rebuilt when the key changed."""
+def run(module: nn.Module, build: Callable[[nn.Module], Callable[..., Tensor]], *args) -> Tensor:
+    """``module``'s plan called on ``args``; the plan is ``build(module)``, rebuilt when the key changed."""
     key = state_key(module)
     cached = module.__dict__.get(_PLAN)
     if cached is None or cached[0] != key:
         with torch.no_grad():
             cached = (key, build(module))
         module.__dict__[_PLAN] = cached
-    return cached[1](x)
+    return cached[1](*args)
 
 
 def drop_plan(state: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Fused CvT attention: a drop-in for ``fastvit_ops.reference.cvt.Attention`` (same state_dict)."""
+"""Fused CvT layers: drop-ins for ``fastvit_ops.reference.cvt.Attention`` and ``Block`` (same state_dicts)."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..ops.attention import TOKENS, attention_core
 from ..ops.conv_projection import conv_projection_qkv
 from ..reference import cvt as ref
+from . import _plan
 from ._amp import autocast_like_conv
 from ._bn import fold_eval_bn
 
@@ -107,3 +108,20 @@ class ConvProjectionAttention(ref.Attention):
         B, _, N, _ = out.shape
         out = out.transpose(1, 2).reshape(B, N, self.dim)  # a view: the kernel wrote (B, T, C)
         return self.proj_drop(self.proj(out))
+
+
+class Block(ref.Block):
+    """``reference.cvt.Block`` (same constructor, parameters, state_dict). On the CPU inference path
+    (:mod:`fastvit_ops.nn.cvt_inference`: eval, fp32, no grad) one cached plan: oneDNN matmuls with
+    the residual adds and QuickGELU (as SiLU, its 1.702 folded into the weights) in their epilogues,
+    the BN-folded one-pass conv projections and the fused attention. Elsewhere the reference
+    composition of the fused layers. ``forward(x, h, w)``: (B, [1 +] h·w, C) → same shape."""
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        if _plan.applies(x, self):
+            from . import cvt_inference
+            return _plan.run(self, cvt_inference.block, x, h, w)
+        return super().forward(x, h, w)
+
+    def __getstate__(self):
+        return _plan.drop_plan(super().__getstate__())

@@ -136,7 +136,7 @@ class FCViTBlock(ref.FCViTBlock):
     def forward(self, x: Tensor) -> Tensor:
         if _plan.applies(x, self):
             from . import fcvit_inference
-            return _plan.run(self, x, fcvit_inference.block)
+            return _plan.run(self, fcvit_inference.block, x)
         return super().forward(x)
 
     def __getstate__(self):
@@ -150,7 +150,7 @@ class PatchEmbed(ref.PatchEmbed):
     def forward(self, x: Tensor) -> Tensor:
         if _plan.applies(x, self):
             from . import fcvit_inference
-            return _plan.run(self, x, fcvit_inference.patch_embed)
+            return _plan.run(self, fcvit_inference.patch_embed, x)
         return super().forward(x)
 
     def __getstate__(self):
