@@ -65,3 +65,77 @@ def drop_plan(state: dict) -> dict:
 
 def detached(*tensors):
     return tuple(None if t is None else t.detach() for t in tensors)
+
+
+# ---- the plans under torch.compile -----------------------------------------------------------------
+# Dynamo would trace a plan's Python (losing its in-place and oneDNN steps, and reading its folded
+# weights as constants it cannot see change), so under torch.compile an inference call of a block
+# that has a plan becomes one opaque custom op, ``fastvit_ops::module_inference``, whose kernel runs
+# the block's eager forward (and so its cached plan, rebuilt on any change as above) and whose fake
+# kernel gives the output's shape and strides from the block's ``inference_output(x, *extra)``.
+# Inductor compiles what lies between the blocks (stems, heads, reshapes) around it. The block is
+# found through an integer handle baked into the graph (``id`` of the module, looked up in a
+# weak registry: the compiled model holds the module alive). Not under torch.export: a saved
+# program cannot hold a handle to a live module, so export keeps the per-op custom ops.
+import weakref  # noqa: E402
+
+_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+
+
+def compiled_inference(x: Tensor, module: nn.Module) -> bool:
+    """Whether ``module``'s forward of ``x``, being traced by torch.compile (not torch.export),
+    should be the opaque :func:`module_inference` op: eval mode, an fp32 CPU tensor, nothing
+    needing gradients, no autocast."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or module.training:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+@torch.library.custom_op("fastvit_ops::module_inference", mutates_args=())
+def _module_inference(x: Tensor, handle: int, extra: list[int]) -> Tensor:
+    module = _MODULES.get(handle)
+    if module is None:
+        raise RuntimeError("fastvit_ops::module_inference: the module of this compiled graph no longer exists")
+    y = module(x, *extra)
+    fake = module.inference_output(x, *extra)
+    return y if y.stride() == fake.stride() else fake.copy_(y)
+
+
+@_module_inference.register_fake
+def _(x, handle, extra):
+    return _MODULES[handle].inference_output(x, *extra)
+
+
+def register(module: nn.Module) -> None:
+    """Make ``module`` findable by :func:`module_inference`'s handle; the fused blocks call this on
+    construction, after ``convert`` and after unpickling or copying (not while tracing: dynamo
+    cannot trace the registry's update)."""
+    _MODULES[id(module)] = module
+
+
+def module_inference(module: nn.Module, x: Tensor, *extra: int) -> Tensor:
+    """``module(x, *extra)`` as one ``fastvit_ops::module_inference`` op (see above)."""
+    return _module_inference(x, id(module), [int(e) for e in extra])
+
+
+class PlannedModule:
+    """Mixin for fused modules with an inference plan: registers the module for
+    :func:`module_inference` (construction, ``convert``, copies, unpickling) and drops the plan
+    when pickling. Subclasses define ``inference_output(x, *extra)`` (an empty tensor with the
+    plan's output shape and strides)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        register(self)
+
+    def _after_convert(self):
+        register(self)
+
+    def __getstate__(self):
+        return drop_plan(super().__getstate__())
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        register(self)

@@ -110,18 +110,21 @@ class ConvProjectionAttention(ref.Attention):
         return self.proj_drop(self.proj(out))
 
 
-class Block(ref.Block):
+class Block(_plan.PlannedModule, ref.Block):
     """``reference.cvt.Block`` (same constructor, parameters, state_dict). On the CPU inference path
     (:mod:`fastvit_ops.nn.cvt_inference`: eval, fp32, no grad) one cached plan: oneDNN matmuls with
     the residual adds and QuickGELU (as SiLU, its 1.702 folded into the weights) in their epilogues,
-    the BN-folded one-pass conv projections and the fused attention. Elsewhere the reference
+    the BN-folded one-pass conv projections and the fused attention; under torch.compile that plan
+    is one opaque op (:func:`fastvit_ops.nn._plan.module_inference`). Elsewhere the reference
     composition of the fused layers. ``forward(x, h, w)``: (B, [1 +] h·w, C) → same shape."""
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        if _plan.compiled_inference(x, self):
+            return _plan.module_inference(self, x, h, w)
         if _plan.applies(x, self):
             from . import cvt_inference
             return _plan.run(self, cvt_inference.block, x, h, w)
         return super().forward(x, h, w)
 
-    def __getstate__(self):
-        return _plan.drop_plan(super().__getstate__())
+    def inference_output(self, x: Tensor, h: int, w: int) -> Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)

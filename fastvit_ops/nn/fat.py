@@ -26,6 +26,7 @@ from ..ops.attention import CHANNELS_FIRST, TOKENS, attention_core
 from ..ops.cross_modulation import sigmoid_cross_modulation
 from ..ops.validate import check_tensor, is_channels_last
 from ..reference import fat as ref
+from . import _plan
 from ._amp import autocast_like_conv
 from ._bn import bn_sources, cached_fold, fold_bn_into_next_1x1, fold_eval_bn, is_eval_bn
 from ._pointwise import conv_add_, conv_epilogue
@@ -499,7 +500,7 @@ def _ffn_composite(ffn: nn.Module, x: Tensor) -> Tensor:
     return ffn.fc2(ffn.bn(u))
 
 
-class FATBlock(ref.FATBlock):
+class FATBlock(_plan.PlannedModule, ref.FATBlock):
     """``reference.fat.FATBlock`` (same constructor, parameters, state_dict) on the fused ops::
 
         x ← x + cpe(x)                                  one depthwise conv, residual epilogue
@@ -513,6 +514,8 @@ class FATBlock(ref.FATBlock):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if _plan.compiled_inference(x, self) and self.inference_output(x) is not None:
+            return _plan.module_inference(self, x)  # the inference path below, opaque to torch.compile
         drop_path = getattr(self, "drop_path", None)
         if _inference(x, self):
             plan = self._plan(x)
@@ -531,6 +534,17 @@ class FATBlock(ref.FATBlock):
         x = x + (drop_path(y) if drop_path is not None else y)
         y = self.ffn(self.norm2(x))
         return self.downsample(x) + (drop_path(y) if drop_path is not None else y)
+
+    def inference_output(self, x: Tensor) -> Optional[Tensor]:
+        """An empty tensor shaped like the inference path's output (channels_last), or None where
+        the FFN is not the standard one whose shape that is."""
+        dw, fc2 = getattr(self.ffn, "dwconv", None), getattr(self.ffn, "fc2", None)
+        if not (isinstance(dw, nn.Conv2d) and isinstance(fc2, nn.Conv2d) and not isinstance(dw.padding, str)):
+            return None
+        (k, _), (s, _), (p, _) = dw.kernel_size, dw.stride, dw.padding
+        b, _, h, w = x.shape
+        shape = (b, fc2.out_channels, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     def _plan(self, x: Tensor):
         """The flat inference closure (see ``_block_plan``), built or rebuilt as needed; None where

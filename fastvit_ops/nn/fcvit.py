@@ -126,21 +126,24 @@ class ChannelMixer(ref.ChannelMixer):
         return self.drop(self.fc2(u))
 
 
-class FCViTBlock(ref.FCViTBlock):
+class FCViTBlock(_plan.PlannedModule, ref.FCViTBlock):
     """``reference.fcvit.FCViTBlock`` (same constructor, parameters, state_dict). On the CPU
     inference path (:mod:`fastvit_ops.nn.fcvit_inference`: eval, fp32, no grad) one cached plan:
     the layer scales folded, the channel mixer's GELU fused into its depthwise conv and run in
-    place, residuals added in place, a few samples at a time on large maps. Elsewhere the reference
-    composition of the fused layers. (B, C, H, W) → (B, C, H, W)."""
+    place, residuals added in place, a few samples at a time on large maps; under torch.compile that
+    plan is one opaque op (:func:`fastvit_ops.nn._plan.module_inference`). Elsewhere the reference
+    composition of the fused layers. (B, C, H, W) → (B, C, H, W), channels_last on the plan."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _plan.compiled_inference(x, self):
+            return _plan.module_inference(self, x)
         if _plan.applies(x, self):
             from . import fcvit_inference
             return _plan.run(self, fcvit_inference.block, x)
         return super().forward(x)
 
-    def __getstate__(self):
-        return _plan.drop_plan(super().__getstate__())
+    def inference_output(self, x: Tensor) -> Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 class PatchEmbed(ref.PatchEmbed):
