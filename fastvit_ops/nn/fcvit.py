@@ -146,18 +146,25 @@ class FCViTBlock(_plan.PlannedModule, ref.FCViTBlock):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-class PatchEmbed(ref.PatchEmbed):
+class PatchEmbed(_plan.PlannedModule, ref.PatchEmbed):
     """``reference.fcvit.PatchEmbed`` (same parameters, state_dict); on the CPU inference path the
-    eval BatchNorm is folded into the convolution. (B, C_in, H, W) → (B, C_out, H', W')."""
+    eval BatchNorm is folded into the convolution, whose output is channels_last (one opaque op
+    under torch.compile, like the blocks). (B, C_in, H, W) → (B, C_out, H', W')."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if _plan.compiled_inference(x, self):
+            return _plan.module_inference(self, x)
         if _plan.applies(x, self):
             from . import fcvit_inference
             return _plan.run(self, fcvit_inference.patch_embed, x)
         return super().forward(x)
 
-    def __getstate__(self):
-        return _plan.drop_plan(super().__getstate__())
+    def inference_output(self, x: Tensor) -> Tensor:
+        conv = self.proj
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        shape = (b, conv.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 __all__ = ["GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed"]

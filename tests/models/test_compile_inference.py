@@ -13,7 +13,7 @@ from fastvit_ops import models
 from fastvit_ops.nn import _plan
 
 FAMILIES = ["fat_b0", "fcvit_tiny", "cvt_13", "vt_resnet18"]
-PLANNED = {"fat_b0": 12, "fcvit_tiny": 13, "cvt_13": 13, "vt_resnet18": 0}
+PLANNED = {"fat_b0": 12, "fcvit_tiny": 17, "cvt_13": 13, "vt_resnet18": 0}
 
 
 def build(name, seed=0):
