@@ -233,11 +233,11 @@ def cmd_aot_check(args) -> int:
 
     result = aot.run(archs, args.batch, dtypes, ops, progress=progress, shapes=shapes)
     kt = Table(title=f"Triton kernels compiled ahead of time (batch {args.batch} layer shapes)")
-    for c in ("arch", "dtype", "kernel", "config", "warps", "regs", "stack B", "smem KiB", "plans", "verdict"):
-        kt.add_column(c, justify="right" if c in ("warps", "regs", "stack B", "smem KiB", "plans") else "left")
+    for c in ("arch", "dtype", "kernel", "config", "warps", "regs", "spill B", "smem KiB", "plans", "verdict"):
+        kt.add_column(c, justify="right" if c in ("warps", "regs", "spill B", "smem KiB", "plans") else "left")
     for r in sorted(result["kernels"], key=lambda r: (r["arch"], r["dtype"], r["kernel"], r["config"])):
         kt.add_row(f"sm_{r['arch']}", r["dtype"], r["kernel"], r["config"], str(r["num_warps"]),
-                   _fmt(r.get("registers"), "d"), _fmt(r.get("stack"), "d"),
+                   _fmt(r.get("registers"), "d"), _fmt(r.get("spill"), "d"),
                    _fmt(r["shared"] / 1024 if r.get("shared") is not None else None, ".1f"), str(r["plans"]),
                    r["verdict"] if r["verdict"] == "ok" else f"[red]{r['verdict']}[/]")
     console.print(kt)
