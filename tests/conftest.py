@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import fastvit_ops  # noqa: E402
 from fastvit_ops.numerics import error_rule  # noqa: E402
+from fastvit_ops.ops import dispatch  # noqa: E402
 from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -24,12 +25,34 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def backends_for(device: str = "cpu"):
     """The backends that can run on ``device`` here, each as a pytest param (unavailable ones skip)."""
     out = []
-    for name in ("reference", "cpu", "cuda", "triton"):
+    for name in sorted(dispatch.backend_names(), key=lambda n: n != "reference"):
         ok, why = backend_available(name, torch.device(device))
         if (name == "cpu" and device != "cpu") or (name == "cuda" and device != "cuda"):
             continue
         out.append(pytest.param(name, marks=() if ok else pytest.mark.skip(reason=why), id=name))
     return out
+
+
+def spy_kernels(monkeypatch, op: str, stages=("forward", "backward")) -> list:
+    """A list that records ``("fwd"|"bwd", implementation name)`` each time one of ``op``'s kernels
+    runs (the registry's entries wrapped for this test)."""
+    calls = []
+
+    def spy(impl, stage):
+        def fn(*args):
+            calls.append(({"forward": "fwd", "backward": "bwd"}.get(stage, stage), impl.name))
+            return impl.fn(*args)
+        return impl._replace(fn=fn)
+    for stage in stages:
+        replace_impls(monkeypatch, op, stage, spy)
+    return calls
+
+
+def replace_impls(monkeypatch, op: str, stage: str, new) -> None:
+    """For this test, ``op``'s ``stage`` list with every implementation ``impl`` replaced by
+    ``new(impl, stage)``."""
+    impls = dispatch.implementations(op, stage)
+    monkeypatch.setitem(dispatch._TABLE[op], stage, [new(impl, stage) for impl in impls])
 
 
 def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:

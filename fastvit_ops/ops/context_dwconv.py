@@ -43,14 +43,13 @@ def _ext(x, sp, c, weight, bias, stride, padding, activation):
     return torch.ops.fastvit_ops._dwconv2d_gc_forward(x, sp, c, weight, bias, stride, padding, activation)
 
 
-FORWARD = {"reference": _reference, "cpu": _ext}
+dispatch.register_kernels(OP, "forward", cpu=_ext, reference=_reference)
 
 
 @torch.library.custom_op("fastvit_ops::context_dwconv2d", mutates_args=())
 def _op(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
         activation: int, backend: str) -> Tensor:
-    _, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
-    return fn(x, sp, c, weight, bias, stride, padding, activation).contiguous()
+    return dispatch.run_kernel(OP, "forward", backend, x, sp, c, weight, bias, stride, padding, activation).contiguous()
 
 
 @_op.register_fake
@@ -85,6 +84,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastvit_ops::context_dwconv2d", _backward, setup_context=_setup_context)
+dispatch.register(OP, "call", dispatch.eager_impl(_reference), dispatch.custom_op_impl(_op))
 
 
 def context_dwconv2d(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -120,10 +120,8 @@ def context_dwconv2d(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Opt
         raise ValueError(f"sp: expected (B, G, H, W) = ({B}, G, {H}, {W}) with G dividing {C}, got {tuple(sp.shape)}")
     if tuple(c.shape) != (B, C):
         raise ValueError(f"c: expected shape ({B}, {C}), got {tuple(c.shape)}")
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(x, backend):
-        return _reference(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation])
-    return _op(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation], backend)
+    call = dispatch.Call(OP, dispatch.get_backend(), (x, sp, c, weight, bias, stride, padding, _ACT_ID[activation]))
+    return dispatch.run(OP, call)
 
 
 __all__ = ["context_dwconv2d"]

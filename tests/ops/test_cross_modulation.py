@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvit_ops
-from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda, spy_kernels
 from fastvit_ops.ops import cross_modulation as cm
 
 MODES = ["silu", "full"]
@@ -198,13 +198,7 @@ def test_backend_selection_errors_and_env(monkeypatch):
 
 def test_dispatch_runs_the_requested_backend(monkeypatch):
     """The name given to backend() decides which implementation runs (forward and backward)."""
-    calls = []
-    for table, kind in ((cm.FORWARD, "fwd"), (cm.BACKWARD, "bwd")):
-        for name, fn in list(table.items()):
-            def spy(*args, _fn=fn, _name=name, _kind=kind):
-                calls.append((_kind, _name))
-                return _fn(*args)
-            monkeypatch.setitem(table, name, spy)
+    calls = spy_kernels(monkeypatch, "sigmoid_cross_modulation")
     l, g = (torch.randn(5, requires_grad=True) for _ in range(2))
     for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
         calls.clear()

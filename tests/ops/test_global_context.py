@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastvit_ops
-from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda, spy_kernels
 from fastvit_ops.ops import global_context as gco
 from fastvit_ops.ops.global_context import _global_context, global_context, token_global_similarity
 from fastvit_ops.reference.fcvit import GlobalContext
@@ -453,13 +453,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_dispatch_runs_the_requested_backend(monkeypatch):
     """The name given to backend() decides which implementation runs (forward and backward)."""
-    calls = []
-    for table, kind in ((gco.FORWARD, "fwd"), (gco.BACKWARD, "bwd")):
-        for name, fn in list(table.items()):
-            def spy(*args, _fn=fn, _name=name, _kind=kind):
-                calls.append((_kind, _name))
-                return _fn(*args)
-            monkeypatch.setitem(table, name, spy)
+    calls = spy_kernels(monkeypatch, "global_context")
     gc = make_gc(16, dtype=torch.float32)
     x = torch.randn(2, 16, 3, 3, requires_grad=True)
     # channels_last keeps the cpu backend on the custom op (the eager fast path takes NCHW only)
