@@ -20,7 +20,9 @@ Public API:
     fuse_for_inference(model, inplace=False)                 eval-only BatchNorm folding into adjacent convs
     reference, nn                                            reference layers and fused drop-ins
 """
-from . import _availability, models, nn, reference
+import importlib
+
+from . import _availability, models, nn, ops, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
 from .fuse import fuse_for_inference
@@ -58,6 +60,9 @@ __all__ = [
 # Importing the extension registers the compiled kernels under torch.ops.fastvit_ops; when it is
 # missing the package still works on the reference (and Triton) backends.
 _availability.extension()
+
+for _module in ops.EXTRA_BACKENDS:  # each registers its backend and kernels (fastvit_ops/ops/__init__.py)
+    importlib.import_module(_module)
 
 # Custom ops run with autocast off on the dtypes they get (see fastvit_ops/_autocast.py).
 from . import _autocast  # noqa: E402

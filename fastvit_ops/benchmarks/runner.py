@@ -8,7 +8,7 @@ import torch
 
 from .. import _availability as avail
 from ..numerics import error_rule
-from ..ops.dispatch import backend, backend_available
+from ..ops.dispatch import backend, backend_available, backend_names
 from . import Case, load, op_names
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
@@ -39,7 +39,9 @@ def environment(device) -> Dict[str, str]:
 
 def backends_here(device, fused_only: bool = False) -> List[str]:
     """Backends that can run on ``device`` now (``reference`` first, left out with ``fused_only``)."""
-    names = ("cpu", "cuda", "triton") if fused_only else ("reference", "cpu", "cuda", "triton")
+    names = sorted(backend_names(), key=lambda n: n != "reference")
+    if fused_only:
+        names = [n for n in names if n != "reference"]
     return [b for b in names if backend_available(b, torch.device(device))[0]]
 
 

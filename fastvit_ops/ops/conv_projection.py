@@ -57,8 +57,8 @@ def _fp32_or_fp64(call: dispatch.Call):
     return False, f"the C++ kernel is fp32/fp64, got {call.args[0].dtype}: the reference convs"
 
 
-dispatch.register(OP, "forward", dispatch.Impl("cpu", "cpu", _ext, _fp32_or_fp64),
-                  dispatch.Impl("reference", "reference", _reference))
+dispatch.register(OP, "forward", dispatch.Impl("cpu", "cpu", _ext, _fp32_or_fp64, "the C++ kernel (fp32/fp64)"))
+dispatch.register_kernels(OP, "forward", reference=_reference)
 
 
 @torch.library.custom_op("fastvit_ops::conv_projection_qkv", mutates_args=())

@@ -175,7 +175,7 @@ def backend(name: str) -> Iterator[str]:
 
 # ---- implementations ------------------------------------------------------------------------------
 def _always(call: "Call") -> Reason:
-    return True, "ok"
+    return True, "accepts every call"
 
 
 class Impl(NamedTuple):
@@ -241,7 +241,8 @@ def register(op: str, stage: str, *impls: Impl, before: Optional[str] = None) ->
 def register_kernels(op: str, stage: str, **by_backend: Callable) -> None:
     """``register(op, stage, Impl(b, b, fn) ...)`` for ``b=fn`` pairs: one kernel per backend that
     accepts every call of that backend."""
-    register(op, stage, *(Impl(name, name, fn) for name, fn in by_backend.items()))
+    register(op, stage, *(Impl(name, name, fn, _always, f"{stage} kernel: " + _BACKENDS[name].doc)
+                          for name, fn in by_backend.items()))
 
 
 def implementations(op: str, stage: str) -> List[Impl]:
@@ -270,6 +271,15 @@ def resolve_backend(op: str, requested: str, device: torch.device) -> str:
     return "reference"
 
 
+class Choice(NamedTuple):
+    """One :func:`choose` seen by :func:`recording`; ``reasons`` as :func:`explain` gives them."""
+    op: str
+    stage: str
+    call: "Call"
+    impl: Impl
+    reasons: list
+
+
 _recording: Optional[list] = None
 
 
@@ -285,7 +295,7 @@ def choose(op: str, stage: str, call: Call) -> Impl:
         if impl is None:
             raise RuntimeError(f"{op}: no {stage} implementation accepts this call on backend {resolved!r}")
     if _recording is not None:
-        _recording.append((op, stage, call, impl))
+        _recording.append(Choice(op, stage, call, impl, _reasons(op, stage, call, impl)))
     return impl
 
 
@@ -296,8 +306,11 @@ def run(op: str, call: Call):
 
 def explain(op: str, stage: str, call: Call) -> List[Tuple[Impl, bool, str]]:
     """Every implementation of ``op``'s ``stage`` in order, with whether it runs ``call`` and why
-    (or why not)."""
-    chosen = choose(op, stage, call)
+    (or why not). The conditions are read now (grad mode, compiler, ...), as :func:`choose` would."""
+    return _reasons(op, stage, call, choose(op, stage, call))
+
+
+def _reasons(op: str, stage: str, call: Call, chosen: Impl) -> List[Tuple[Impl, bool, str]]:
     resolved = call.resolved()
     rows = []
     for impl in _TABLE[op][stage]:
@@ -318,7 +331,8 @@ def explain(op: str, stage: str, call: Call) -> List[Tuple[Impl, bool, str]]:
 
 @contextlib.contextmanager
 def recording() -> Iterator[list]:
-    """Collect ``(op, stage, call, impl)`` for every :func:`choose` inside the block (for explain)."""
+    """Collect a :class:`Choice` for every :func:`choose` inside the block, its reasons read at the
+    moment of the choice."""
     global _recording
     previous, _recording = _recording, []
     try:
@@ -352,7 +366,7 @@ def plain_cpu(call: Call) -> Reason:
     for p in call.tensors:
         if p is not None and type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter:
             return False, "a parameter is a tensor subclass: the custom op"
-    return True, "ok"
+    return True, "plain CPU tensors, nothing tracing or intercepting the call"
 
 
 def eager_cpu(call: Call, channels_last: bool = False) -> Reason:

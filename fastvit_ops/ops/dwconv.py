@@ -300,7 +300,8 @@ def _contiguous_or_channels_last(call: dispatch.Call):
 
 dispatch.register(OP, "call", dispatch.eager_impl(_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _cpu_autograd, _contiguous_or_channels_last,
-                                "the C++ autograd node (_dwconv2d_autograd)"),
+                                "the C++ autograd node _dwconv2d_autograd: forward as the forward "
+                                "list picks (oneDNN or ours), backward our C++ kernel"),
                   dispatch.custom_op_impl(_op))
 
 

@@ -437,11 +437,11 @@ def _gc_cpu_autograd(call: dispatch.Call) -> Tensor:
 
 dispatch.register(OP_SIM, "call", dispatch.eager_impl(_sim_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _sim_cpu_autograd, dispatch.eager_cpu,
-                                "the C++ autograd node (_gc_autograd)"),
+                                "the C++ autograd node _gc_autograd (our forward and backward kernels)"),
                   dispatch.custom_op_impl(lambda *a: _sim_op(*a)[0]))
 dispatch.register(OP_GC, "call", dispatch.eager_impl(_gc_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _gc_cpu_autograd, dispatch.eager_cpu,
-                                "the C++ autograd node (_gc_autograd)"),
+                                "the C++ autograd node _gc_autograd (our forward and backward kernels)"),
                   dispatch.custom_op_impl(lambda *a: _gc_op(*a)[0]))
 
 

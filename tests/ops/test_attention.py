@@ -328,7 +328,7 @@ def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch):
         want, _ = att._op(q, k, v, g, 0.3, layout, "auto")
         with torch.no_grad(), dispatch.recording() as log:
             got = att.attention_core(q, k, v, 0.3, g, layout)
-        assert [impl.name for _, stage, _, impl in log] == ["cpu_forward", "cpu"], \
+        assert [c.impl.name for c in log] == ["cpu_forward", "cpu"], \
             "no-grad CPU calls run the C++ forward kernel directly, not the custom op"
         assert got.stride() == want.stride()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -338,7 +338,7 @@ def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch):
     q = cases[2][1].clone().requires_grad_()
     with dispatch.recording() as log:
         att.attention_core(q, k, v, 0.3, cases[2][2], att.TOKENS).sum().backward()
-    assert [impl.name for _, stage, _, impl in log if stage == "call"] == ["custom_op"] and q.grad is not None
+    assert [c.impl.name for c in log if c.stage == "call"] == ["custom_op"] and q.grad is not None
 
 
 # ---- GPU (run where a CUDA device is lent) ----------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_explicit_backends_still_run_the_kernels(monkeypatch):
         with fastvit_ops.backend("reference"):
             fastvit_ops.sigmoid_cross_modulation(l, g)
         fastvit_ops.sigmoid_cross_modulation(l, g)  # auto: eager, no custom op
-    assert [(c.backend, impl.name) for _, stage, c, impl in log if stage == "call"] == \
+    assert [(c.call.backend, c.impl.name) for c in log if c.stage == "call"] == \
         [("reference", "custom_op"), ("auto", "eager")]
 
 
