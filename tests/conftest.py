@@ -86,10 +86,8 @@ def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor
     assert r.ok, (f"{name} ({fused.dtype}): max error {r.fused_error:.3g} exceeds the rule at "
                   f"{r.bad} elements; eager max error {r.eager_error:.3g}")
 
-# The authors' state_dict listings live beside the repository (../shared/checkpoints); CI clones
-# main with shared/ next to it. FASTVIT_OPS_SHARED points elsewhere when needed.
-SHARED = Path(os.environ.get("FASTVIT_OPS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-CHECKPOINTS = SHARED / "checkpoints"
+# The released models' state_dict listings (keys and shapes), see tests/data/checkpoints/README.md.
+CHECKPOINTS = Path(__file__).resolve().parent / "data" / "checkpoints"
 
 _LINE = re.compile(r"^(\S+) \(([\d, ]*)\)$")
 
@@ -98,7 +96,7 @@ def checkpoint_spec(name: str):
     """Parse ``checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
     path = CHECKPOINTS / f"{name}.txt"
     if not path.exists():
-        pytest.fail(f"checkpoint listing {path} not found; set FASTVIT_OPS_SHARED")
+        pytest.fail(f"checkpoint listing {path} not found")
     lines = path.read_text().splitlines()
     header = re.match(r"^# (\S+): (\d+) state_dict entries, (\d+) parameters$", lines[0])
     assert header, f"unexpected header in {path}: {lines[0]!r}"
