@@ -72,7 +72,7 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
 
 def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor,
                       floor: str = "element") -> None:
-    """DESIGN.md numerics rule (``fastvit_ops.numerics.error_rule``): |fused − exact| ≤
+    """The error rule of docs/numerics.md (``fastvit_ops.numerics.error_rule``): |fused − exact| ≤
     max(2·max|eager − exact|, atol + rtol·|exact|). ``exact`` is the float64 reference; ``eager`` the
     eager PyTorch layer in the same dtype as ``fused`` (or several evaluations of it on different
     layouts: the largest error counts). ``floor="tensor"``: the torch.testing floor at the tensor's
@@ -93,7 +93,7 @@ _LINE = re.compile(r"^(\S+) \(([\d, ]*)\)$")
 
 
 def checkpoint_spec(name: str):
-    """Parse ``checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
+    """Parse ``tests/data/checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
     path = CHECKPOINTS / f"{name}.txt"
     if not path.exists():
         pytest.fail(f"checkpoint listing {path} not found")

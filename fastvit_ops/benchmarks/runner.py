@@ -66,7 +66,7 @@ def _exact_inputs(inputs):
 
 
 def check_case(case: Case, name: str) -> Dict:
-    """Run ``case`` on backend ``name`` and apply the DESIGN.md numerics rule to the output and
+    """Run ``case`` on backend ``name`` and apply the error rule of docs/numerics.md to the output and
     every gradient: the fused error vs the float64 result is at most 2× eager's in the same dtype,
     with torch.testing's tolerances at the tensor's scale as the floor (``error_rule(...,
     floor="tensor")``: the check shapes are tiny, so a bias gradient has a dozen elements). Reported

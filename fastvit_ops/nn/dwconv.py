@@ -1,4 +1,4 @@
-"""Fused depthwise conv: drop-in for ``fastvit_ops.reference.common.DepthwiseConv2d`` (SPEC §1.1)."""
+"""Fused depthwise conv: drop-in for ``fastvit_ops.reference.common.DepthwiseConv2d`` (docs/dwconv.md)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple

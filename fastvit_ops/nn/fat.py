@@ -72,7 +72,7 @@ def _pool(pool: nn.Module, x: Tensor) -> Tensor:
 
 
 def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
-    """FAT's Fully Adaptive Self-Attention forward (SPEC §2) on the fused kernels, for any FASA module.
+    """FAT's Fully Adaptive Self-Attention forward (docs/fat.md) on the fused kernels, for any FASA module.
 
     ``fasa`` may be :class:`fastvit_ops.nn.FASA`, :class:`fastvit_ops.reference.fat.FASA`, or the
     authors' ``FASA`` (github qhfan/FAT ``classification/models.py``) — anything with the
@@ -82,7 +82,7 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
     (h), ``dim_head`` (d = C/h), ``window_size`` and ``scalor`` (the softmax scale, d^(−1/2) in
     the released code). The module's own ``forward``/``attention``/``modulate`` are not called: the
     computation is the released code's (paper Eq. 3–10 with the released interaction
-    ``SiLU(L0) ⊙ SiLU(G)``, SPEC §1.4 mode "silu")::
+    ``SiLU(L0) ⊙ SiLU(G)``, docs/cross_modulation.md, mode "silu")::
 
         Q̂ = q(X);  K, V = split(kv(pool(X)));  G = softmax(scalor · Q̂ Kᵀ) V  (per head)
         L0 = local_mixer(Q̂);  Y = mixer(SiLU(L0) ⊙ SiLU(G))
@@ -150,7 +150,7 @@ def _fasa_gated(x: Tensor, fasa: nn.Module) -> Tensor:
 
 
 class FASA(ref.FASA):
-    """``reference.fat.FASA`` with the global branch fused (SPEC §1.3, §1.4, §2).
+    """``reference.fat.FASA`` with the global branch fused (docs/attention.md, docs/cross_modulation.md, docs/fat.md).
 
     Same constructor ``FASA(dim, kernel_size, num_heads, window_size)``, parameters and state_dict
     keys as the authors' FASA, so their checkpoints load unchanged. The forward:

@@ -1,7 +1,7 @@
-"""Downsampled attention (SPEC §1.3): full-resolution queries against a short key/value set.
+"""Downsampled attention (docs/attention.md): full-resolution queries against a short key/value set.
 
 ``O = softmax_over_keys(scale · q kᵀ) v`` with q (B, h, N, d), k and v (B, h, M, d), M ≪ N, and an
-optional fused epilogue ``out = SiLU(O) ⊙ gate`` (SPEC §1.4 mode "silu" with ``gate = SiLU(L0)``),
+optional fused epilogue ``out = SiLU(O) ⊙ gate`` (docs/cross_modulation.md, mode "silu" with ``gate = SiLU(L0)``),
 so FASA's attention output never reaches memory.
 
 One custom op carries every layout: q, gate and the output are (B, h, N, d)-indexed tensors with
@@ -250,7 +250,7 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, gate: Optional
 
 
 def downsampled_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-    """Attention of full-resolution queries over a short key/value set (SPEC §1.3), fused.
+    """Attention of full-resolution queries over a short key/value set (docs/attention.md), fused.
 
     ``softmax_over_keys(scale · q kᵀ) v``, flash-style: keys/values stay on chip, queries stream,
     the softmax is max-subtracted in fp32 (exp2 with the scale folded in), and the backward
@@ -283,7 +283,7 @@ def downsampled_attention_nchw(q_map: Tensor, k: Tensor, v: Tensor, num_heads: i
 
     Queries are read straight from the map: token i is pixel i (row-major), head m owns channels
     m·d … m·d+d−1 (d = C / num_heads); the result is written straight back to (B, C, H, W). With
-    ``gate`` the epilogue ``SiLU(attn) ⊙ gate`` is applied in the kernel (SPEC §1.4 mode "silu",
+    ``gate`` the epilogue ``SiLU(attn) ⊙ gate`` is applied in the kernel (docs/cross_modulation.md, mode "silu",
     where FASA passes ``gate = SiLU(L0)``), so the attention output never reaches memory.
 
     Args:

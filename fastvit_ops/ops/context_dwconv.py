@@ -1,8 +1,8 @@
-"""FCViT's global-context apply fused into the next depthwise conv's input load (SPEC §1.2 step 6 +
+"""FCViT's global-context apply fused into the next depthwise conv's input load (docs/global_context.md step 6 +
 §1.1): ``y = act(DW(x + S'·c) + bias)`` without writing ``x + S'·c`` to memory (custom op, fake,
 autograd, dispatch).
 
-In the token mixer (SPEC §3) each ``Z + GC(Z)`` feeds an 11×11 depthwise conv. Here the conv
+In the token mixer (docs/fcvit.md) each ``Z + GC(Z)`` feeds an 11×11 depthwise conv. Here the conv
 forms ``z = x + S'[γ]·c`` one plane at a time in cache as it packs its input (C++ CPU), so the
 fused token mixer never stores ``z``; ``S'`` (B, G, H, W) comes from
 :func:`fastvit_ops.token_global_similarity` and ``c`` (B, C) from GC's MLP, and autograd carries
@@ -91,7 +91,7 @@ def context_dwconv2d(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Opt
                      stride: int = 1, padding: Optional[int] = None,
                      activation: Optional[str] = None) -> Tensor:
     """``dwconv2d(x + S'·c, weight, bias, stride, padding, activation)`` without forming ``x + S'·c``
-    in memory: FCViT's global-context apply (SPEC §1.2 step 6, released ``GlobalContext.forward``'s
+    in memory: FCViT's global-context apply (docs/global_context.md step 6, released ``GlobalContext.forward``'s
     ``x * sim`` broadcast added to x in ``TokenMixer``) fused into the depthwise conv's input load.
 
     Args:

@@ -1,4 +1,4 @@
-"""CvT's convolutional projection (SPEC §4): the q, k and v depthwise convs of one token map in one
+"""CvT's convolutional projection (docs/cvt.md): the q, k and v depthwise convs of one token map in one
 pass, tokens in and tokens out (custom op, fake, autograd, dispatch).
 
 CvT's ``Attention.forward_conv`` turns (B, [1 +] h·w, C) tokens into an image, runs three
@@ -113,7 +113,7 @@ dispatch.register(OP, "call", dispatch.eager_impl(_reference), dispatch.custom_o
 def conv_projection_qkv(x: Tensor, hw: Tuple[int, int], cls_token: bool, weight_q: Tensor, bias_q: Tensor,
                         weight_k: Tensor, bias_k: Tensor, weight_v: Tensor, bias_v: Tensor,
                         stride_q: int = 1, stride_kv: int = 2) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k, v of CvT's ``Attention.forward_conv`` (``method="dw_bn"``, SPEC §4) in one pass.
+    """q, k, v of CvT's ``Attention.forward_conv`` (``method="dw_bn"``, docs/cvt.md) in one pass.
 
     Computes, for each of q (stride ``stride_q``), k and v (stride ``stride_kv``), the depthwise
     ``nn.Conv2d(C, C, k, stride, k // 2, groups=C)`` of the token map, with the eval-mode BN

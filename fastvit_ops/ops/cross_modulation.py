@@ -1,4 +1,4 @@
-"""Sigmoid cross-modulation (FASA bidirectional interaction, SPEC §1.4): custom op, autograd, dispatch."""
+"""Sigmoid cross-modulation (FASA bidirectional interaction, docs/cross_modulation.md): custom op, autograd, dispatch."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -118,7 +118,7 @@ dispatch.register(OP, "call", dispatch.eager_impl(reference), dispatch.custom_op
 
 
 def sigmoid_cross_modulation(local: Tensor, global_: Tensor, mode: str = "silu") -> Tensor:
-    """FASA's bidirectional interaction gate, fused (SPEC §1.4).
+    """FASA's bidirectional interaction gate, fused (docs/cross_modulation.md).
 
     Args:
         local: ``L0``, the local branch (depthwise conv of Q̂), any shape, e.g. (B, C, H, W) NCHW

@@ -1,4 +1,4 @@
-"""Depthwise 2-D convolution with fused epilogues (SPEC §1.1): custom op, autograd, dispatch.
+"""Depthwise 2-D convolution with fused epilogues (docs/dwconv.md): custom op, autograd, dispatch.
 
 ``y = act(conv(x, weight) + bias) [+ x]`` with ``conv`` the depthwise (groups = C) cross-correlation
 of ``nn.Conv2d(C, C, k, stride, padding, groups=C)``. The backward recomputes the pre-activation
@@ -442,7 +442,7 @@ def check_args(x, weight, bias, stride, padding, activation, residual) -> Tuple[
 
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
              padding: Optional[int] = None, activation: Optional[str] = None, residual: bool = False) -> Tensor:
-    """Depthwise 2-D convolution with a fused epilogue (SPEC §1.1).
+    """Depthwise 2-D convolution with a fused epilogue (docs/dwconv.md).
 
     Computes ``y = act(conv(x, weight) + bias)``, plus ``x`` when ``residual`` (FAT's CPE and the
     ConvFFN inner residual, ``x + DW_k(x)``), where ``conv`` is

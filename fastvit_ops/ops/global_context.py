@@ -1,4 +1,4 @@
-"""FCViT grouped token-global similarity with normalization (SPEC §1.2): custom ops, autograd,
+"""FCViT grouped token-global similarity with normalization (docs/global_context.md): custom ops, autograd,
 dispatch.
 
 Two public functions:
@@ -469,7 +469,7 @@ def _check_param(name, t, shape, x):
 
 def token_global_similarity(x: Tensor, rescale_weight: Tensor, rescale_bias: Tensor,
                             groups: int = 8, eps: float = 1e-5) -> Tensor:
-    """FCViT's normalized, rescaled token-global similarity ``S'`` (SPEC §1.2 steps 1–4).
+    """FCViT's normalized, rescaled token-global similarity ``S'`` (docs/global_context.md, steps 1–4).
 
     ``g = mean_{H,W} x``; ``S[b,γ,i] = d^-1/2·Σ_e x[b,γd+e,i]·g[b,γd+e]``; per sample
     ``Ŝ = (S − mean)/(std + eps)`` over (G, H·W) jointly with the **unbiased** std;
@@ -523,7 +523,7 @@ def _global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weigh
 def global_context(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
                    fc2_bias: Tensor, rescale_weight: Tensor, rescale_bias: Tensor,
                    groups: int = 8, eps: float = 1e-5) -> Tensor:
-    """``x + GC(x)``: FCViT's dynamic global context added to its input (SPEC §1.2, all six steps).
+    """``x + GC(x)``: FCViT's dynamic global context added to its input (docs/global_context.md, steps 1–6).
 
     ``GC(x)[b, γd+e] = S'[b,γ]·c[b, γd+e]`` with ``S'`` = :func:`token_global_similarity` and the
     competitive bottleneck ``c = fc2(max(u[:, :h], u[:, h:]))``, ``u = fc1(mean_{H,W} x)``

@@ -1,4 +1,4 @@
-"""downsampled_attention (SPEC §1.3) and its channels-first gated entry, on every backend here."""
+"""downsampled_attention (docs/attention.md) and its channels-first gated entry, on every backend here."""
 import itertools
 
 import pytest

@@ -1,4 +1,4 @@
-"""sigmoid_cross_modulation (SPEC §1.4) on every backend that runs here, against the float64 reference."""
+"""sigmoid_cross_modulation (docs/cross_modulation.md) on every backend that runs here, against the float64 reference."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ def test_forward_backward_equal_eager_float64(backend, mode):
 
 
 def check_error_rule(backend, dtype, mode, shape, device="cpu"):
-    """Forward and both gradients of the fused op meet the DESIGN.md rule in ``dtype``."""
+    """Forward and both gradients of the fused op meet the error rule of docs/numerics.md in ``dtype``."""
     l, g, dy = (torch.randn(shape, dtype=torch.float64, device=device).mul(4).to(dtype) for _ in range(3))
     # Exact result of the *rounded* inputs, so only the op's own error is measured.
     le, ge = l.double().requires_grad_(), g.double().requires_grad_()

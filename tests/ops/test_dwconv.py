@@ -1,4 +1,4 @@
-"""dwconv2d (SPEC §1.1) on every backend that runs here, against the float64 eager reference."""
+"""dwconv2d (docs/dwconv.md) on every backend that runs here, against the float64 eager reference."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""token_global_similarity / global_context (SPEC §1.2) on every backend that runs here, against
+"""token_global_similarity / global_context (docs/global_context.md) on every backend that runs here, against
 the reference layer (fastvit_ops.reference.fcvit.GlobalContext) and float64."""
 import copy
 import types
@@ -99,7 +99,7 @@ def test_low_precision_error_rule(backend, dtype):
 
 
 def check_error_rule(backend, dtype, shape, device="cpu"):
-    """The DESIGN.md error rule for x + GC(x) (forward, every gradient) and S' in ``dtype``."""
+    """The error rule of docs/numerics.md for x + GC(x) (forward, every gradient) and S' in ``dtype``."""
     B, C, H, W = shape
     gc64 = make_gc(C, device=device)
     x = (torch.randn(B, C, H, W, dtype=torch.float64, device=device) * 2 + 0.5).to(dtype)
