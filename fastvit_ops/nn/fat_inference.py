@@ -10,7 +10,10 @@ to fp32 rounding. What it does, and why:
   3.6 ms channels_last; 1.1× at 14×14), so blocks return channels_last maps;
 * every eval BatchNorm is folded into a convolution next to it (stem convs, FASA's pool convs,
   the stride-2 shortcut's depthwise conv, ConvFFN's ``fc2`` which sees ``BN(U)`` through a 1×1);
-* GELU, ReLU and the residual adds run in place on the output of the convolution before them;
+* GELU, ReLU and the residual adds run in place on the output of the convolution before them
+  (oneDNN's own post-op fusion, ``torch.ops.mkldnn._convolution_pointwise``, what inductor emits
+  under ``freezing``, measured no faster on converted FAT-B0: its per-call primitive setup,
+  ~30–60 µs, ate the saved pass, and it is a private op);
   ``x + DW(x)`` (CPE) is one depthwise conv with a residual epilogue and the FFN's ``U + DW(U)``
   is written over ``U`` where the C++ kernel can;
 * on maps whose FFN hidden activation is large (:data:`FFN_CHUNK_BYTES`) the FFN runs a few

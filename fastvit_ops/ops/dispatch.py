@@ -107,8 +107,9 @@ def _cpu_available(device: torch.device) -> Reason:
     if device.type != "cpu":
         return False, f"the cpu backend runs CPU tensors, got a {device.type} tensor"
     ok, why = avail.cpu_extension()
-    capability = getattr(avail.extension()[0], "cpu_capability", None) if ok else None
-    return ok, f"ok ({capability()} kernels)" if callable(capability) else why
+    capability = getattr(avail, "cpu_capability", None)  # which ISA build of the kernels runs
+    info = capability() if ok and callable(capability) else None
+    return ok, f"ok ({info['in_use']} kernels)" if isinstance(info, dict) else why
 
 
 def _cuda_available(device: torch.device) -> Reason:

@@ -11,7 +11,7 @@ import fastvit_ops
 from conftest import assert_error_rule, randomize_
 from fastvit_ops.nn import fat as fused_fat
 from fastvit_ops.nn import fat_inference
-from fastvit_ops.nn._pointwise import conv_add_, conv_epilogue
+from fastvit_ops.ops import dispatch
 from fastvit_ops.reference import fat as ref_fat
 
 CFG = ref_fat.CONFIGS["fat_b0"]
@@ -93,6 +93,28 @@ def test_swapped_part_rebuilds_the_plan():
     assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x))
 
 
+def test_inference_plan_runs_the_kernels_the_registry_picks():
+    """The plan's depthwise and attention kernels are dispatch.choose's for the requested backend:
+    the C++ ones under auto (with the extension), the reference ones under backend("reference")."""
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 80, 160, 5, 5, 4, 5, 4, 2)
+    x = torch.randn(2, 80, 10, 10)
+    exact = _exact(ref, x)
+    with torch.no_grad():
+        y_ref = ref(x)
+        with dispatch.recording() as log:
+            y = fused(x)
+        with fastvit_ops.backend("reference"), dispatch.recording() as log_ref:
+            y2 = fused(x)
+    picked = {(c.op, c.stage) for c in log}
+    assert {("dwconv2d", "forward"), ("downsampled_attention", "forward")} <= picked
+    want = "cpu" if dispatch.backend_available("cpu", torch.device("cpu"))[0] else "reference"
+    assert {c.call.resolved() for c in log} == {want}
+    assert {c.impl.backend for c in log_ref if c.stage == "forward"} == {"reference"}
+    assert y2.is_contiguous(memory_format=torch.channels_last)
+    assert_error_rule("FATBlock plan", y, y_ref, exact)
+    assert_error_rule("FATBlock plan on the reference kernels", y2, y_ref, exact)
+
+
 def test_block_inference_chunks_the_ffn(monkeypatch):
     """Maps above FFN_CHUNK_BYTES run fc1 → DW → fc2 a few samples at a time, adding into the shortcut."""
     ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 32, 32, 3, 2, 8, 5, 4, 1)
@@ -165,44 +187,6 @@ def test_converted_fat_b0_inference_runs_channels_last():
         y_ref, y = ref(x), conv(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
     assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x), floor="tensor")
-
-
-# ---- the conv + epilogue helpers --------------------------------------------------------------------------
-@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_epilogue_matches_composite(activation, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(3, 24, 7, 9).contiguous(memory_format=fmt)
-    w, b = torch.randn(40, 24, 3, 3) * 0.2, torch.randn(40)
-    res = torch.randn(3, 40, 4, 5).contiguous(memory_format=fmt)
-    act = {None: lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu}[activation]
-    expect = act(torch.nn.functional.conv2d(x, w, b, 2, 1))
-    with torch.no_grad():
-        for residual in (None, res):
-            y = conv_epilogue(x, w, b, 2, 1, activation, residual)
-            torch.testing.assert_close(y, expect if residual is None else expect + residual, rtol=1e-5, atol=1e-5)
-            assert y.is_contiguous(memory_format=fmt)
-    with pytest.raises(ValueError, match="activation"):
-        conv_epilogue(x, w, b, activation="tanh")
-
-
-def test_conv_epilogue_with_grad_is_differentiable_and_conv_add_accumulates():
-    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(6, 8, 1, 1, requires_grad=True)
-    res = torch.randn(2, 6, 5, 5)
-    y = conv_epilogue(x, w, None, activation="gelu", residual=res)
-    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
-    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    y2 = torch.nn.functional.gelu(torch.nn.functional.conv2d(x2, w2)) + res
-    ex, ew = torch.autograd.grad(y2.square().sum(), (x2, w2))
-    torch.testing.assert_close(gx, ex), torch.testing.assert_close(gw, ew)
-    with torch.no_grad():
-        out = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
-        expect = out + torch.nn.functional.conv2d(x, w)
-        r = conv_add_(out[1:], x[1:], w, None)
-        assert r.data_ptr() == out[1:].data_ptr()
-        torch.testing.assert_close(out, torch.cat([expect[:1] - torch.nn.functional.conv2d(x[:1], w), expect[1:]]),
-                                   rtol=1e-5, atol=1e-5)
 
 
 def test_inference_mode_then_no_grad_then_training_graph():
