@@ -24,6 +24,7 @@ def registry_snapshot(monkeypatch):
     monkeypatch.setattr(dispatch, "_TABLE", {op: {st: list(l) for st, l in stages.items()}
                                              for op, stages in dispatch._TABLE.items()})
     monkeypatch.setattr(dispatch, "_KERNEL_BACKENDS", dict(dispatch._KERNEL_BACKENDS))
+    monkeypatch.setattr(dispatch, "_RESOLVED", {})
     yield
     sys.modules.pop("toy_backend", None)
 
