@@ -71,7 +71,7 @@ _SCALARS = (bool, int, float, str, tuple, type(None))
 
 def applies(x: Tensor, module: nn.Module) -> bool:
     """Whether ``module``'s forward of ``x`` takes this inference path (see the module docstring)."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or module.training:
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32 or module.training:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
