@@ -33,10 +33,10 @@ def backends_for(device: str = "cpu"):
     return out
 
 
-def spy_kernels(monkeypatch, op: str, stages=("forward", "backward")) -> list:
-    """A list that records ``("fwd"|"bwd", implementation name)`` each time one of ``op``'s kernels
-    runs (the registry's entries wrapped for this test)."""
-    calls = []
+def spy_kernels(monkeypatch, op: str, stages=("forward", "backward"), calls=None) -> list:
+    """A list (``calls``, or a new one) that records ``("fwd"|"bwd", implementation name)`` each
+    time one of ``op``'s kernels runs (the registry's entries wrapped for this test)."""
+    calls = [] if calls is None else calls
 
     def spy(impl, stage):
         def fn(*args):

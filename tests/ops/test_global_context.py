@@ -454,6 +454,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_dispatch_runs_the_requested_backend(monkeypatch):
     """The name given to backend() decides which implementation runs (forward and backward)."""
     calls = spy_kernels(monkeypatch, "global_context")
+    spy_kernels(monkeypatch, "token_global_similarity", calls=calls)
     gc = make_gc(16, dtype=torch.float32)
     x = torch.randn(2, 16, 3, 3, requires_grad=True)
     # channels_last keeps the cpu backend on the custom op (the eager fast path takes NCHW only)
