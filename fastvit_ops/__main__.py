@@ -260,6 +260,60 @@ def _bench_result(env, batch, args, op_rows, model_rows, dev) -> dict:
             "models": model_rows, "triton_kernels": launched_kernels() if dev.type == "cuda" else []}
 
 
+def cmd_aot_check(args) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("aot-check compiles for a GPU: unset TRITON_INTERPRET")
+    if not avail.triton()[0]:
+        raise SystemExit(f"aot-check needs Triton: {avail.triton()[1]}")
+    from . import aot
+
+    archs = [int(a) for a in args.arch.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    ops = _ops(args.ops) if args.ops else None
+    shapes = [s.strip() for s in args.shapes.split(",")] if args.shapes else None
+    started = time.time()
+
+    def progress(arch, plan, n):
+        if args.verbose:
+            console.print(f"[{time.time() - started:5.0f} s] sm_{arch} {plan.dtype} {plan.op} {plan.label}: {n} launches")
+
+    result = aot.run(archs, args.batch, dtypes, ops, progress=progress, shapes=shapes)
+    kt = Table(title=f"Triton kernels compiled ahead of time (batch {args.batch} layer shapes)")
+    for c in ("arch", "dtype", "kernel", "config", "warps", "regs", "stack B", "smem KiB", "plans", "verdict"):
+        kt.add_column(c, justify="right" if c in ("warps", "regs", "stack B", "smem KiB", "plans") else "left")
+    for r in sorted(result["kernels"], key=lambda r: (r["arch"], r["dtype"], r["kernel"], r["config"])):
+        kt.add_row(f"sm_{r['arch']}", r["dtype"], r["kernel"], r["config"], str(r["num_warps"]),
+                   _fmt(r.get("registers"), "d"), _fmt(r.get("stack"), "d"),
+                   _fmt(r["shared"] / 1024 if r.get("shared") is not None else None, ".1f"), str(r["plans"]),
+                   r["verdict"] if r["verdict"] == "ok" else f"[red]{r['verdict']}[/]")
+    console.print(kt)
+    pt = Table(title="estimated traffic and work per op call (forward + backward) against the op's floor")
+    for c in ("op", "plan", "dtype", "MB moved", "× floor", "GFLOP", "× floor"):
+        pt.add_column(c, justify="left" if c in ("op", "plan", "dtype") else "right")
+    for p in result["plans"]:
+        if p["arch"] != archs[-1]:
+            continue  # the same launches on every arch
+        pt.add_row(p["op"], p["plan"], p["dtype"], f"{p['bytes'] / 1e6:.1f}",
+                   _fmt(p["bytes"] / p["min_bytes"] if p["min_bytes"] else None, ".2f"),
+                   f"{p['flops'] / 1e9:.2f}", _fmt(p["flops"] / p["min_flops"] if p["min_flops"] else None, ".2f"))
+    console.print(pt)
+    bad = aot.failures(result)
+    if args.json:
+        _write_json(args.json, dict(result, failures=bad, env=runner.environment("cpu"), archs=archs,
+                                    batch=args.batch, dtypes=dtypes))
+    console.print(f"{len(result['kernels'])} compiled variants, {len(result['plans'])} plans in "
+                  f"{time.time() - started:.0f} s")
+    if bad:
+        for b in bad:
+            console.print(f"[red]{b}[/]")
+        console.print(f"[red]{len(bad)} failure(s)[/]")
+        return 1
+    console.print("[green]no compile errors, no spills, shared memory and grids within limits[/]")
+    return 0
+
+
 def _models(arg: Optional[str]) -> List[str]:
     if not arg:
         return list(model_bench.DEFAULT_MODELS)
@@ -415,6 +469,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("aot-check", help="compile every Triton kernel for sm_80/sm_90 without a GPU; report registers, "
+                                         "spills, shared memory, traffic; exit 1 on errors or spills")
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    p.add_argument("--batch", type=int, default=64, help="batch of the layer shapes (default 64)")
+    p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated, of fp32,bf16,fp16,fp64 (default fp32,bf16,fp16)")
+    p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
+    p.add_argument("--shapes", help="comma-separated prefixes of the plan labels (e.g. 'FAT-B0 s1,CvT-13')")
+    p.add_argument("--verbose", action="store_true", help="print each plan as it compiles")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(fn=cmd_aot_check)
     args = parser.parse_args(argv)
     if getattr(args, "batch", None) is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
