@@ -121,6 +121,8 @@ def _triton_bwd(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale):
 
 dispatch.register_kernels(OP, "forward", cpu=_ext_fwd, triton=_triton_fwd, reference=_reference_fwd)
 dispatch.register_kernels(OP, "backward", cpu=_ext_bwd, triton=_triton_bwd, reference=_reference_bwd)
+FORWARD = dispatch.KernelTable(OP, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP, "backward")
 
 
 # ---- custom ops ------------------------------------------------------------------------------------

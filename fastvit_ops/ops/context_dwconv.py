@@ -44,6 +44,7 @@ def _ext(x, sp, c, weight, bias, stride, padding, activation):
 
 
 dispatch.register_kernels(OP, "forward", cpu=_ext, reference=_reference)
+FORWARD = dispatch.KernelTable(OP, "forward")  # a read-only view: kernel by name
 
 
 @torch.library.custom_op("fastvit_ops::context_dwconv2d", mutates_args=())

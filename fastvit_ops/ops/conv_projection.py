@@ -59,6 +59,7 @@ def _fp32_or_fp64(call: dispatch.Call):
 
 dispatch.register(OP, "forward", dispatch.Impl("cpu", "cpu", _ext, _fp32_or_fp64, "the C++ kernel (fp32/fp64)"))
 dispatch.register_kernels(OP, "forward", reference=_reference)
+FORWARD = dispatch.KernelTable(OP, "forward")  # a read-only view: kernel by name
 
 
 @torch.library.custom_op("fastvit_ops::conv_projection_qkv", mutates_args=())

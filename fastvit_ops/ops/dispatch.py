@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from collections.abc import Mapping
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -250,6 +251,27 @@ def register_kernels(op: str, stage: str, **by_backend: Callable) -> None:
     accepts every call of that backend."""
     register(op, stage, *(Impl(name, name, fn, _always, f"{stage} kernel: " + _BACKENDS[name].doc)
                           for name, fn in by_backend.items()))
+
+
+class KernelTable(Mapping):
+    """A read-only view of ``op``'s ``stage`` list by implementation name → kernel (e.g.
+    ``dwconv.FORWARD["reference"]``), read from the registry at each lookup. Changing what runs is
+    done through :func:`register`, never through this view."""
+
+    def __init__(self, op: str, stage: str):
+        self.op, self.stage = op, stage
+
+    def __getitem__(self, name: str) -> Callable:
+        for impl in _TABLE[self.op][self.stage]:
+            if impl.name == name:
+                return impl.fn
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter([impl.name for impl in _TABLE[self.op][self.stage]])
+
+    def __len__(self) -> int:
+        return len(_TABLE[self.op][self.stage])
 
 
 def implementations(op: str, stage: str) -> List[Impl]:

@@ -230,6 +230,8 @@ dispatch.register(OP, "forward", dispatch.Impl("onednn", "cpu", _onednn_fwd, _on
                                                 "PyTorch's oneDNN convolution, epilogue in place"))
 dispatch.register_kernels(OP, "forward", cpu=_ext_fwd, cuda=_ext_fwd, triton=_triton_fwd, reference=_reference_fwd)
 dispatch.register_kernels(OP, "backward", cpu=_ext_bwd, cuda=_ext_bwd, triton=_triton_bwd, reference=_reference_bwd)
+FORWARD = dispatch.KernelTable(OP, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP, "backward")
 
 
 # ---- custom ops ------------------------------------------------------------------------------------

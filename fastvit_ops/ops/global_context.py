@@ -294,6 +294,8 @@ for _op_name in (OP_SIM, OP_GC):
                               reference=_with("reference", _glue_forward))
     dispatch.register_kernels(_op_name, "backward", cpu=_ext_backward, triton=_with("triton", _glue_backward),
                               reference=_with("reference", _glue_backward))
+FORWARD = dispatch.KernelTable(OP_GC, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP_GC, "backward")
 
 
 def _forward(op, x, mlp, alpha, beta, groups, eps, residual, backend):

@@ -113,3 +113,12 @@ def test_every_op_has_a_reference_kernel_and_a_call_stage():
         if "forward" in stages:
             assert "call" in stages, op
             assert dispatch.implementations(op, "call")[-1].name == "custom_op", op
+
+
+def test_kernel_tables_are_read_only_views_of_the_registry():
+    assert dw.FORWARD["reference"] is dw._reference_fwd and "onednn" in dw.FORWARD
+    assert list(cm.BACKWARD) == [i.name for i in dispatch.implementations(cm.OP, "backward")]
+    with pytest.raises(TypeError):
+        dw.FORWARD["cpu"] = dw._reference_fwd  # what runs changes through dispatch.register only
+    with pytest.raises(KeyError):
+        dw.FORWARD["nope"]
