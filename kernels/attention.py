@@ -277,28 +277,34 @@ def _attn_bwd_kv_kernel(DO, Q, K, V, LSE, DO2, DELTA, DKP, DVP,
 
 
 # ---- block sizes, grids, launchers -----------------------------------------------------------------
+# (BLOCK_N, BLOCK_M, num_warps, one-key-tile backward allowed) per (fp32?, BLOCK_D, several key
+# tiles?), found spill-free for sm_80 and sm_90 by compiling the candidates ahead of time (aot-check):
+# IEEE fp32 tl.dot needs far more registers than bf16/fp16, and at d = 64 no one-key-tile backward
+# (dK, dV, K, V and a query tile in registers) fits at all: those calls take 32-key tiles instead.
+_GPU_BLOCKS = {
+    (True, 16, False): (32, 64, 8, True), (True, 16, True): (64, 64, 8, True),
+    (True, 32, False): (16, 64, 8, True), (True, 32, True): (64, 32, 8, True),
+    (True, 64, False): (32, 32, 8, False), (True, 64, True): (32, 32, 8, False),
+    (True, 128, False): (16, 32, 8, False), (True, 128, True): (16, 32, 8, False),
+    (False, 16, False): (64, 64, 4, True), (False, 16, True): (64, 64, 8, True),
+    (False, 32, False): (64, 64, 4, True), (False, 32, True): (32, 64, 8, True),
+    (False, 64, False): (32, 32, 4, False), (False, 64, True): (32, 64, 8, True),
+    (False, 128, False): (16, 64, 8, True), (False, 128, True): (32, 64, 8, True),
+}
+
+
 def blocks(n: int, m: int, d: int, dtype: torch.dtype, gpu: bool = None):
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) for a call: checked spill-free for sm_80/sm_90 by
-    ``python -m fastvit_ops aot-check`` at every head_dim and dtype the models use. ``gpu=False``
-    (the interpreter): small tiles that keep it cheap and still exercise the loops over N and M."""
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, single) for a call; ``single``: the backward may
+    use its one-key-tile kernel (when M ≤ BLOCK_M). ``gpu=False`` (default under the interpreter):
+    small tiles that keep it cheap and still exercise the loops over N and M."""
     gpu = not interpreting() if gpu is None else gpu
     block_d = max(16, triton.next_power_of_2(d))
     if dtype == torch.float64:  # gradcheck only; no tl.dot, so small tiles
-        return 16, 16, block_d, 4
+        return 16, 16, block_d, 4, True
     if not gpu:
-        return 32, max(16, min(32, triton.next_power_of_2(m))), block_d, 4
-    block_m = max(16, min(64, triton.next_power_of_2(m)))
-    if dtype == torch.float32:
-        # IEEE fp32 tl.dot needs far more registers than bf16/fp16 (swept with aot-check on
-        # sm_80/sm_90: 64-query tiles spill from d = 16 on, the one-key-tile backward from d = 64).
-        if block_d <= 16:
-            return 32, block_m, block_d, 4
-        if block_d <= 32:
-            return 32, block_m, block_d, 8
-        return (32 if block_d <= 64 else 16), min(block_m, 32), block_d, 8
-    if block_d <= 64:
-        return 64, block_m, block_d, 4
-    return 32, min(block_m, 32), block_d, 8
+        return 32, max(16, min(32, triton.next_power_of_2(m))), block_d, 4, True
+    bn, bm, warps, single = _GPU_BLOCKS[(dtype == torch.float32, block_d, m > 64)]
+    return bn, max(16, min(bm, triton.next_power_of_2(m))), block_d, warps, single
 
 
 def bwd_split(bh_tiles: int, q_tiles: int, sm_count: int) -> int:
@@ -323,14 +329,14 @@ def _flags(q):
     return dict(IEEE=q.dtype in (torch.float32, torch.float64), F64=f64, ACC=tl.float64 if f64 else tl.float32)
 
 
-def attention_forward(q, k, v, gate, out, lse, scale: float, gpu_blocks: bool = None) -> None:
+def attention_forward(q, k, v, gate, out, lse, scale: float) -> None:
     """Write ``out`` (B, h, N, d) and ``lse`` (B, h, N, 2 contiguous): per query the max of the raw
     dot products and log2 Σ 2^((q·k − max)·scale·log2 e) (the backward's softmax statistics)."""
     B, H, N, D = q.shape
     M = k.shape[2]
     if out.numel() == 0:
         return
-    bn, bm, bd, warps = blocks(N, M, D, q.dtype, gpu_blocks)
+    bn, bm, bd, warps, _ = blocks(N, M, D, q.dtype)
     grid = (B * H * triton.cdiv(N, bn),)
     _check_grid(grid[0], "q")
     g = gate if gate is not None else q
@@ -339,18 +345,18 @@ def attention_forward(q, k, v, gate, out, lse, scale: float, gpu_blocks: bool = 
                            BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, **_flags(q))
 
 
-def attention_backward(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale: float, gpu_blocks: bool = None) -> None:
+def attention_backward(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale: float) -> None:
     """Write dq (and dgate), dk, dv. ``lse`` as written by :func:`attention_forward`."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    bn, bm, bd, warps = blocks(N, M, D, q.dtype, gpu_blocks)
+    bn, bm, bd, warps, single = blocks(N, M, D, q.dtype)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q_tiles = triton.cdiv(N, bn)
     g = gate if gate is not None else q
     dg = dgate if gate is not None else dq
     strides = (*grad.stride(), *q.stride(), *k.stride(), *v.stride())
     flags = dict(HAS_GATE=gate is not None, BLOCK_N=bn, BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, **_flags(q))
-    if M <= bm:
+    if single and M <= bm:
         split = bwd_split(B * H, q_tiles, _sm_count(q))
         _check_grid(B * H, "q")
         dkp = torch.empty((split, B * H, M, D), dtype=acc, device=q.device)
@@ -365,9 +371,11 @@ def attention_backward(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale: float
         _check_grid(B * H * k_tiles, "k")
         delta = torch.empty((B * H * N,), dtype=acc, device=q.device)
         do2 = torch.empty((B * H * N * D,) if gate is not None else (1,), dtype=acc, device=q.device)
+        # fp32 dQ tiles at 8 warps spill (ptxas caps the frame at 80 registers); 4 warps fit.
+        q_flags = dict(flags, num_warps=4) if q.dtype == torch.float32 else flags
         _attn_bwd_q_kernel[(B * H * q_tiles,)](
             grad, q, k, v, g, lse, dq, dg, do2, delta, *strides, *g.stride(), *dq.stride(), *dg.stride(),
-            H, N, M, D, scale * LOG2E, scale, **flags)
+            H, N, M, D, scale * LOG2E, scale, **q_flags)
         dkp = torch.empty((split, B * H, M, D), dtype=acc, device=q.device)
         dvp = torch.empty((split, B * H, M, D), dtype=acc, device=q.device)
         _attn_bwd_kv_kernel[(B * H * k_tiles, split)](

@@ -51,6 +51,13 @@ def _act_grad(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, P, K: tl.constexpr, S: tl.constexpr):
+    iw = ow * S + v - P
+    xv = tl.load(x_base + ih * W + iw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
+    return acc + xv.to(acc.dtype) * tl.load(w_base + u * K + v).to(acc.dtype)
+
+
+@triton.jit
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, C, H, W, Ho, Wo, P,
                 K: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 RESIDUAL: tl.constexpr, GRAD_MODE: tl.constexpr, F64: tl.constexpr,
@@ -74,10 +81,14 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, C, H, W, Ho, Wo, P,
     for u in range(K):
         ih = oh * S + u - P
         row_ok = (ih >= 0) & (ih < H)
-        for v in tl.static_range(K):
-            iw = ow * S + v - P
-            xv = tl.load(x_base + ih * W + iw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
-            acc += xv.to(acc.dtype) * tl.load(w_base + u * K + v).to(acc.dtype)
+        # Unrolled filter rows up to k = 13; beyond, a loop (31 unrolled taps ran out of predicate
+        # registers and spilled).
+        if K <= 13:
+            for v in tl.static_range(K):
+                acc = _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, P, K, S)
+        else:
+            for v in range(K):
+                acc = _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, P, K, S)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(acc.dtype)
     o_off = plane * Ho * Wo + oh * Wo + ow
@@ -89,6 +100,13 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, C, H, W, Ho, Wo, P,
         if RESIDUAL:  # stride 1, same size: x[oh, ow]
             y += tl.load(x_base + oh * W + ow, mask=omask, other=0.0).to(acc.dtype)
         tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _dgrad_tap(acc, g_base, w_base, iw, oh, ok, u, v, Wo, P: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
+    ow = (iw + P - v) // S
+    gv = tl.load(g_base + oh * Wo + ow, mask=ok & (iw + P - v >= 0) & (ow < Wo), other=0.0)
+    return acc + gv.to(acc.dtype) * tl.load(w_base + u * K + v).to(acc.dtype)
 
 
 @triton.jit
@@ -110,12 +128,12 @@ def _dw_dgrad_class(g_base, w_base, dy_ptr, dx_ptr, plane, i, j, H, W, Ho, Wo, P
         u = U0 + tu * S
         oh = (ih + P - u) // S  # exact: ih + P − u ≡ 0 (mod S) by the choice of u
         row_ok = (ih + P - u >= 0) & (oh < Ho)
-        for tv in tl.static_range(NV):
-            v = V0 + tv * S
-            ow = (iw + P - v) // S
-            m = row_ok & (iw + P - v >= 0) & (ow < Wo) & imask
-            gv = tl.load(g_base + oh * Wo + ow, mask=m, other=0.0)
-            acc += gv.to(acc.dtype) * tl.load(w_base + u * K + v).to(acc.dtype)
+        if K <= 13:  # unrolled; beyond, a loop (see the forward)
+            for tv in tl.static_range(NV):
+                acc = _dgrad_tap(acc, g_base, w_base, iw, oh, row_ok & imask, u, V0 + tv * S, Wo, P, K, S)
+        else:
+            for tv in range(NV):
+                acc = _dgrad_tap(acc, g_base, w_base, iw, oh, row_ok & imask, u, V0 + tv * S, Wo, P, K, S)
     i_off = plane * H * W + ih * W + iw
     if RESIDUAL:
         acc += tl.load(dy_ptr + i_off, mask=imask, other=0.0).to(acc.dtype)
@@ -197,7 +215,7 @@ def _config(bh, bw, warps):
 #: Output tiles tried on a GPU, (BH, BW, num_warps): 2-8 outputs per thread, rows of 32-64 columns
 #: so each load instruction covers whole 128-byte lines; and 8×8 / 16×16 tiles for the 7×7 and
 #: 14×14 planes of the last stages, where a 32-wide tile would leave most lanes idle.
-GPU_CONFIGS = [_config(8, 32, 4), _config(16, 32, 4), _config(8, 64, 4), _config(16, 64, 8), _config(32, 32, 8),
+GPU_CONFIGS = [_config(8, 32, 4), _config(16, 32, 4), _config(16, 64, 4), _config(32, 32, 4),
                _config(8, 8, 2), _config(16, 16, 4)]
 
 

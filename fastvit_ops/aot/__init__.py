@@ -4,10 +4,10 @@ without a GPU, at the specializations the ops launch for FAT-B0, FCViT-tiny and 
 For each architecture, each plan (op × layer shape × dtype; :mod:`.plans`) runs the op's Triton
 forward and backward launchers under :func:`.compile.capture`, which compiles each launch (every
 config of an autotuned kernel) instead of running it. Each distinct compiled variant is read with
-``cuobjdump`` (registers, stack/spill bytes, shared memory) and judged:
+``ptxas -v`` (registers, stack and spill bytes, shared memory; ``ptxas -v`` on its PTX) and judged:
 
 * ``error``  — it does not compile;
-* ``spill``  — it has a stack frame (registers spilled to local memory), in fp16/bf16/fp32 (fp64
+* ``spill``  — ptxas spilled registers to local memory, in fp16/bf16/fp32 (fp64
   exists for gradcheck only; its spills are reported, not failed);
 * ``smem``   — its shared memory exceeds the architecture's limit;
 * ``grid``   — a launch grid exceeds CUDA's limits (x < 2³¹, y and z ≤ 65,535);
@@ -84,7 +84,7 @@ def _verdict(row: dict, arch: int) -> str:
         return "error"
     if row["shared"] > SHARED_MEMORY_LIMIT.get(arch, 101376):
         return "smem"
-    if row["stack"] > 0 or row["local"] > 0:
+    if row["spill"] > 0:
         return "spill (fp64: allowed)" if row["dtype"] == "fp64" else "spill"
     return "ok"
 
@@ -95,7 +95,7 @@ def failures(result: Dict[str, List[dict]]) -> List[str]:
     for r in result["kernels"]:
         if r["verdict"] in ("error", "smem", "spill"):
             out.append(f"sm_{r['arch']} {r['dtype']} {r['kernel']} [{r['config']}] w{r['num_warps']}: {r['verdict']}"
-                       + (f" ({r['error']})" if r.get("error") else f" (regs {r['registers']}, stack {r['stack']} B)"))
+                       + (f" ({r['error']})" if r.get("error") else f" (regs {r['registers']}, spill {r['spill']} B)"))
     for p in result["plans"]:
         if p["error"]:
             out.append(f"sm_{p['arch']} {p['dtype']} {p['op']} {p['plan']}: launcher raised {p['error']}")

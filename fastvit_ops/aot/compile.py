@@ -5,7 +5,7 @@ driver, no device: Triton compiles with its bundled ``ptxas``), and :func:`captu
 kernel launch into a compile: the launchers run unchanged (on ``meta`` tensors, so no memory is
 touched), each ``kernel[grid](...)`` compiles the exact specialization a real launch would, and
 the grid is recorded. Autotuned kernels compile every config. :func:`resources` reads the
-registers, stack (spill) bytes and shared memory of a compiled kernel with the ``cuobjdump``
+registers, stack and spill bytes and shared memory of a compiled kernel with the ``ptxas``
 that ships with Triton.
 """
 from __future__ import annotations
@@ -67,6 +67,11 @@ class _StandInDriver:
 
     def get_active_torch_device(self):
         return torch.device("meta")
+
+    def get_benchmarker(self):  # asked for by some Triton versions' autotuners; never used here
+        def refuse(*args, **kwargs):
+            raise RuntimeError("aot-check compiles kernels; it does not time them")
+        return refuse
 
 
 @contextlib.contextmanager
@@ -132,27 +137,33 @@ def capture() -> Iterator[List[Launch]]:
         JITFunction.run, Autotuner.run = orig_run, orig_tune
 
 
-def _cuobjdump() -> str:
+def _ptxas() -> str:
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_TARGET = re.compile(r"^\.target\s+(sm_\w+)", re.M)
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
 
 
 def resources(compiled) -> dict:
-    """``registers`` per thread, ``stack`` and ``local`` bytes per thread (spills live there),
-    ``shared`` bytes per block (Triton's dynamic shared memory plus the static part)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    try:
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    m = _RES.search(out)
-    if m is None:
-        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
-    reg, stack, shared, local = (int(v) for v in m.groups())
-    return {"registers": reg, "stack": stack, "local": local,
-            "shared": max(shared, int(getattr(compiled.metadata, "shared", 0)))}
+    """``ptxas -v`` on the kernel's PTX (Triton's own ptxas, for the PTX's target): ``registers``
+    per thread, ``stack`` bytes per thread (call frames and spills), ``spill`` bytes stored to
+    local memory, and ``shared`` bytes per block (Triton's dynamic shared memory)."""
+    ptx = compiled.asm["ptx"]
+    target = _TARGET.search(ptx)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas(), "-v", f"--gpu-name={target.group(1) if target else 'sm_90'}", src,
+                               "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    report = proc.stdout + proc.stderr
+    frame, regs = _FRAME.search(report), _REGS.search(report)
+    if proc.returncode != 0 or frame is None or regs is None:
+        raise RuntimeError(f"ptxas -v failed or printed no resource usage:\n{report[-2000:]}")
+    stack, spill_st, spill_ld = (int(v) for v in frame.groups())
+    return {"registers": int(regs.group(1)), "stack": stack, "spill": max(spill_st, spill_ld),
+            "shared": int(getattr(compiled.metadata, "shared", 0))}

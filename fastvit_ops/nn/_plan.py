@@ -6,7 +6,8 @@ module-by-module forward on the CPU inference path. It is cached on the module u
 buffer's identity, storage, version, dtype, device and requires_grad, read afresh on each call — so
 ``load_state_dict`` (also ``assign=True``), in-place edits, ``.to()``, swapped submodules and edited
 hyperparameters rebuild it before it can run stale; it is dropped when pickling
-(:func:`drop_plan`). The same rule as FAT's block plan (``fastvit_ops.nn.fat``).
+(:func:`drop_plan`). FAT's (``fat_inference``), FCViT's (``fcvit_inference``) and CvT's
+(``cvt_inference``) plans all live here.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def applies(x: Tensor, module: nn.Module) -> bool:
     """Whether ``module`` may run its CPU inference plan on ``x``: eval mode, an fp32 plain CPU
     tensor, nothing that needs gradients, and no compiler, autocast, functorch transform or
     dispatch mode active (those see the differentiable composition of the fused ops)."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype != torch.float32 or module.training:
+    # x.is_cpu: x.device.type builds a device and a string, on every block call
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32 or module.training:
         return False
     if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
@@ -88,7 +90,7 @@ def compiled_inference(x: Tensor, module: nn.Module) -> bool:
     needing gradients, no autocast."""
     if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or module.training:
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    if not x.is_cpu or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
 
@@ -118,6 +120,22 @@ def register(module: nn.Module) -> None:
 def module_inference(module: nn.Module, x: Tensor, *extra: int) -> Tensor:
     """``module(x, *extra)`` as one ``fastvit_ops::module_inference`` op (see above)."""
     return _module_inference(x, id(module), [int(e) for e in extra])
+
+
+def conv_output_shape(conv: nn.Module, shape) -> "tuple | None":
+    """The (B, C_out, H', W') an ``nn.Conv2d`` ``conv`` gives for input ``shape`` (B, C, H, W);
+    None for anything else (or string paddings), whose shape an ``inference_output`` cannot state."""
+    if not isinstance(conv, nn.Conv2d) or isinstance(conv.padding, str):
+        return None
+    b, _, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    return (b, conv.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def empty_channels_last(x: Tensor, shape) -> Tensor:
+    """An empty channels_last tensor of ``shape`` with ``x``'s dtype and device (a fake output)."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
 class PlannedModule:

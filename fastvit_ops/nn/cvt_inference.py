@@ -14,8 +14,10 @@ passes between them (LayerNorm, QuickGELU's three passes, residual adds). The pl
   1.702 (``h' = 1.702 h``), so ``QuickGELU(h) = SiLU(h') / 1.702``, and the 1/1.702 is folded into
   ``fc2``'s weight (no activation between);
 * q, k and v come from the one-pass depthwise projections with each BN folded
-  (:func:`fastvit_ops.conv_projection_qkv`) and the attention reads the heads as strided views of
-  the tokens and writes ``proj``'s input in token order (:class:`ConvProjectionAttention`).
+  (:func:`fastvit_ops.conv_projection_qkv`'s kernel) and the attention reads the heads as strided
+  views of the tokens and writes ``proj``'s input in token order; both kernels are the ones the
+  dispatch registry picks for the call (:func:`fastvit_ops.ops.dispatch.run_kernel`), called
+  without the public ops' custom-op glue.
 
 The private oneDNN op is used only after a self-test against ``F.linear`` on the first plan built
 in the process (:func:`onednn_linear`); where it is missing or disagrees, ``F.linear`` and separate
@@ -32,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import TOKENS, attention_core
-from ..ops.conv_projection import conv_projection_qkv
+from ..ops import dispatch
+from ..ops.attention import OP as ATTENTION
+from ..ops.conv_projection import OP as CONV_PROJECTION
 from ..reference import cvt as ref
 from ._bn import fold_eval_bn, is_eval_bn
 from ._plan import detached
@@ -127,16 +130,25 @@ def _attention(attn: nn.Module) -> Optional[Callable[[Tensor, Tensor, int, int],
     proj_add = _linear_add(*detached(attn.proj.weight, attn.proj.bias))
     heads, dim, scale, cls = attn.num_heads, attn.dim, float(attn.scale), bool(attn.with_cls_token)
 
+    d = dim // heads
+
     def split(t: Tensor) -> Tensor:  # (B, T, C) → (B, heads, T, d) view
-        return t.view(t.shape[0], t.shape[1], heads, dim // heads).transpose(1, 2)
+        return t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
 
     def run(z: Tensor, x: Tensor, h: int, w: int) -> Tensor:
-        q, kk, v = conv_projection_qkv(z, (h, w), cls, wq, bq, wk, bk, wv, bv, sq, skv)
+        b, n, c = z.shape
+        if c != dim or n != int(cls) + h * w:
+            raise ValueError(f"x: expected (B, {int(cls)} + h·w = {int(cls) + h * w}, {dim}) tokens, got {tuple(z.shape)}")
+        backend = dispatch.get_backend()
+        q, kk, v = dispatch.run_kernel(CONV_PROJECTION, "forward", backend, z, wq, bq, wk, bk, wv, bv, h, w,
+                                       int(cls), sq, skv)   # the kernel the registry picks
         del z
         q, kk, v = split(lin_q(q)), split(lin_k(kk)), split(lin_v(v))
-        out = attention_core(q, kk, v, scale, None, TOKENS)        # (B, heads, T, d), stored (B, T, C)
-        del q, kk, v
-        return proj_add(out.transpose(1, 2).reshape(x.shape[0], -1, dim), x)
+        out = torch.empty((b, n, heads, d), dtype=q.dtype, device=q.device)  # written in token order
+        lse = torch.empty((b, heads, n, 2), dtype=torch.float32, device=q.device)
+        dispatch.run_kernel(ATTENTION, "forward", backend, q, kk, v, None, out.transpose(1, 2), lse, scale)
+        del q, kk, v, lse
+        return proj_add(out.view(b, n, dim), x)
     return run
 
 

@@ -66,7 +66,7 @@ def _prologue_pays(x: Tensor, mixer) -> bool:
 
 
 class GlobalContext(ref.GlobalContext):
-    """``reference.fcvit.GlobalContext`` (SPEC §1.2) on the fused kernels of
+    """``reference.fcvit.GlobalContext`` (docs/global_context.md) on the fused kernels of
     :mod:`fastvit_ops.ops.global_context`.
 
     Same constructor ``GlobalContext(dim, groups=8, reduction=8, eps=1e-5)`` and parameters
@@ -143,7 +143,7 @@ class FCViTBlock(_plan.PlannedModule, ref.FCViTBlock):
         return super().forward(x)
 
     def inference_output(self, x: Tensor) -> Tensor:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        return _plan.empty_channels_last(x, x.shape)
 
 
 class PatchEmbed(_plan.PlannedModule, ref.PatchEmbed):
@@ -160,11 +160,7 @@ class PatchEmbed(_plan.PlannedModule, ref.PatchEmbed):
         return super().forward(x)
 
     def inference_output(self, x: Tensor) -> Tensor:
-        conv = self.proj
-        b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-        shape = (b, conv.out_channels, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1)
-        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        return _plan.empty_channels_last(x, _plan.conv_output_shape(self.proj, x.shape))
 
 
 __all__ = ["GlobalContext", "TokenMixer", "ChannelMixer", "FCViTBlock", "PatchEmbed"]

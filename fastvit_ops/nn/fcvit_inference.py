@@ -14,6 +14,9 @@ time: the channel mixer was 218 of 307 ms per batch, its separate GELU pass 45 m
 * the token mixer's two ``Conv1×1 → GELU → Conv1×1 → GELU`` stacks apply both GELUs in place;
   its ``Z + GC(Z)`` and 11×11 depthwise convs are the fused ops (with the global context folded
   into the depthwise conv's input load on large planes, as :class:`fastvit_ops.nn.TokenMixer`);
+  the depthwise convs call the forward kernel the dispatch registry picks for the call
+  (``ops.dwconv.forward_kernel``, in place through its "inplace" stage), the global-context ops
+  their public entry points (which the registry dispatches);
 * each eval BatchNorm of the stem and the downsamplers is folded into its convolution.
 
 Layouts: the block's running sum and the channel mixer are channels_last, which oneDNN's 1×1
@@ -31,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import dispatch
-from ..ops.dwconv import _ACT_ID, dwconv2d
+from ..ops.dwconv import _ACT_ID
+from ..ops.dwconv import forward_kernel as dw_forward
+from ..ops.dwconv import inplace as dw_inplace
 from ..reference import common as ref_common
 from ..reference import fcvit as ref
 from ._bn import fold_eval_bn, is_eval_bn
 from ._plan import detached
+from .dwconv import depthwise_arguments
 
 #: The channel mixer's hidden map is produced this many bytes at a time at most, in chunks of
 #: whole samples, when the whole batch's would exceed twice that (FAT's FFN measured the same
@@ -66,11 +71,20 @@ def _dw_same(conv) -> bool:
 
 
 def _dw_gelu_(u: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """``GELU(DW(u))``, written over ``u`` (a temporary) where the C++ kernel can."""
-    if (dispatch.eager_cpu(u, dispatch.get_backend(), (w, b), channels_last=True)
-            and torch.ops.fastvit_ops._dwconv2d_same_(u, w, b, _GELU, False)):
-        return u
-    return dwconv2d(u, w, b, 1, w.shape[-1] // 2, "gelu")
+    """``GELU(DW(u))``, written over ``u`` (a temporary) where the registry's in-place kernel can,
+    else by the forward kernel ``dwconv2d`` would run."""
+    return dw_inplace(u, w, b, w.shape[-1] // 2, _GELU)
+
+
+def _dw_map(dw: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``dw(x)`` on the forward kernel the dispatch registry picks for the call, where the fused
+    depthwise conv computes ``dw``; the module otherwise."""
+    args = depthwise_arguments(dw)
+    if args is None:
+        return dw
+    w, b = detached(dw.weight, dw.bias)
+    _, s, p = args
+    return lambda x: dw_forward(x, w, b, s, p)
 
 
 def _mlp_gelu(seq: nn.Module, act: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -88,17 +102,18 @@ def _token_mixer(tm: nn.Module) -> Callable[[Tensor], Tensor]:
     ``Z + GC(Z)`` and the depthwise convs, the GELUs in place; another module is called as it is."""
     if not isinstance(tm, ref.TokenMixer):
         return tm
-    from .fcvit import _add_context, _context_depthwise, _depthwise, _prologue_pays
+    from .fcvit import _add_context, _context_depthwise, _prologue_pays
 
     fc1, fc2 = _mlp_gelu(tm.fc1, tm.act), _mlp_gelu(tm.fc2, tm.act)
     gc1, dw1, gc2, dw2 = tm.gc1, tm.dw1, tm.gc2, tm.dw2
+    dw1_map, dw2_map = _dw_map(dw1), _dw_map(dw2)
 
     def mix(z: Tensor) -> Tensor:
         if _prologue_pays(z, tm):
             z = fc1(_context_depthwise(gc1, dw1, z))
             return fc2(_context_depthwise(gc2, dw2, z))
-        z = fc1(_depthwise(dw1, _add_context(gc1, z)))
-        return fc2(_depthwise(dw2, _add_context(gc2, z)))
+        z = fc1(dw1_map(_add_context(gc1, z)))
+        return fc2(dw2_map(_add_context(gc2, z)))
     return mix
 
 

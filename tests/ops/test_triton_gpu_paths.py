@@ -33,7 +33,14 @@ DW_CASES = [  # (shape, k, stride, padding, act, residual)
 ]
 
 
-@pytest.mark.parametrize("ci", range(7), ids=lambda i: f"config{i}")
+N_DW_CONFIGS = 6  # len(kernels.dwconv.GPU_CONFIGS); kernels cannot be imported at collection without Triton
+
+
+def test_dwconv_every_gpu_config_is_tested():
+    assert len(_kernels("dwconv").GPU_CONFIGS) == N_DW_CONFIGS
+
+
+@pytest.mark.parametrize("ci", range(N_DW_CONFIGS), ids=lambda i: f"config{i}")
 @pytest.mark.parametrize("case", DW_CASES, ids=lambda c: f"{c[0]}-k{c[1]}s{c[2]}p{c[3]}a{c[4]}r{int(c[5])}")
 def test_dwconv_gpu_configs(ci, case):
     k_mod = _kernels("dwconv")
@@ -153,7 +160,7 @@ def test_attention_grids_fit_cuda_limits():
     kern = _kernels("attention")
     for (b, h, n, m, d) in [(256, 1, 3136, 784, 64), (256, 16, 49, 49, 16), (4096, 2, 3136, 49, 16)]:
         for dtype in (torch.float32, torch.bfloat16):
-            bn, bm, bd, warps = kern.blocks(n, m, d, dtype, gpu=True)
+            bn, bm, bd, warps, _ = kern.blocks(n, m, d, dtype, gpu=True)
             assert b * h * -(-n // bn) <= kern.MAX_GRID_X
             split = kern.bwd_split(b * h * -(-m // bm), -(-n // bn), 132)
             assert 1 <= split <= min(-(-n // bn), kern.MAX_GRID_Y)
