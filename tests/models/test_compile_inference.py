@@ -73,7 +73,7 @@ def test_compiled_plan_follows_weight_changes(name):
                           copy.deepcopy(ref).double()(x.double()), floor="tensor")
 
 
-@pytest.mark.parametrize("name", ["fcvit_tiny", "cvt_13", "vt_resnet18"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_train_compile_fullgraph_matches_eager(name):
     """Training (grad, train mode): no opaque op; forward and backward match eager."""
     ref, conv = build(name)
