@@ -1,6 +1,6 @@
 """Export of converted models (fastvit_ops/export.py): torch.export keeps the fused custom ops and
 its program runs; AOTInductor compiles a small model; torch.onnx.export lowers every fused op to
-standard ONNX operators and onnxruntime matches PyTorch by the DESIGN.md 2x rule. The ONNX tests
+standard ONNX operators and onnxruntime matches PyTorch by the 2x rule of docs/numerics.md. The ONNX tests
 skip without onnx / onnxruntime / onnxscript."""
 from __future__ import annotations
 
