@@ -21,6 +21,7 @@ Public API:
     reference, nn                                            reference layers and fused drop-ins
 """
 from . import _availability, models, nn, reference
+from ._version import __version__
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
 from .fuse import fuse_for_inference
@@ -31,7 +32,6 @@ from .ops.cross_modulation import sigmoid_cross_modulation
 from .ops.dwconv import dwconv2d
 from .ops.global_context import global_context, token_global_similarity
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
