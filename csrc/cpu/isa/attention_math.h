@@ -146,7 +146,7 @@ void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restri
   const fVec cl(c * 0.693147180559945309f);  // 2^(t·c) = e^(t·c·ln 2)
   for (int64_t n = 0; n < NT; n += W) {
     fVec m = fVec::loadu(S + n);
-    for (int64_t j = 1; j < M; ++j) m = at::vec::maximum(m, fVec::loadu(S + j * NT + n));
+    for (int64_t j = 1; j < M; ++j) m = vmax(m, fVec::loadu(S + j * NT + n));
     fVec sum(0.0f);
     for (int64_t j = 0; j < M; ++j) {
       const fVec e = exp_nonpos((fVec::loadu(S + j * NT + n) - m) * cl);
@@ -168,7 +168,7 @@ void probs_from_lse_f32(float* __restrict S, const float* __restrict mx, const f
   for (int64_t n = 0; n < NT; n += W) {
     const fVec m = fVec::loadu(mx + n), lv = fVec::loadu(ll + n);
     for (int64_t j = 0; j < M; ++j) {
-      const fVec t = at::vec::minimum(at::vec::fmsub(fVec::loadu(S + j * NT + n) - m, cv, lv), zero);
+      const fVec t = vmin(vfms(fVec::loadu(S + j * NT + n) - m, cv, lv), zero);
       exp_nonpos(t * ln2).store(S + j * NT + n);
     }
   }
@@ -202,7 +202,7 @@ void gate_bwd_f32(const float* __restrict Y, float* __restrict G, float* __restr
   for (int64_t i = 0; i < n; i += W) {  // n = D·NT, a multiple of W
     const fVec o = fVec::loadu(Y + i), s = sigmoid(o), go = fVec::loadu(dY + i), gv = fVec::loadu(G + i);
     (go * o * s).store(G + i);
-    (go * gv * s * at::vec::fmadd(o, one - s, one)).store(dY + i);
+    (go * gv * s * vfma(o, one - s, one)).store(dY + i);
   }
 }
 

@@ -37,14 +37,14 @@ void backward_f32(const float* dy, const float* l, const float* g, float* dl, fl
     fVec sl, sg;
     sigmoid2(lv, gv, sl, sg);
     fVec a = lv * sl;
-    fVec da = sl * at::vec::fmadd(lv, one - sl, one);  // SiLU'(l)
+    fVec da = sl * vfma(lv, one - sl, one);  // SiLU'(l)
     if (full) {
       const fVec sa = sigmoid(a);
-      da = da * sa * at::vec::fmadd(a, one - sa, one);
+      da = da * sa * vfma(a, one - sa, one);
       a = a * sa;
     }
     (dv * gv * sg * da).store(dl + i, m);
-    (dv * a * sg * at::vec::fmadd(gv, one - sg, one)).store(dg + i, m);
+    (dv * a * sg * vfma(gv, one - sg, one)).store(dg + i, m);
   }
 }
 
