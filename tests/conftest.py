@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 import fastvit_ops  # noqa: E402
 from fastvit_ops.numerics import error_rule  # noqa: E402
+from fastvit_ops.ops import dispatch  # noqa: E402
 from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -24,12 +25,34 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def backends_for(device: str = "cpu"):
     """The backends that can run on ``device`` here, each as a pytest param (unavailable ones skip)."""
     out = []
-    for name in ("reference", "cpu", "cuda", "triton"):
+    for name in sorted(dispatch.backend_names(), key=lambda n: n != "reference"):
         ok, why = backend_available(name, torch.device(device))
         if (name == "cpu" and device != "cpu") or (name == "cuda" and device != "cuda"):
             continue
         out.append(pytest.param(name, marks=() if ok else pytest.mark.skip(reason=why), id=name))
     return out
+
+
+def spy_kernels(monkeypatch, op: str, stages=("forward", "backward"), calls=None) -> list:
+    """A list (``calls``, or a new one) that records ``("fwd"|"bwd", implementation name)`` each
+    time one of ``op``'s kernels runs (the registry's entries wrapped for this test)."""
+    calls = [] if calls is None else calls
+
+    def spy(impl, stage):
+        def fn(*args):
+            calls.append(({"forward": "fwd", "backward": "bwd"}.get(stage, stage), impl.name))
+            return impl.fn(*args)
+        return impl._replace(fn=fn)
+    for stage in stages:
+        replace_impls(monkeypatch, op, stage, spy)
+    return calls
+
+
+def replace_impls(monkeypatch, op: str, stage: str, new) -> None:
+    """For this test, ``op``'s ``stage`` list with every implementation ``impl`` replaced by
+    ``new(impl, stage)``."""
+    impls = dispatch.implementations(op, stage)
+    monkeypatch.setitem(dispatch._TABLE[op], stage, [new(impl, stage) for impl in impls])
 
 
 def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
@@ -49,7 +72,7 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
 
 def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor,
                       floor: str = "element") -> None:
-    """DESIGN.md numerics rule (``fastvit_ops.numerics.error_rule``): |fused − exact| ≤
+    """The error rule of docs/numerics.md (``fastvit_ops.numerics.error_rule``): |fused − exact| ≤
     max(2·max|eager − exact|, atol + rtol·|exact|). ``exact`` is the float64 reference; ``eager`` the
     eager PyTorch layer in the same dtype as ``fused`` (or several evaluations of it on different
     layouts: the largest error counts). ``floor="tensor"``: the torch.testing floor at the tensor's
@@ -63,19 +86,17 @@ def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor
     assert r.ok, (f"{name} ({fused.dtype}): max error {r.fused_error:.3g} exceeds the rule at "
                   f"{r.bad} elements; eager max error {r.eager_error:.3g}")
 
-# The authors' state_dict listings live beside the repository (../shared/checkpoints); CI clones
-# main with shared/ next to it. FASTVIT_OPS_SHARED points elsewhere when needed.
-SHARED = Path(os.environ.get("FASTVIT_OPS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-CHECKPOINTS = SHARED / "checkpoints"
+# The released models' state_dict listings (keys and shapes), see tests/data/checkpoints/README.md.
+CHECKPOINTS = Path(__file__).resolve().parent / "data" / "checkpoints"
 
 _LINE = re.compile(r"^(\S+) \(([\d, ]*)\)$")
 
 
 def checkpoint_spec(name: str):
-    """Parse ``checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
+    """Parse ``tests/data/checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
     path = CHECKPOINTS / f"{name}.txt"
     if not path.exists():
-        pytest.fail(f"checkpoint listing {path} not found; set FASTVIT_OPS_SHARED")
+        pytest.fail(f"checkpoint listing {path} not found")
     lines = path.read_text().splitlines()
     header = re.match(r"^# (\S+): (\d+) state_dict entries, (\d+) parameters$", lines[0])
     assert header, f"unexpected header in {path}: {lines[0]!r}"

@@ -1,5 +1,6 @@
 """python -m fastvit_ops {info,check,bench}: they run, report, and fail when an op is wrong."""
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,24 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "reference" in out and "cpu" in out
+
+
+def test_info_verbose_lists_the_registry(capsys):
+    assert main(["info", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu_autograd" in out and "custom_op" in out and "onednn" in out
+
+
+def test_explain_says_what_runs_and_why(capsys):
+    assert main(["explain", "dwconv2d", "--shape", "2,16,9,9", "--kernel", "5", "--residual"]) == 0
+    out = capsys.readouterr().out
+    assert "dwconv2d · call" in out and "custom_op" in out and "eager" in out
+    assert main(["explain", "downsampled_attention", "--shape", "1,2,10,16", "--keys", "3", "--inference",
+                 "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "requested 'reference'" in out and "backward" not in out
+    with pytest.raises(SystemExit, match="weight: kernel size must be odd"):
+        main(["explain", "dwconv2d", "--shape", "1,2,5,5", "--kernel", "4"])
 
 
 def test_check_passes(capsys, tmp_path):
@@ -89,6 +108,8 @@ def test_bench_suites_run(tmp_path):
     bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
     r = subprocess.run([sys.executable, "-m", "pytest", str(bench), "--benchmark-disable", "-q", "-k", "not compile",
                         "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=1200,
-                       cwd=bench, env={**__import__("os").environ, "FASTVIT_BENCH_BATCH": "1"})
+                       cwd=bench, env={**os.environ, "FASTVIT_BENCH_BATCH": "1",
+                                       # this checkout's package, not whichever one is installed
+                                       "PYTHONPATH": os.pathsep.join([str(bench.parent), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout

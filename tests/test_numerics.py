@@ -1,4 +1,4 @@
-"""fastvit_ops.numerics.error_rule: the DESIGN.md rule that the tests and ``check`` apply."""
+"""fastvit_ops.numerics.error_rule: the rule of docs/numerics.md that the tests and ``check`` apply."""
 import pytest
 import torch
 

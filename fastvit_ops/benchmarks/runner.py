@@ -9,7 +9,7 @@ import torch
 
 from .. import _availability as avail
 from ..numerics import error_rule
-from ..ops.dispatch import backend, backend_available
+from ..ops.dispatch import backend, backend_available, backend_names
 from . import Case, load, op_names
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
@@ -54,7 +54,9 @@ def environment(device) -> Dict[str, str]:
 
 def backends_here(device, fused_only: bool = False) -> List[str]:
     """Backends that can run on ``device`` now (``reference`` first, left out with ``fused_only``)."""
-    names = ("cpu", "cuda", "triton") if fused_only else ("reference", "cpu", "cuda", "triton")
+    names = sorted(backend_names(), key=lambda n: n != "reference")
+    if fused_only:
+        names = [n for n in names if n != "reference"]
     return [b for b in names if backend_available(b, torch.device(device))[0]]
 
 
@@ -79,7 +81,7 @@ def _exact_inputs(inputs):
 
 
 def check_case(case: Case, name: str) -> Dict:
-    """Run ``case`` on backend ``name`` and apply the DESIGN.md numerics rule to the output and
+    """Run ``case`` on backend ``name`` and apply the error rule of docs/numerics.md to the output and
     every gradient: the fused error vs the float64 result is at most 2× eager's in the same dtype,
     with torch.testing's tolerances at the tensor's scale as the floor (``error_rule(...,
     floor="tensor")``: the check shapes are tiny, so a bias gradient has a dozen elements). Reported
