@@ -239,7 +239,7 @@ def _contiguous_or_channels_last(call: dispatch.Call):
     return dispatch.eager_cpu(call, channels_last=True)
 
 
-dispatch.register(OP, "call", dispatch.eager_impl(_eager),
+dispatch.register(OP, "call", dispatch.eager_impl(_eager), cpu_rules.eager_impl(_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _cpu_autograd, _contiguous_or_channels_last,
                                 "the C++ autograd node _dwconv2d_autograd: forward as the forward "
                                 "list picks (oneDNN or ours), backward our C++ kernel"),
