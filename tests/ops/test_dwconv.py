@@ -438,7 +438,7 @@ def test_torch_compile_fullgraph():
 
 
 # ---- dispatch ----------------------------------------------------------------------------------------------
-def test_dispatch_runs_the_requested_backend(monkeypatch):
+def test_dispatch_runs_the_requested_backend(monkeypatch, without_cpu_rules):
     calls = spy_kernels(monkeypatch, "dwconv2d")
     x, w, b = make((1, 2, 5, 5), 3)
     # A non-dense input keeps the cpu backend on the custom op (the eager fast path takes NCHW and
@@ -469,7 +469,7 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("choice", ["cpu", "onednn"])
-def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice):
+def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice, without_cpu_rules):
     """Plain eager NCHW CPU calls take the C++ autograd node (_dwconv2d_autograd) with the forward
     `auto` chose (our kernel, or oneDNN + epilogue); forward and every gradient equal the custom
     op's running the same choice, including partial gradients (x only, weight only, no bias)."""
