@@ -501,7 +501,7 @@ def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice, witho
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
-def test_eager_cpu_fast_path_refuses_double_backward():
+def test_eager_cpu_fast_path_refuses_double_backward(without_cpu_rules):
     x, w, b = (t.detach().requires_grad_() for t in make((1, 16, 5, 5), 3))
     y = dwconv2d(x, w, b, 1, None, "gelu")
     with pytest.raises(RuntimeError, match="double backward"):
