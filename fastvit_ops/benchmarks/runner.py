@@ -9,7 +9,7 @@ import torch
 
 from .. import _availability as avail
 from ..numerics import error_rule
-from ..ops.dispatch import backend, backend_available, backend_names
+from ..ops.dispatch import backend, backend_available, backend_names, get_backend
 from . import Case, load, op_names
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
@@ -32,6 +32,7 @@ def environment(device) -> Dict[str, str]:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
         "cpu_threads": str(torch.get_num_threads()),
         "extension": "ok" if avail.extension()[0] is not None else "missing",
+        "backend": get_backend(),  # what the "fused" column ran (FASTVIT_OPS_BACKEND / backend())
     }
     if dev.type == "cpu":
         # Which SIMD build runs on each side: ours (FASTVIT_OPS_CPU_CAPABILITY), ATen's
