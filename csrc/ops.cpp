@@ -3,12 +3,14 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/capability.h"
+
 TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // mode: 0 = "silu" (SiLU(l)·SiLU(g)), 1 = "full" (SiLU(SiLU(l))·SiLU(g)). Inputs share one dense layout.
   m.def("_cross_modulation_forward(Tensor local, Tensor global_, int mode) -> Tensor");
   m.def("_cross_modulation_backward(Tensor grad, Tensor local, Tensor global_, int mode) -> (Tensor, Tensor)");
   // -- depthwise conv (dwconv) schemas below --
-  // Depthwise conv (SPEC §1.1): x (B,C,H,W) any strides, weight (C,1,k,k), k odd ≤ 31, stride 1|2,
+  // Depthwise conv (y = act(nn.Conv2d(C, C, k, stride, padding, groups=C)(x)) [+ x]): x (B,C,H,W) any strides, weight (C,1,k,k), k odd ≤ 31, stride 1|2,
   // 0 ≤ padding < k; activation 0 none, 1 SiLU, 2 GELU (exact); residual adds x (stride 1, same size).
   // y = act(conv(x) + bias) [+ x]: NCHW, or channels_last for a channels_last x on CPU (CUDA writes
   // NCHW; the Python op restores x's layout). Backward returns (dx, dweight, dbias) with dx
@@ -16,7 +18,8 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // (need_dw) is false.
   m.def("_dwconv2d_forward(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual) -> Tensor");
   // In place on CPU (inference): x ← act(conv(x) + bias) [+ x] at stride 1, padding k/2, where the
-  // fp32 channel-blocked kernel runs; returns false (x untouched) elsewhere.
+  // fp32 channel-blocked kernel applies (C a multiple of its vector width, k ≤ 13); returns false
+  // (x untouched) elsewhere.
   m.def("_dwconv2d_same_(Tensor(a!) x, Tensor weight, Tensor? bias, int activation, bool residual) -> bool");
   // The same conv reading z = x + S'[γ]·c (FCViT's global-context apply fused into the input load):
   // sp (B, G, H, W), c (B, C), G dividing C, γ = channel / (C / G); z is never written.
@@ -26,15 +29,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // autograd node whose backward is _dwconv2d_backward (no Python custom-op overhead per call).
   m.def("_dwconv2d_autograd(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int activation, bool residual, bool onednn) -> Tensor");
   // -- global context schemas below --
-  // FCViT global context (SPEC §1.2), see fastvit_ops/ops/global_context.py. x (B,C,H,W); g, c
-  // (B,C), alpha, beta (G,), stats (B,2) = (mean, std) in the accumulation dtype (fp32; fp64 for
-  // fp64 x). Forward: c given → [x] + S'·c (B,C,H,W), else S' (B,G,H,W); contiguous, x.dtype.
-  m.def("_gc_forward(Tensor x, Tensor g, Tensor? c, Tensor alpha, Tensor beta, int groups, float eps, bool residual) -> (Tensor, Tensor)");
-  // grad: dL/d out (B,C,H,W) when c is given, else dL/dS' (B,G,H,W). Returns Ŝ, dS' (B,G,N) and the
-  // per-sample sums chan (B,3,C) = [Σ dS'(x−g), Σ Ŝ(x−g), dc], grp (B,3,G) = [Σ dS', Σ dS'Ŝ, Σ Ŝ].
-  m.def("_gc_backward_reduce(Tensor grad, Tensor x, Tensor g, Tensor? c, Tensor alpha, Tensor beta, Tensor stats, int groups, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // dx = [grad] + gs·(a1·dS' + a0 + a2·Ŝ) + bias, coef (B,G,3) = (a1, a0, a2); dx contiguous, x.dtype.
-  m.def("_gc_backward_apply(Tensor x, Tensor? grad, Tensor shat, Tensor dsp, Tensor coef, Tensor gs, Tensor bias) -> Tensor");
+  // FCViT global context (see fastvit_ops/ops/global_context.py). x (B,C,H,W); alpha, beta (G,);
+  // g (B,C) channel means and stats (B,2) = (mean, std) in the accumulation dtype (fp32; fp64 for
+  // fp64 x).
   // The whole op in one call (fc* given → global context, else the similarity): forward → (out, g,
   // stats); backward → (dx, dalpha, dbeta, dfc1_w, dfc1_b, dfc2_w, dfc2_b) (fc grads empty without fc*).
   m.def("_gc_forward_full(Tensor x, Tensor? fc1_w, Tensor? fc1_b, Tensor? fc2_w, Tensor? fc2_b, Tensor alpha, Tensor beta, int groups, float eps, bool residual) -> (Tensor, Tensor, Tensor)");
@@ -63,7 +60,28 @@ static bool cuda_compiled() {
 #endif
 }
 
+// Which build of the CPU kernels runs and why (see cpu/capability.h), for `info` and the tests.
+static pybind11::dict cpu_capability() {
+  namespace c = fastvit_ops::cpu;
+  const c::CapabilityChoice& ch = c::capability_choice();
+  pybind11::list built;
+  for (int i = 0; i < c::kNumCapabilities; ++i)
+    if (c::capability_built(static_cast<c::Capability>(i))) built.append(c::capability_name(static_cast<c::Capability>(i)));
+  pybind11::dict d;
+  d["in_use"] = c::capability_name(ch.in_use);
+  d["cpu"] = c::capability_name(ch.cpu);
+  d["built"] = built;
+  d["reason"] = ch.reason;
+  d["warning"] = ch.warning;
+  return d;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvit_ops compiled kernels (registered under torch.ops.fastvit_ops)";
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in");
+  m.def("cpu_capability", &cpu_capability,
+        "dict: in_use (the CPU kernels' capability: default, avx2 or avx512), cpu (the best this CPU "
+        "supports), built (the capabilities compiled in), reason, warning (non-empty when "
+        "FASTVIT_OPS_CPU_CAPABILITY could not be honoured)");
+  fastvit_ops::cpu::capability_choice();  // decided (and FASTVIT_OPS_CPU_CAPABILITY read) at import
 }

@@ -24,6 +24,7 @@ Public API:
 import importlib
 
 from . import _availability, models, nn, ops, reference
+from ._version import __version__
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
 from .fuse import fuse_for_inference
@@ -34,7 +35,6 @@ from .ops.cross_modulation import sigmoid_cross_modulation
 from .ops.dwconv import dwconv2d
 from .ops.global_context import global_context, token_global_similarity
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -69,9 +70,18 @@ def cmd_info(args) -> int:
     table.add_column("value")
     from . import __version__
     table.add_row("fastvit_ops", __version__)
+    isa_keys = ("cpu_capability", "cpu_isa", "aten_cpu_capability", "onednn_max_cpu_isa")
     for k, v in env.items():
-        table.add_row(k, v)
+        if k not in isa_keys:
+            table.add_row(k, v)
     table.add_row("TRITON_INTERPRET", "1" if avail.interpreting() else "0")
+    cap = avail.cpu_capability()
+    if cap is not None:  # the C++ CPU kernels: one build per SIMD level, chosen when the extension loads
+        table.add_row("CPU SIMD (best this CPU has)", cap["cpu"])
+        table.add_row("CPU kernels in use", f"{cap['in_use']}: {cap['reason']}")
+        table.add_row("CPU kernels built", ", ".join(cap["built"]))
+    table.add_row("ATen CPU capability", torch.backends.cpu.get_cpu_capability())
+    table.add_row("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA", "") or "(unset: the CPU's best)")
     console.print(table)
     bt = Table(title=f"backends on {dev}")
     bt.add_column("backend")
@@ -222,8 +232,8 @@ def cmd_bench(args) -> int:
                 save()
                 p.advance(task)
     gpu = dev.type == "cuda"
-    table = Table(title=f"fused ops, batch {batch}, {args.dtype}, {env['device']} ({env['cpu_threads']} threads)"
-                  if not gpu else f"fused ops, batch {batch}, {args.dtype}, {env['device']}")
+    table = Table(title=f"fused ops, batch {batch}, {args.dtype}, {env['device']} ({env['cpu_threads']} threads, "
+                        f"{runner.isa_label(env)})" if not gpu else f"fused ops, batch {batch}, {args.dtype}, {env['device']}")
     cols = ["op", "shape", "pass", "eager ms", "compile ms", "fused ms", "× eager", "× compile", "max err"]
     with_sdpa = any(r.get("sdpa_ms") is not None for r in op_rows)
     if with_sdpa:
@@ -342,8 +352,6 @@ def _model_table(rows, batch, variants) -> None:
 
 
 def _suffixed(path: str, suffix: str) -> str:
-    import os
-
     root, ext = os.path.splitext(path)
     return f"{root}{suffix}{ext or '.png'}"
 
@@ -373,7 +381,8 @@ def _plot(path, rows, env) -> None:
     ax.set_yticklabels(labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("speedup of fused (×, log scale)")
-    ax.set_title(f"fastvit_ops fused ops — {env['device']}, torch {env['torch']}")
+    isa = f", {runner.isa_label(env)}" if runner.isa_label(env) else ""
+    ax.set_title(f"fastvit_ops fused ops — {env['device']}{isa}, torch {env['torch']}")
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -400,7 +409,8 @@ def _plot_models(path, rows, env) -> None:
         ax.set_ylabel("images/s")
         ax.set_title(f"{mode}, batch {mrows[0]['batch']}, {mrows[0]['size']}²")
         ax.legend(fontsize=8)
-    fig.suptitle(f"fastvit_ops end to end — {env['device']} ({env['cpu_threads']} threads), torch {env['torch']}",
+    isa = f", {runner.isa_label(env)}" if runner.isa_label(env) else ""
+    fig.suptitle(f"fastvit_ops end to end — {env['device']} ({env['cpu_threads']} threads{isa}), torch {env['torch']}",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,7 +21,19 @@ def extension():
         mod = importlib.import_module("fastvit_ops._C")
     except ImportError as e:  # not built (pure-Python install) or ABI mismatch
         return None, f"fastvit_ops._C not importable ({e}); build with `pip install -e .`"
+    warning = mod.cpu_capability()["warning"]
+    if warning:  # FASTVIT_OPS_CPU_CAPABILITY asked for something this CPU or build lacks
+        warnings.warn(f"fastvit_ops: {warning}", RuntimeWarning, stacklevel=2)
     return mod, "ok"
+
+
+def cpu_capability():
+    """Which build of the C++ CPU kernels runs, or None without the extension: a dict with
+    ``in_use`` (``"default"``, ``"avx2"`` or ``"avx512"``), ``cpu`` (the best this CPU supports),
+    ``built`` (the capabilities compiled in), ``reason`` and ``warning``. Chosen once, when the
+    extension loads: the best the CPU supports, or ``FASTVIT_OPS_CPU_CAPABILITY`` if lower."""
+    mod, _ = extension()
+    return None if mod is None else dict(mod.cpu_capability())
 
 
 def cpu_extension():

@@ -112,6 +112,19 @@ def checkpoint_spec(name: str):
     return entries, int(header.group(3))
 
 
+@pytest.fixture
+def without_cpu_rules(monkeypatch):
+    """``auto`` on CPU as if our C++ kernels had won everywhere (fastvit_ops/ops/cpu_rules.py's
+    tables empty): for tests of the C++ paths' own dispatch at tiny shapes, which the measured
+    rules would otherwise send to eager PyTorch on some capabilities."""
+    from fastvit_ops.ops import cpu_rules
+
+    for cap in list(cpu_rules.EAGER):
+        monkeypatch.setitem(cpu_rules.EAGER, cap, frozenset())
+    for cap in list(cpu_rules.DWCONV_ONEDNN):
+        monkeypatch.setitem(cpu_rules.DWCONV_ONEDNN, cap, frozenset())
+
+
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     # Random inputs every run, but a failure must be reproducible: print the seed on failure.

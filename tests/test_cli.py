@@ -1,5 +1,6 @@
 """python -m fastvit_ops {info,check,bench}: they run, report, and fail when an op is wrong."""
 import json
+import os
 import subprocess
 import sys
 
@@ -107,6 +108,8 @@ def test_bench_suites_run(tmp_path):
     bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
     r = subprocess.run([sys.executable, "-m", "pytest", str(bench), "--benchmark-disable", "-q", "-k", "not compile",
                         "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=1200,
-                       cwd=bench, env={**__import__("os").environ, "FASTVIT_BENCH_BATCH": "1"})
+                       cwd=bench, env={**os.environ, "FASTVIT_BENCH_BATCH": "1",
+                                       # this checkout's package, not whichever one is installed
+                                       "PYTHONPATH": os.pathsep.join([str(bench.parent), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout

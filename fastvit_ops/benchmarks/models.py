@@ -14,7 +14,10 @@ the tensor allocations the profiler records during one step (MiB, weights exclud
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -63,6 +66,28 @@ def make_step(model: torch.nn.Module, mode: str, x: torch.Tensor, target: torch.
     return train
 
 
+@contextlib.contextmanager
+def _native_output_silenced():
+    """Send the process's stdout/stderr file descriptors to /dev/null for the block: the profiler's
+    native library prints its own start/stop trace lines and, without a GPU, a device-count error
+    there, which Python's streams cannot intercept."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [null]:
+            os.close(fd)
+
+
 def peak_memory_mib(step: Callable[[], object], device) -> float:
     """Peak bytes allocated by tensors during one ``step()``, above what was live before it (MiB)."""
     dev = torch.device(device)
@@ -75,7 +100,7 @@ def peak_memory_mib(step: Callable[[], object], device) -> float:
         return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_output_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())

@@ -1,6 +1,7 @@
 """What ``python -m fastvit_ops check`` and ``bench`` run: op checks, op timings, model throughput."""
 from __future__ import annotations
 
+import os
 import platform
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -12,6 +13,13 @@ from ..ops.dispatch import backend, backend_available, backend_names, get_backen
 from . import Case, load, op_names
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
+
+def isa_label(env: Dict[str, str]) -> str:
+    """The SIMD level of a CPU result for titles: ours and ATen's, e.g. ``"avx2 / ATen AVX2"``."""
+    if "cpu_capability" not in env:
+        return ""
+    return f"{env['cpu_capability']} / ATen {env['aten_cpu_capability']}"
+
 
 def environment(device) -> Dict[str, str]:
     """Versions and device, recorded with every result."""
@@ -27,6 +35,13 @@ def environment(device) -> Dict[str, str]:
         "backend": get_backend(),  # what the "fused" column ran (FASTVIT_OPS_BACKEND / backend())
     }
     if dev.type == "cpu":
+        # Which SIMD build runs on each side: ours (FASTVIT_OPS_CPU_CAPABILITY), ATen's
+        # (ATEN_CPU_CAPABILITY) and oneDNN's ceiling (ONEDNN_MAX_CPU_ISA, unset = the CPU's best).
+        cap = avail.cpu_capability()
+        info["cpu_capability"] = cap["in_use"] if cap else "no extension"
+        info["cpu_isa"] = cap["cpu"] if cap else "unknown"
+        info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "") or "default"
         try:
             with open("/proc/cpuinfo") as f:
                 for line in f:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import cpu_rules, dispatch
 from .validate import check_tensor, is_dense
 
 OP = "downsampled_attention"
@@ -199,7 +199,7 @@ def _custom_op(q, k, v, gate, scale, layout, backend):
     return _op(q, k, v, gate, scale, layout, backend)[0]
 
 
-dispatch.register(OP, "call", dispatch.eager_impl(_eager),
+dispatch.register(OP, "call", dispatch.eager_impl(_eager), cpu_rules.eager_impl(_eager),
                   dispatch.Impl("cpu_forward", "cpu", _direct_forward, dispatch.no_grad_cpu,
                                 "the C++ forward kernel called directly (no graph to record)"),
                   dispatch.custom_op_impl(_custom_op))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import cpu_rules, dispatch
 from .validate import check_choice, check_like, check_tensor, empty_like_layout, same_layout
 
 MODES = ("silu", "full")
@@ -116,7 +116,7 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastvit_ops::sigmoid_cross_modulation", _backward, setup_context=_setup_context)
-dispatch.register(OP, "call", dispatch.eager_impl(reference), dispatch.custom_op_impl(_op))
+dispatch.register(OP, "call", dispatch.eager_impl(reference), cpu_rules.eager_impl(reference), dispatch.custom_op_impl(_op))
 
 
 def sigmoid_cross_modulation(local: Tensor, global_: Tensor, mode: str = "silu") -> Tensor:

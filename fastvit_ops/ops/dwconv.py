@@ -7,15 +7,13 @@ instead of storing it, and reduces dweight/dbias from per-block partial sums in 
 """
 from __future__ import annotations
 
-import os
-import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import dispatch
+from . import cpu_rules, dispatch
 from .validate import check_choice, check_like, check_tensor, is_channels_last
 
 ACTIVATIONS = (None, "silu", "gelu")
@@ -138,83 +136,24 @@ def _onednn_fwd(x, weight, bias, stride, padding, act, residual):
 
 
 # ---- per-shape choice of the CPU forward under ``auto`` ------------------------------------------------
-# Our kernel wins by 3-30x on large planes and large k, but oneDNN's channel-blocked forward can win
-# on small planes and at stride 2 (per-plane overhead). Under ``auto`` on CPU each distinct call
-# signature is timed once (both forwards, a few runs each, like cudnn.benchmark) and the faster is
-# kept; the backward is always ours. ``backend("cpu")`` always runs our kernel, and
-# FASTVIT_OPS_DWCONV_TUNE=0 turns the timing off (our kernel everywhere, run-to-run identical choice).
-CPU_FORWARD = {"cpu": _ext_fwd, "onednn": _onednn_fwd}
-_cpu_choice: Dict[tuple, str] = {}
-_TUNE_MAX_KERNEL = 11
-_TUNE_WARMUP = 3   # oneDNN's first calls after building its primitive run slower
-_TUNE_ROUNDS = 9
-
-
-def _tuning_enabled() -> bool:
-    return os.environ.get("FASTVIT_OPS_DWCONV_TUNE", "1") not in ("0", "false", "False", "")
-
-
-def _time_ms(fn, args, runs: int) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
+# Our kernel wins by 3-30x on large planes and large k, but oneDNN's forward can win at a few small
+# shapes. Under ``auto`` on CPU the forward is the one ``cpu_rules.dwconv_forward`` names for the
+# call's shapes and the CPU capability (a fixed rule: the same choice in every process, no timing);
+# the backward is always ours. ``backend("cpu")`` always runs our kernel.
 def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
                        activation: int, residual: bool) -> str:
-    """``"cpu"`` (our kernel) or ``"onednn"``: the faster CPU forward for this call signature.
-
-    Measured on first use and cached per (shape, layout, dtype, kernel, stride, padding, epilogue,
-    bias, thread count): both forwards are warmed up (oneDNN's first call builds its primitive and
-    the next few still run slow), then timed alternately over 9 rounds, and the smaller minimum
-    wins (with 5 rounds and one warm-up call it kept the slower kernel at 2 of 11 FAT-B0 shapes). Kernels above 11 always take ours
-    (measured 13-38x faster there; timing oneDNN would cost seconds at k = 31).
-    """
-    if not _tuning_enabled():
-        return "cpu"
-    key = (tuple(x.shape), is_channels_last(x), x.dtype, weight.shape[-1], stride, padding, activation, residual,
-           bias is None, torch.get_num_threads())
-    choice = _cpu_choice.get(key)
-    if choice is None:
-        choice = "cpu"
-        if weight.shape[-1] <= _TUNE_MAX_KERNEL:
-            args = (x, weight, bias, stride, padding, activation, residual)
-            ours = CPU_FORWARD["cpu"]
-            try:
-                _onednn_fwd(*args)  # builds oneDNN's primitive
-            except RuntimeError:  # a dtype/layout PyTorch's CPU conv does not take
-                ours = None
-            if ours is not None:
-                for _ in range(_TUNE_WARMUP):
-                    ours(*args)
-                    _onednn_fwd(*args)
-                t_ours = t_onednn = float("inf")
-                for _ in range(_TUNE_ROUNDS):
-                    t_ours = min(t_ours, _time_ms(ours, args, 1))
-                    t_onednn = min(t_onednn, _time_ms(_onednn_fwd, args, 1))
-                choice = "onednn" if t_onednn < t_ours else "cpu"
-        _cpu_choice[key] = choice
-    return choice
+    """``"cpu"`` (our kernel) or ``"onednn"``: the CPU forward ``auto`` runs for this call, by
+    :func:`fastvit_ops.ops.cpu_rules.dwconv_forward` (a rule on shapes, layout, dtype, arguments and
+    the CPU capability; ``"cpu"`` under ``torch.use_deterministic_algorithms(True)``)."""
+    return cpu_rules.dwconv_forward(tuple(x.shape), is_channels_last(x), x.dtype, weight.shape[-1], stride, padding,
+                                    activation, residual)
 
 
 def onednn_forward(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
                    activation: int, residual: bool) -> bool:
-    """Whether the C++ fast path should run oneDNN's forward for this call: only under ``auto``,
-    where :func:`cpu_forward_choice` timed it faster (``backend("cpu")`` always runs ours)."""
+    """Whether oneDNN's forward runs this call: only under ``auto``, where :func:`cpu_forward_choice`
+    names it (``backend("cpu")`` always runs ours)."""
     return backend == "auto" and cpu_forward_choice(x, weight, bias, stride, padding, activation, residual) == "onednn"
-
-
-def cpu_forward_choices() -> Dict[tuple, str]:
-    """A copy of the cached per-shape CPU forward choices (for inspection and tests)."""
-    return dict(_cpu_choice)
-
-
-def clear_cpu_forward_choices() -> None:
-    """Forget the cached choices; the next call of each signature is timed again."""
-    _cpu_choice.clear()
 
 
 # ---- the kernels, in the order dispatch.choose tries them within a backend -------------------------------
@@ -223,8 +162,8 @@ def _onednn_wins(call: dispatch.Call):
     if call.backend != "auto":
         return False, f"backend {call.backend!r} was requested: oneDNN runs only under auto"
     if onednn_forward(call.backend, *call.args[:7]):
-        return True, "auto's CPU forward choice for this call signature (cpu_forward_choice)"
-    return False, "auto's CPU forward choice for this call signature is our kernel (cpu_forward_choice)"
+        return True, f"auto's CPU rule for this shape class on {cpu_rules.capability()} (cpu_rules.dwconv_forward)"
+    return False, f"auto's CPU rule for this shape class on {cpu_rules.capability()} is our kernel (cpu_rules.dwconv_forward)"
 
 
 dispatch.register(OP, "forward", dispatch.Impl("onednn", "cpu", _onednn_fwd, _onednn_wins,
@@ -301,7 +240,7 @@ def _contiguous_or_channels_last(call: dispatch.Call):
     return dispatch.eager_cpu(call, channels_last=True)
 
 
-dispatch.register(OP, "call", dispatch.eager_impl(_eager),
+dispatch.register(OP, "call", dispatch.eager_impl(_eager), cpu_rules.eager_impl(_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _cpu_autograd, _contiguous_or_channels_last,
                                 "the C++ autograd node _dwconv2d_autograd: forward as the forward "
                                 "list picks (oneDNN or ours), backward our C++ kernel"),
@@ -472,10 +411,10 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
         activation: None, ``"silu"`` or ``"gelu"`` (exact, erf), applied after the bias.
         residual: add ``x`` after the activation; needs stride 1 and padding k // 2.
 
-    Backends: under ``auto`` on CPU the forward of each call signature (shape, layout, dtype, k,
-    stride, padding, epilogue) is timed once against PyTorch's oneDNN convolution and the faster is
-    kept (see :func:`cpu_forward_choice`; ``FASTVIT_OPS_DWCONV_TUNE=0`` disables it); the backward
-    is always the fused C++ kernel. ``backend("cpu")`` always runs the C++ kernel.
+    Backends: under ``auto`` on CPU the forward is our C++ kernel or, at the shapes where a fixed
+    rule per CPU capability says it is faster, PyTorch's oneDNN convolution with our epilogue (see
+    :func:`cpu_forward_choice`; the same choice in every process); the backward is always the fused
+    C++ kernel. ``backend("cpu")`` always runs the C++ kernel.
 
     Returns:
         (B, C, H_out, W_out) with ``H_out = (H + 2·padding − k) // stride + 1``, in ``x``'s dtype and
@@ -496,5 +435,5 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
     return dispatch.run(OP, call)
 
 
-__all__ = ["dwconv2d", "reference", "output_size", "conv_arguments", "supports_conv", "cpu_forward_choice", "cpu_forward_choices",
-           "clear_cpu_forward_choices", "ACTIVATIONS", "MAX_KERNEL"]
+__all__ = ["dwconv2d", "reference", "output_size", "conv_arguments", "supports_conv", "cpu_forward_choice",
+           "ACTIVATIONS", "MAX_KERNEL"]

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
+from . import cpu_rules, dispatch
 from .validate import check_tensor, is_dense
 
 OP_SIM = "token_global_similarity"
@@ -437,11 +437,11 @@ def _gc_cpu_autograd(call: dispatch.Call) -> Tensor:
     return torch.ops.fastvit_ops._gc_autograd(*call.args)
 
 
-dispatch.register(OP_SIM, "call", dispatch.eager_impl(_sim_eager),
+dispatch.register(OP_SIM, "call", dispatch.eager_impl(_sim_eager), cpu_rules.eager_impl(_sim_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _sim_cpu_autograd, dispatch.eager_cpu,
                                 "the C++ autograd node _gc_autograd (our forward and backward kernels)"),
                   dispatch.custom_op_impl(lambda *a: _sim_op(*a)[0]))
-dispatch.register(OP_GC, "call", dispatch.eager_impl(_gc_eager),
+dispatch.register(OP_GC, "call", dispatch.eager_impl(_gc_eager), cpu_rules.eager_impl(_gc_eager),
                   dispatch.Impl("cpu_autograd", "cpu", _gc_cpu_autograd, dispatch.eager_cpu,
                                 "the C++ autograd node _gc_autograd (our forward and backward kernels)"),
                   dispatch.custom_op_impl(lambda *a: _gc_op(*a)[0]))

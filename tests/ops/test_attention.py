@@ -291,7 +291,7 @@ def test_bad_inputs_raise_clear_errors():
         downsampled_attention_nchw(qm, k, k, 0)
 
 
-def test_dispatch_runs_the_requested_backend(monkeypatch):
+def test_dispatch_runs_the_requested_backend(monkeypatch, without_cpu_rules):
     calls = spy_kernels(monkeypatch, "downsampled_attention")
     q, k, v = rand(1, 1, 5, 16, dtype=torch.float32), rand(1, 1, 3, 16, dtype=torch.float32), rand(1, 1, 3, 16, dtype=torch.float32)
     have_cpu = fastvit_ops.backend_available("cpu", torch.device("cpu"))[0]
@@ -308,7 +308,7 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
 
 @pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
 @pytest.mark.parametrize("d", [16, 32, 20])
-def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch):
+def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch, without_cpu_rules):
     """With no graph to record, attention_core runs the C++ forward directly (no custom op); the
     result equals the custom op's for every query/output layout, token-major fp32 included (d a
     multiple of 16 gathers with AVX-512 transposes, d = 20 the scalar way; N = 99 leaves a

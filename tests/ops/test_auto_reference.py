@@ -81,7 +81,7 @@ def _call_runs(device: str, backend: str) -> str:
     return dispatch.choose(cross_modulation.OP, "call", call).name
 
 
-def test_the_cuda_rule():
+def test_the_cuda_rule(without_cpu_rules):
     """On CUDA (and devices without kernels of ours), auto is eager PyTorch (the measured rule); on
     the CPU, the C++ kernels first."""
     assert dispatch.AUTO_ORDER["cuda"] == ("reference",)

@@ -65,7 +65,7 @@ def test_explain_gives_every_candidate_a_reason():
 
 
 @pytest.mark.skipif(not HAVE_CPU, reason="needs the C++ extension")
-def test_choices_follow_the_call():
+def test_choices_follow_the_call(without_cpu_rules):
     """The same op takes different implementations for different calls, each for a stated reason."""
     # a non-dense input: the custom op, whose forward kernel is the C++ one
     log = explain("dwconv2d", (1, 4, 9, 16), kernel=3)

@@ -1,4 +1,6 @@
 """dwconv2d (docs/dwconv.md) on every backend that runs here, against the float64 eager reference."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,17 +166,14 @@ def test_small_planes_float32_model_shapes(act, residual):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("path_max", ["100000", "0"], ids=["channel-blocked", "per-plane"])
-def test_channel_blocked_forward_float32(monkeypatch, path_max, channels_last):
-    """The fp32 forward with C a multiple of 16 and k ≤ 13 on planes up to 56×56 runs the
-    channel-blocked kernel (16 channels per vector, 16×16 register transposes in and out, kernel
-    rows that only see padding skipped, a register-row loop per k at stride 1) on AVX-512 machines;
-    FASTVIT_OPS_DWCONV_CBLOCK_MAX (read per call) forces it on or off. Both paths against the fp64 reference: kernels larger than the
-    plane, both strides, every epilogue, 1×1 planes, plane sizes that are not multiples of 16,
-    channels_last and a strided (non-dense) input."""
+def test_forward_float32_small_planes_every_epilogue(channels_last):
+    """The raw fp32 forward against the fp64 reference on small planes: kernels larger than the
+    plane, both strides, every epilogue, 1×1 planes, plane sizes that are not multiples of the
+    vector width, channels_last and a strided (non-dense) input. With C a multiple of the vector
+    width and k ≤ 13 this runs the channel-blocked kernel (vector lanes = channels, register
+    transposes in and out); test_each_cpu_path_matches_eager_float64 reruns it on each kernel."""
     if not backend_ok("cpu"):
         pytest.skip("the C++ extension is not built")
-    monkeypatch.setenv("FASTVIT_OPS_DWCONV_CBLOCK_MAX", path_max)
     op = torch.ops.fastvit_ops._dwconv2d_forward
     for (B, C, H, W) in [(2, 32, 7, 9), (1, 16, 1, 1), (2, 48, 5, 3), (1, 16, 16, 16), (1, 32, 14, 13),
                          (1, 16, 23, 17)]:
@@ -204,10 +203,11 @@ def test_channels_last_output_and_in_place_forward(channels_last):
     if not backend_ok("cpu"):
         pytest.skip("the C++ extension is not built")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    # C = 16, 32, 48 are multiples of every capability's vector width (4, 8 or 16 fp32 lanes), 18 of none.
     for (B, C, H, W), k, act, residual, dtype in [((2, 32, 9, 11), 5, 2, True, torch.float32),
                                                  ((1, 16, 1, 1), 3, 1, False, torch.float32),
                                                  ((2, 48, 7, 5), 13, 0, True, torch.float32),
-                                                 ((2, 20, 9, 9), 3, 0, True, torch.float32),   # C % 16 != 0
+                                                 ((2, 18, 9, 9), 3, 0, True, torch.float32),   # C % width != 0
                                                  ((2, 32, 9, 9), 3, 1, False, torch.float64)]:  # not fp32
         x = (torch.randn(B, C, H, W, dtype=dtype) * 2).contiguous(memory_format=fmt)
         w, b = torch.randn(C, 1, k, k, dtype=dtype) / k, torch.randn(C, dtype=dtype)
@@ -218,7 +218,7 @@ def test_channels_last_output_and_in_place_forward(channels_last):
         assert y.is_contiguous(memory_format=torch.channels_last if cl_in else torch.contiguous_format)
         z = x.clone()
         done = torch.ops.fastvit_ops._dwconv2d_same_(z, w, b, act, residual)
-        assert done == (dtype == torch.float32 and C % 16 == 0)
+        assert done == (dtype == torch.float32 and C % 16 == 0)  # (C = 18 is a multiple of no width)
         torch.testing.assert_close(z.double(), ref if done else x.double(), rtol=1e-5, atol=1e-5)
         assert z.stride() == x.stride()
     with pytest.raises(RuntimeError, match="weight"):
@@ -245,19 +245,20 @@ def test_small_planes_strided_grad_and_partial_backward():
         torch.testing.assert_close(dx_only[2], want[2], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("env", [{"FASTVIT_OPS_DWCONV_FLAT_MAX": "0"}, {"FASTVIT_OPS_DWCONV_FLAT_KMAX": "31"}], ids=["row-path", "flat-path"])
-def test_each_cpu_path_matches_eager_float64(env):
-    """The C++ backend picks the flat or the row-blocked path per shape (and non-AVX-512 machines only
-    have the row path); the environment knobs (read per call) force one path for every shape these
-    tests cover, in a subprocess."""
+@pytest.mark.parametrize("path", ["rows", "flat", "cblock"])
+def test_each_cpu_path_matches_eager_float64(path):
+    """The C++ backend picks one of three kernels (rows, flat, cblock) per call;
+    FASTVIT_OPS_DWCONV_PATH (read once, at load) forces one wherever it applies, here in a
+    subprocess for every shape these tests cover."""
     if not backend_ok("cpu"):
         pytest.skip("the C++ extension is not built")
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FASTVIT_OPS_DWCONV_PATH=path)
     tests = [f"{__file__}::{name}" for name in ("test_matches_eager_float64_many_shapes",
+                                                 "test_forward_float32_small_planes_every_epilogue",
                                                  "test_small_planes_match_eager_float64",
                                                  "test_small_planes_gradcheck_cpu",
                                                  "test_small_planes_float32_model_shapes",
@@ -437,7 +438,7 @@ def test_torch_compile_fullgraph():
 
 
 # ---- dispatch ----------------------------------------------------------------------------------------------
-def test_dispatch_runs_the_requested_backend(monkeypatch):
+def test_dispatch_runs_the_requested_backend(monkeypatch, without_cpu_rules):
     calls = spy_kernels(monkeypatch, "dwconv2d")
     x, w, b = make((1, 2, 5, 5), 3)
     # A non-dense input keeps the cpu backend on the custom op (the eager fast path takes NCHW and
@@ -450,7 +451,7 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
         assert calls == [("fwd", name), ("bwd", name)]
     if backend_ok("cpu"):
         calls.clear()
-        monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "0")
+        monkeypatch.setattr(dw, "cpu_forward_choice", lambda *a: "cpu")
         dwconv2d(x_cl, w, b).sum().backward()
         assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
         # NCHW eager calls on cpu/auto: the C++ autograd node, no Python table involved
@@ -468,7 +469,7 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("choice", ["cpu", "onednn"])
-def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice):
+def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice, without_cpu_rules):
     """Plain eager NCHW CPU calls take the C++ autograd node (_dwconv2d_autograd) with the forward
     `auto` chose (our kernel, or oneDNN + epilogue); forward and every gradient equal the custom
     op's running the same choice, including partial gradients (x only, weight only, no bias)."""
@@ -500,36 +501,54 @@ def test_eager_cpu_fast_path_matches_custom_op(monkeypatch, dtype, choice):
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
-def test_eager_cpu_fast_path_refuses_double_backward():
+def test_eager_cpu_fast_path_refuses_double_backward(without_cpu_rules):
     x, w, b = (t.detach().requires_grad_() for t in make((1, 16, 5, 5), 3))
     y = dwconv2d(x, w, b, 1, None, "gelu")
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
+@contextlib.contextmanager
+def _deterministic():
+    prev, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=warn)
+
+
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
-def test_auto_times_each_cpu_forward_once_and_caches_it(monkeypatch):
-    monkeypatch.setattr(dw, "_cpu_choice", {})
-    timed = []
-    real = dw._time_ms
-    monkeypatch.setattr(dw, "_time_ms", lambda fn, args, runs: timed.append(fn) or real(fn, args, runs))
+def test_auto_cpu_forward_choice_is_a_fixed_rule():
+    """``auto``'s CPU forward comes from a rule on the call (cpu_rules.dwconv_forward): nothing is
+    timed or cached, another process picks the same kernel for every call, and under
+    torch.use_deterministic_algorithms(True) it is always ours."""
+    import subprocess
+    import sys
+
+    from fastvit_ops.ops import cpu_rules
+
+    calls = [((8, 32, 56, 56), 3, 1, 1, 0, True), ((8, 128, 56, 56), 5, 2, 2, 0, False),
+             ((8, 256, 7, 7), 9, 1, 4, 1, False), ((8, 160, 14, 14), 3, 1, 1, 2, False),
+             ((8, 384, 32, 32), 31, 1, 15, 0, False), ((2, 3, 7, 6), 5, 2, 2, 2, False)]
+    script = ("import torch, fastvit_ops\nfrom fastvit_ops.ops import cpu_rules\n"
+              f"print([cpu_rules.dwconv_forward(s, cl, torch.float32, k, st, p, a, False) for s, k, st, p, a, cl in "
+              f"[(s, k, st, p, a, cl) for s, k, st, p, a, r in {calls!r} for cl in (False, True)]])")
+    here = [cpu_rules.dwconv_forward(s, cl, torch.float32, k, st, p, a, False)
+            for s, k, st, p, a, r in calls for cl in (False, True)]
+    assert set(here) <= {"cpu", "onednn"}
+    assert here == [cpu_rules.dwconv_forward(s, cl, torch.float32, k, st, p, a, False)
+                    for s, k, st, p, a, r in calls for cl in (False, True)]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == repr(here), "another process chose differently"
+    with _deterministic():
+        assert all(cpu_rules.dwconv_forward(s, False, torch.float32, k, st, p, a, False) == "cpu"
+                   for s, k, st, p, a, r in calls)
     x, w, b = make((2, 3, 7, 6), 5)
-    for _ in range(3):
-        dwconv2d(x, w, b, 2, None, "gelu")
-    (key, choice), = dw.cpu_forward_choices().items()
-    assert choice in ("cpu", "onednn") and key[0] == (2, 3, 7, 6) and key[3:8] == (5, 2, 2, 2, False)
-    assert len(timed) == 2 * dw._TUNE_ROUNDS, "timed on the first call only"
-    dwconv2d(x.contiguous(memory_format=torch.channels_last), w, b, 2, None, "gelu")
-    assert len(dw.cpu_forward_choices()) == 2, "layout is part of the key"
-    dw.clear_cpu_forward_choices()
-    assert dw.cpu_forward_choices() == {}
-    monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "0")
-    assert dw.cpu_forward_choice(x, w, b, 2, 2, 2, False) == "cpu"
-    assert dw.cpu_forward_choices() == {}
-    monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "1")
-    timed.clear()
-    x13, w13, b13 = make((1, 2, 15, 15), 13)
-    assert dw.cpu_forward_choice(x13, w13, b13, 1, 6, 0, False) == "cpu" and timed == [], "k > 11 is not timed"
+    with _deterministic():
+        assert dw.cpu_forward_choice(x, w, b, 2, 2, 2, False) == "cpu"
+        assert not dw.onednn_forward("auto", x, w, b, 2, 2, 2, False)
+    assert not dw.onednn_forward("cpu", x, w, b, 2, 2, 2, False), "backend('cpu') always runs ours"
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")

@@ -1,0 +1,302 @@
+// The hot loops of the downsampled attention (isa/attention.cpp), on one tile of NT queries with
+// the query index fastest: S (M × NT) scores, X / Y / dY (D × NT) query-side tiles, K / V (M × D)
+// rows. fp32: the dot-product loops in GCC generic vectors of 8 lanes (accumulators stay in
+// registers; plain arrays got spilled), the softmax and gate in Vectorized<float> with our exp;
+// fp64 (the gradcheck path) as plain loops.
+#pragma once
+#include <algorithm>
+#include <cmath>
+
+#include "cpu/isa/vec.h"
+
+FASTVIT_ISA_BEGIN
+namespace attn {
+namespace {
+
+constexpr int64_t NT = 64;  // queries per tile: 64 fp32 = 8 AVX2 / 4 AVX-512 registers
+
+typedef float v8f __attribute__((vector_size(32)));
+static inline v8f ld8(const float* p) { v8f v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+static inline void st8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// S[j, :] = Σ_e A[j, e] · X[e, :]     (A: M × D row-major, X: D × NT)
+// Register blocking: 4 rows × 16 queries of accumulators, one load of X per (e, 16 queries).
+void rows_dot_f32(const float* __restrict A, const float* __restrict X, float* __restrict S,
+                  int64_t M, int64_t D) {
+  int64_t j = 0;
+  for (; j + 4 <= M; j += 4) {
+    const float* a = A + j * D;
+    for (int64_t c = 0; c < NT; c += 16) {
+      v8f s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
+      for (int64_t e = 0; e < D; ++e) {
+        const v8f x0 = ld8(X + e * NT + c), x1 = ld8(X + e * NT + c + 8);
+        const float k0 = a[e], k1 = a[D + e], k2 = a[2 * D + e], k3 = a[3 * D + e];
+        s00 += k0 * x0; s01 += k0 * x1;
+        s10 += k1 * x0; s11 += k1 * x1;
+        s20 += k2 * x0; s21 += k2 * x1;
+        s30 += k3 * x0; s31 += k3 * x1;
+      }
+      float* o = S + j * NT + c;
+      st8(o, s00); st8(o + 8, s01);
+      st8(o + NT, s10); st8(o + NT + 8, s11);
+      st8(o + 2 * NT, s20); st8(o + 2 * NT + 8, s21);
+      st8(o + 3 * NT, s30); st8(o + 3 * NT + 8, s31);
+    }
+  }
+  for (; j < M; ++j) {
+    const float* a = A + j * D;
+    for (int64_t c = 0; c < NT; c += 16) {
+      v8f s0 = {0}, s1 = {0};
+      for (int64_t e = 0; e < D; ++e) {
+        s0 += a[e] * ld8(X + e * NT + c);
+        s1 += a[e] * ld8(X + e * NT + c + 8);
+      }
+      st8(S + j * NT + c, s0);
+      st8(S + j * NT + c + 8, s1);
+    }
+  }
+}
+
+// Y[e, :] = Σ_j A[j, e] · P[j, :]     (A: M × D, P: M × NT, Y: D × NT); 2 outputs × 32 queries.
+void cols_dot_f32(const float* __restrict A, const float* __restrict P, float* __restrict Y,
+                  int64_t M, int64_t D) {
+  int64_t e = 0;
+  for (; e + 2 <= D; e += 2) {
+    for (int64_t c = 0; c < NT; c += 32) {
+      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+      for (int64_t j = 0; j < M; ++j) {
+        const float* p = P + j * NT + c;
+        const v8f p0 = ld8(p), p1 = ld8(p + 8), p2 = ld8(p + 16), p3 = ld8(p + 24);
+        const float u = A[j * D + e], w = A[j * D + e + 1];
+        a0 += u * p0; a1 += u * p1; a2 += u * p2; a3 += u * p3;
+        b0 += w * p0; b1 += w * p1; b2 += w * p2; b3 += w * p3;
+      }
+      float* y = Y + e * NT + c;
+      st8(y, a0); st8(y + 8, a1); st8(y + 16, a2); st8(y + 24, a3);
+      st8(y + NT, b0); st8(y + NT + 8, b1); st8(y + NT + 16, b2); st8(y + NT + 24, b3);
+    }
+  }
+  for (; e < D; ++e) {
+    for (int64_t c = 0; c < NT; c += 32) {
+      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      for (int64_t j = 0; j < M; ++j) {
+        const float* p = P + j * NT + c;
+        const float u = A[j * D + e];
+        a0 += u * ld8(p); a1 += u * ld8(p + 8); a2 += u * ld8(p + 16); a3 += u * ld8(p + 24);
+      }
+      float* y = Y + e * NT + c;
+      st8(y, a0); st8(y + 8, a1); st8(y + 16, a2); st8(y + 24, a3);
+    }
+  }
+}
+
+static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+// R[j, e] += Σ_n P[j, n] · X[e, n]     (P: M × NT, X: D × NT, R: M × D)
+// Register blocking: 4 rows of P × 2 rows of X, 8 vector accumulators along n, one horizontal
+// sum per output at the end (a plain dot per (j, e) was bound by loads and reductions).
+void outer_acc_f32(const float* __restrict P, const float* __restrict X, float* __restrict R,
+                   int64_t M, int64_t D) {
+  int64_t j = 0;
+  for (; j + 4 <= M; j += 4) {
+    const float* p = P + j * NT;
+    int64_t e = 0;
+    for (; e + 2 <= D; e += 2) {
+      const float* x = X + e * NT;
+      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+      for (int64_t n = 0; n < NT; n += 8) {
+        const v8f x0 = ld8(x + n), x1 = ld8(x + NT + n);
+        const v8f p0 = ld8(p + n), p1 = ld8(p + NT + n), p2 = ld8(p + 2 * NT + n), p3 = ld8(p + 3 * NT + n);
+        a0 += p0 * x0; a1 += p1 * x0; a2 += p2 * x0; a3 += p3 * x0;
+        b0 += p0 * x1; b1 += p1 * x1; b2 += p2 * x1; b3 += p3 * x1;
+      }
+      R[j * D + e] += hsum8(a0); R[(j + 1) * D + e] += hsum8(a1);
+      R[(j + 2) * D + e] += hsum8(a2); R[(j + 3) * D + e] += hsum8(a3);
+      R[j * D + e + 1] += hsum8(b0); R[(j + 1) * D + e + 1] += hsum8(b1);
+      R[(j + 2) * D + e + 1] += hsum8(b2); R[(j + 3) * D + e + 1] += hsum8(b3);
+    }
+    for (; e < D; ++e) {
+      const float* x = X + e * NT;
+      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      for (int64_t n = 0; n < NT; n += 8) {
+        const v8f x0 = ld8(x + n);
+        a0 += ld8(p + n) * x0; a1 += ld8(p + NT + n) * x0;
+        a2 += ld8(p + 2 * NT + n) * x0; a3 += ld8(p + 3 * NT + n) * x0;
+      }
+      R[j * D + e] += hsum8(a0); R[(j + 1) * D + e] += hsum8(a1);
+      R[(j + 2) * D + e] += hsum8(a2); R[(j + 3) * D + e] += hsum8(a3);
+    }
+  }
+  for (; j < M; ++j) {
+    const float* p = P + j * NT;
+    for (int64_t e = 0; e < D; ++e) {
+      const float* x = X + e * NT;
+      v8f a0 = {0};
+      for (int64_t n = 0; n < NT; n += 8) a0 += ld8(p + n) * ld8(x + n);
+      R[j * D + e] += hsum8(a0);
+    }
+  }
+}
+
+// Forward softmax over the M rows of raw dot products S (per column): S ← 2^((S − max)·c) with
+// c = scale·log2(e) applied to the difference (one rounding at the small magnitude of S − max,
+// not at the logits' — matters for large logits); returns the raw max and the sum.
+void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restrict l, float c, int64_t M) {
+  constexpr int64_t W = fVec::size();
+  const fVec cl(c * 0.693147180559945309f);  // 2^(t·c) = e^(t·c·ln 2)
+  for (int64_t n = 0; n < NT; n += W) {
+    fVec m = fVec::loadu(S + n);
+    for (int64_t j = 1; j < M; ++j) m = vmax(m, fVec::loadu(S + j * NT + n));
+    fVec sum(0.0f);
+    for (int64_t j = 0; j < M; ++j) {
+      const fVec e = exp_nonpos((fVec::loadu(S + j * NT + n) - m) * cl);
+      e.store(S + j * NT + n);
+      sum = sum + e;
+    }
+    m.store(mx + n);
+    sum.store(l + n);
+  }
+}
+
+// Backward: P = 2^((S − max)·c − log2 Σ), the forward's probabilities. The max and the log-sum are
+// kept apart: folding them into one lse would round at the logits' magnitude (|S| ~ 1e3 for large
+// logits) and cost ~1e-4 relative error in P.
+void probs_from_lse_f32(float* __restrict S, const float* __restrict mx, const float* __restrict ll, float c,
+                        int64_t M) {
+  constexpr int64_t W = fVec::size();
+  const fVec ln2(0.693147180559945309f), cv(c), zero(0.0f);
+  for (int64_t n = 0; n < NT; n += W) {
+    const fVec m = fVec::loadu(mx + n), lv = fVec::loadu(ll + n);
+    for (int64_t j = 0; j < M; ++j) {
+      const fVec t = vmin(vfms(fVec::loadu(S + j * NT + n) - m, cv, lv), zero);
+      exp_nonpos(t * ln2).store(S + j * NT + n);
+    }
+  }
+}
+
+// dS = P ⊙ (dP − Dn) · scale, in place in dP.
+void dscores_f32(const float* __restrict P, float* __restrict dP, const float* __restrict Dn, float scale, int64_t M) {
+  for (int64_t j = 0; j < M; ++j) {
+    const float* p = P + j * NT;
+    float* d = dP + j * NT;
+    for (int64_t n = 0; n < NT; ++n) d[n] = p[n] * (d[n] - Dn[n]) * scale;
+  }
+}
+
+// Forward epilogue: Y ← Y / sum (inv holds 1/sum), then SiLU(Y)·gate when gated.
+void finish_f32(float* __restrict Y, const float* __restrict inv, const float* __restrict G, int64_t D) {
+  constexpr int64_t W = fVec::size();
+  for (int64_t e = 0; e < D; ++e) {
+    float* y = Y + e * NT;
+    for (int64_t n = 0; n < NT; n += W) {
+      const fVec o = fVec::loadu(y + n) * fVec::loadu(inv + n);
+      (G ? o * sigmoid(o) * fVec::loadu(G + e * NT + n) : o).store(y + n);
+    }
+  }
+}
+
+// Backward through the gate: G ← dout·SiLU(O) (d gate), dY ← dout·gate·SiLU'(O).
+void gate_bwd_f32(const float* __restrict Y, float* __restrict G, float* __restrict dY, int64_t n) {
+  constexpr int64_t W = fVec::size();
+  const fVec one(1.0f);
+  for (int64_t i = 0; i < n; i += W) {  // n = D·NT, a multiple of W
+    const fVec o = fVec::loadu(Y + i), s = sigmoid(o), go = fVec::loadu(dY + i), gv = fVec::loadu(G + i);
+    (go * o * s).store(G + i);
+    (go * gv * s * vfma(o, one - s, one)).store(dY + i);
+  }
+}
+
+// Dn[n] = Σ_j P[j, n]·dP[j, n]: the softmax backward's row term as eager autograd forms it. It
+// equals Σ_e dO·O, but built from the same rounded dP that dS = P ⊙ (dP − Dn) subtracts it from, so
+// with a near-one-hot P (large logits) the rounding of dP cancels instead of doubling the error.
+void pdot_f32(const float* __restrict P, const float* __restrict dP, float* __restrict Dn, int64_t M) {
+  for (int64_t n = 0; n < NT; ++n) Dn[n] = 0.f;
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
+}
+
+void finish_f64(double* Y, const double* inv, const double* G, int64_t D) {
+  for (int64_t i = 0; i < D * NT; ++i) {
+    const double o = Y[i] * inv[i % NT];
+    Y[i] = G ? o / (1.0 + std::exp(-o)) * G[i] : o;
+  }
+}
+void gate_bwd_f64(const double* Y, double* G, double* dY, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double o = Y[i], s = 1.0 / (1.0 + std::exp(-o)), go = dY[i], gv = G[i];
+    G[i] = go * o * s;
+    dY[i] = go * gv * s * (1.0 + o * (1.0 - s));
+  }
+}
+void pdot_f64(const double* P, const double* dP, double* Dn, int64_t M) {
+  for (int64_t n = 0; n < NT; ++n) Dn[n] = 0;
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
+}
+inline void finish(float* Y, const float* i, const float* G, int64_t D) { finish_f32(Y, i, G, D); }
+inline void finish(double* Y, const double* i, const double* G, int64_t D) { finish_f64(Y, i, G, D); }
+inline void gate_bwd(const float* Y, float* G, float* dY, int64_t n) { gate_bwd_f32(Y, G, dY, n); }
+inline void gate_bwd(const double* Y, double* G, double* dY, int64_t n) { gate_bwd_f64(Y, G, dY, n); }
+inline void pdot(const float* P, const float* dP, float* Dn, int64_t M) { pdot_f32(P, dP, Dn, M); }
+inline void pdot(const double* P, const double* dP, double* Dn, int64_t M) { pdot_f64(P, dP, Dn, M); }
+
+// fp64 versions (plain loops).
+void rows_dot_f64(const double* A, const double* X, double* S, int64_t M, int64_t D) {
+  for (int64_t j = 0; j < M; ++j) {
+    double* s = S + j * NT;
+    for (int64_t n = 0; n < NT; ++n) s[n] = 0;
+    for (int64_t e = 0; e < D; ++e)
+      for (int64_t n = 0; n < NT; ++n) s[n] += A[j * D + e] * X[e * NT + n];
+  }
+}
+void cols_dot_f64(const double* A, const double* P, double* Y, int64_t M, int64_t D) {
+  for (int64_t e = 0; e < D; ++e) {
+    double* y = Y + e * NT;
+    for (int64_t n = 0; n < NT; ++n) y[n] = 0;
+    for (int64_t j = 0; j < M; ++j)
+      for (int64_t n = 0; n < NT; ++n) y[n] += A[j * D + e] * P[j * NT + n];
+  }
+}
+void outer_acc_f64(const double* P, const double* X, double* R, int64_t M, int64_t D) {
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t e = 0; e < D; ++e) {
+      double s = 0;
+      for (int64_t n = 0; n < NT; ++n) s += P[j * NT + n] * X[e * NT + n];
+      R[j * D + e] += s;
+    }
+}
+void softmax_cols_f64(double* S, double* mx, double* l, double c, int64_t M) {
+  for (int64_t n = 0; n < NT; ++n) mx[n] = S[n];
+  for (int64_t j = 1; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) mx[n] = std::max(mx[n], S[j * NT + n]);
+  for (int64_t n = 0; n < NT; ++n) l[n] = 0;
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) {
+      S[j * NT + n] = std::exp2((S[j * NT + n] - mx[n]) * c);
+      l[n] += S[j * NT + n];
+    }
+}
+void probs_from_lse_f64(double* S, const double* mx, const double* ll, double c, int64_t M) {
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) S[j * NT + n] = std::exp2(std::min((S[j * NT + n] - mx[n]) * c - ll[n], 0.0));
+}
+void dscores_f64(const double* P, double* dP, const double* Dn, double scale, int64_t M) {
+  for (int64_t j = 0; j < M * NT; ++j) dP[j] = P[j] * (dP[j] - Dn[j % NT]) * scale;
+}
+
+inline void rows_dot(const float* A, const float* X, float* S, int64_t M, int64_t D) { rows_dot_f32(A, X, S, M, D); }
+inline void rows_dot(const double* A, const double* X, double* S, int64_t M, int64_t D) { rows_dot_f64(A, X, S, M, D); }
+inline void cols_dot(const float* A, const float* P, float* Y, int64_t M, int64_t D) { cols_dot_f32(A, P, Y, M, D); }
+inline void cols_dot(const double* A, const double* P, double* Y, int64_t M, int64_t D) { cols_dot_f64(A, P, Y, M, D); }
+inline void outer_acc(const float* P, const float* X, float* R, int64_t M, int64_t D) { outer_acc_f32(P, X, R, M, D); }
+inline void outer_acc(const double* P, const double* X, double* R, int64_t M, int64_t D) { outer_acc_f64(P, X, R, M, D); }
+inline void softmax_cols(float* S, float* mx, float* l, float c, int64_t M) { softmax_cols_f32(S, mx, l, c, M); }
+inline void softmax_cols(double* S, double* mx, double* l, double c, int64_t M) { softmax_cols_f64(S, mx, l, c, M); }
+inline void probs_from_lse(float* S, const float* m, const float* l, float c, int64_t M) { probs_from_lse_f32(S, m, l, c, M); }
+inline void probs_from_lse(double* S, const double* m, const double* l, double c, int64_t M) { probs_from_lse_f64(S, m, l, c, M); }
+inline void dscores(const float* P, float* dP, const float* Dn, float s, int64_t M) { dscores_f32(P, dP, Dn, s, M); }
+inline void dscores(const double* P, double* dP, const double* Dn, double s, int64_t M) { dscores_f64(P, dP, Dn, s, M); }
+
+}  // namespace
+}  // namespace attn
+FASTVIT_ISA_END

@@ -1,0 +1,127 @@
+// Sigmoid cross-modulation, FASA's bidirectional gate (FAT, arXiv:2303.14189, Sec. 3.2; the
+// released code's `local * sigmoid(local) * global * sigmoid(global)` form), one build per CPU
+// capability: fp32 in Vectorized<float> (σ of both inputs with one shared division), half types
+// converted to fp32 in L1-sized chunks, fp64 with libm (the gradcheck path).
+//   forward   out = SiLU(l)·SiLU(g)           (full: a = SiLU(SiLU(l)) in place of SiLU(l))
+//   backward  dl = dy·SiLU(g)·SiLU'(l)        dg = dy·SiLU(l)·SiLU'(g)   (chain rule through a)
+#include "cpu/cross_modulation.h"
+#include "cpu/isa/vec.h"
+
+#include <algorithm>
+#include <type_traits>
+
+FASTVIT_ISA_BEGIN
+namespace {
+
+constexpr int64_t kChunk = 1024;  // fp32 staging of half types stays in L1
+
+void forward_f32(const float* l, const float* g, float* out, int64_t n, bool full) {
+  constexpr int64_t W = fVec::size();
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min(W, n - i);
+    const fVec lv = fVec::loadu(l + i, m), gv = fVec::loadu(g + i, m);
+    fVec sl, sg;
+    sigmoid2(lv, gv, sl, sg);
+    fVec a = lv * sl;
+    if (full) a = a * sigmoid(a);
+    (a * gv * sg).store(out + i, m);
+  }
+}
+
+void backward_f32(const float* dy, const float* l, const float* g, float* dl, float* dg, int64_t n, bool full) {
+  constexpr int64_t W = fVec::size();
+  const fVec one(1.0f);
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min(W, n - i);
+    const fVec dv = fVec::loadu(dy + i, m), lv = fVec::loadu(l + i, m), gv = fVec::loadu(g + i, m);
+    fVec sl, sg;
+    sigmoid2(lv, gv, sl, sg);
+    fVec a = lv * sl;
+    fVec da = sl * vfma(lv, one - sl, one);  // SiLU'(l)
+    if (full) {
+      const fVec sa = sigmoid(a);
+      da = da * sa * vfma(a, one - sa, one);
+      a = a * sa;
+    }
+    (dv * gv * sg * da).store(dl + i, m);
+    (dv * a * sg * vfma(gv, one - sg, one)).store(dg + i, m);
+  }
+}
+
+double sigmoid_f64(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+void forward_f64(const double* l, const double* g, double* out, int64_t n, bool full) {
+  for (int64_t i = 0; i < n; ++i) {
+    double a = l[i] * sigmoid_f64(l[i]);
+    if (full) a = a * sigmoid_f64(a);
+    out[i] = a * g[i] * sigmoid_f64(g[i]);
+  }
+}
+
+void backward_f64(const double* dy, const double* l, const double* g, double* dl, double* dg, int64_t n,
+                  bool full) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double sl = sigmoid_f64(l[i]);
+    double a = l[i] * sl;
+    double da = sl * (1.0 + l[i] * (1.0 - sl));
+    if (full) {
+      const double sa = sigmoid_f64(a);
+      da = da * sa * (1.0 + a * (1.0 - sa));
+      a = a * sa;
+    }
+    const double sg = sigmoid_f64(g[i]);
+    dl[i] = dy[i] * g[i] * sg * da;
+    dg[i] = dy[i] * a * sg * (1.0 + g[i] * (1.0 - sg));
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* l, const T* g, T* o, int64_t n, bool full) {
+  if constexpr (std::is_same_v<T, float>) {
+    forward_f32(l, g, o, n, full);
+  } else if constexpr (std::is_same_v<T, double>) {
+    forward_f64(l, g, o, n, full);
+  } else {
+    float bl[kChunk], bg[kChunk], bo[kChunk];
+    for (int64_t s = 0; s < n; s += kChunk) {
+      const int64_t m = std::min(kChunk, n - s);
+      at::vec::convert(l + s, bl, m);
+      at::vec::convert(g + s, bg, m);
+      forward_f32(bl, bg, bo, m, full);
+      at::vec::convert(bo, o + s, m);
+    }
+  }
+}
+
+template <typename T>
+void backward_kernel(const T* dy, const T* l, const T* g, T* dl, T* dg, int64_t n, bool full) {
+  if constexpr (std::is_same_v<T, float>) {
+    backward_f32(dy, l, g, dl, dg, n, full);
+  } else if constexpr (std::is_same_v<T, double>) {
+    backward_f64(dy, l, g, dl, dg, n, full);
+  } else {
+    float bdy[kChunk], bl[kChunk], bg[kChunk], bdl[kChunk], bdg[kChunk];
+    for (int64_t s = 0; s < n; s += kChunk) {
+      const int64_t m = std::min(kChunk, n - s);
+      at::vec::convert(dy + s, bdy, m);
+      at::vec::convert(l + s, bl, m);
+      at::vec::convert(g + s, bg, m);
+      backward_f32(bdy, bl, bg, bdl, bdg, m, full);
+      at::vec::convert(bdl, dl + s, m);
+      at::vec::convert(bdg, dg + s, m);
+    }
+  }
+}
+
+}  // namespace
+
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<float>(), &forward_kernel<float>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<double>(), &forward_kernel<double>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<c10::Half>(), &forward_kernel<c10::Half>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<c10::BFloat16>(), &forward_kernel<c10::BFloat16>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<float>(), &backward_kernel<float>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<double>(), &backward_kernel<double>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<c10::Half>(), &backward_kernel<c10::Half>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<c10::BFloat16>(), &backward_kernel<c10::BFloat16>);
+
+FASTVIT_ISA_END

@@ -1,0 +1,167 @@
+"""Which implementation ``auto`` runs on CPU where ours is not the faster everywhere.
+
+Two rules, both read by the registry (``fastvit_ops/ops/dispatch.py``) as the ``supports`` of an
+implementation, never beside it:
+
+* :func:`eager_wins` — the ``eager_by_rule`` entry at the head of each op's "call" list: a plain
+  CPU call under ``auto`` runs eager PyTorch where, on the capability in use, our kernels measured
+  slower than eager for the call's shape class (:data:`EAGER`);
+* :func:`dwconv_forward` — ``dwconv2d``'s ``onednn`` forward entry.
+
+A fixed rule per CPU capability (the build of the C++ kernels in use: ``default``, ``avx2`` or
+``avx512``, see :func:`fastvit_ops._availability.cpu_capability`), written from measurements on a 2-core
+AVX-512 (Zen 4) machine with every capability forced in turn (``bench/cpu_isa_ratios.py``, batch 8,
+fp32; ``bench/results/cpu_isa/``). It depends only on the call's shapes, layout, dtype, arguments,
+grad mode and on the capability, so every process on the same machine picks the same kernel (and
+rounds the same way), nothing is timed at run time and nothing is cached. Under
+``torch.use_deterministic_algorithms(True)`` dwconv2d's forward is always ours (eager PyTorch's CPU
+ops are deterministic too, so :data:`EAGER` still applies).
+
+The dispatch (``fastvit_ops/ops/dispatch.py`` and each op's module) asks these functions; they
+never run anything themselves.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, FrozenSet, Tuple
+
+import torch
+
+from .. import _availability
+from . import dispatch
+
+
+@functools.lru_cache(maxsize=1)
+def capability() -> str:
+    """The capability of the C++ CPU kernels in use (``"default"`` without the extension)."""
+    info = _availability.cpu_capability()
+    return info["in_use"] if info else "default"
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+# ---- dwconv2d's forward: ours ("cpu") or PyTorch's oneDNN convolution + our epilogue ("onednn") ----
+def dwconv_forward(shape, channels_last: bool, dtype: torch.dtype, kernel_size: int, stride: int, padding: int,
+                   activation: int, residual: bool) -> str:
+    """``"cpu"`` (our depthwise kernel) or ``"onednn"`` for the forward of one ``dwconv2d`` call.
+
+    ``shape`` is x's (B, C, H, W); ``activation`` 0 / 1 / 2 (none / SiLU / GELU). The backward is
+    always ours (3-25× oneDNN's at every measured shape).
+    """
+    if _deterministic():
+        return "cpu"
+    if dtype != torch.float32 or len(shape) != 4:
+        return "cpu"
+    key = (kernel_size, stride, "small" if shape[2] * shape[3] <= 196 else "large")
+    return "onednn" if key in DWCONV_ONEDNN.get(capability(), ()) else "cpu"
+
+
+#: capability -> {(k, stride, plane class)} where oneDNN's fp32 forward (with our epilogue after it)
+#: measured faster than ours (bench/results/cpu_isa/, batch 8, fp32, forward, NCHW): 0.83-0.95x on
+#: avx2 at k = 3/7/9, 0.94-0.99x on avx512 at k = 3. "small": a plane of at most 14·14, where the
+#: per-plane setup of our row kernel is not paid back; at k = 5 ours still won there, and at k = 11
+#: ours is 45-70x (avx2) oneDNN's forward.
+DWCONV_ONEDNN: Dict[str, FrozenSet[Tuple[int, int, str]]] = {
+    # default: 0.24x at FAT-B0 s3 CPE k = 7 (ATen at its own best); k ≤ 9 at both strides and plane
+    # classes, larger kernels not measured there yet.
+    "default": frozenset({(k, s, c) for k in (1, 3, 5, 7, 9) for s in (1, 2) for c in ("small", "large")}),
+    "avx2": frozenset({(3, 1, "small"), (7, 1, "small"), (9, 1, "small")}),
+    "avx512": frozenset({(3, 1, "small")}),
+}
+
+
+# ---- whole calls: eager PyTorch where our kernels measured slower ----------------------------------
+# Shape classes: what the measurements separate. Elementwise and small-plane work is dominated by
+# the per-call cost (threads woken, buffers allocated), where ATen's own vectorized loops are as
+# fast; large planes and the fused multi-step ops are ours.
+def _cross_modulation_class(args) -> str:
+    return "small" if args[0].numel() <= 8 * 160 * 14 * 14 else "large"
+
+
+def _attention_class(args) -> str:
+    q, n = args[0], args[0].shape[-2]
+    return f"d{q.shape[-1]}_" + ("short" if n <= 256 else "mid" if n <= 1024 else "long")
+
+
+def _dwconv_class(args) -> str:
+    x, weight, stride = args[0], args[1], args[3]
+    plane = x.shape[-2] * x.shape[-1]
+    return f"k{weight.shape[-1]}_s{stride}" + ("_small" if plane <= 196 else "_large")
+
+
+def _global_context_class(args) -> str:
+    return "all"
+
+
+CLASSIFY: Dict[str, Callable[[tuple], str]] = {
+    "sigmoid_cross_modulation": _cross_modulation_class,
+    "downsampled_attention": _attention_class,
+    "dwconv2d": _dwconv_class,
+    "global_context": _global_context_class,
+    "token_global_similarity": _global_context_class,
+}
+
+#: capability -> {(op, shape class, "train" | "inference")} where ``auto`` runs eager PyTorch:
+#: the cases our kernels lost to eager in bench/cpu_isa_ratios.py (batch 8, fp32, minimum of 7
+#: interleaved rounds, 1 thread: the shared 2-core machine's load made 2-thread timings measure the
+#: scheduler; bench/results/cpu_isa/). "train": an autograd graph is recorded (forward+backward
+#: measured); "inference": none is.
+EAGER: Dict[str, FrozenSet[Tuple[str, str, str]]] = {
+    # default (the baseline build, forced on the AVX-512 machine; ATen left at its own best, so a
+    # conservative comparison): the gate 0.07x forward / 0.81x forward+backward at FAT-B0 s1, the
+    # attention 0.11-0.18x at FAT-B0 s1; "*": every shape class. The global context won (6-20x).
+    "default": frozenset({("sigmoid_cross_modulation", "*", "inference"),
+                          ("sigmoid_cross_modulation", "*", "train"),
+                          ("downsampled_attention", "*", "inference"),
+                          ("downsampled_attention", "*", "train")}),
+    # avx2 (forced on the AVX-512 machine, ATen and oneDNN forced down too): the gate at FAT-B0
+    # s3/s4 (≤ 8·160·14·14 elements) 0.90-0.97x; the attention's forward+backward at 49-197
+    # queries 0.55-0.97x (its forward alone wins).
+    "avx2": frozenset({("sigmoid_cross_modulation", "small", "inference"),
+                       ("sigmoid_cross_modulation", "small", "train"),
+                       ("downsampled_attention", "d16_short", "train"),
+                       ("downsampled_attention", "d64_short", "train")}),
+    # avx512: the gate at FAT-B0 s3/s4 0.87-0.98x; the attention's forward+backward at FAT-B0
+    # s3/s4 (d 16, ≤ 256 queries) 0.41-0.86x and CvT-13 s2 (d 64, 784 queries) 0.88x; the k = 3
+    # depthwise conv's forward+backward on 7·7-14·14 planes (FCViT-tiny s3/s4 channel mixer)
+    # 0.63-0.93x.
+    "avx512": frozenset({("sigmoid_cross_modulation", "small", "inference"),
+                         ("sigmoid_cross_modulation", "small", "train"),
+                         ("downsampled_attention", "d16_short", "train"),
+                         ("downsampled_attention", "d64_mid", "train"),
+                         ("dwconv2d", "k3_s1_small", "train")}),
+}
+
+
+def _stage(call: "dispatch.Call") -> str:
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (*call.args, *call.tensors)):
+        return "train"
+    return "inference"
+
+
+def eager_wins(call: "dispatch.Call") -> "dispatch.Reason":
+    """Whether a plain CPU call under ``auto`` runs eager PyTorch instead of our kernels: the call's
+    (op, shape class, train/inference) is in :data:`EAGER` for the capability in use."""
+    if call.backend != "auto":
+        return False, f"backend {call.backend!r} was requested: our kernels"
+    classify = CLASSIFY.get(call.op)
+    if classify is None:
+        return False, "no measured loss of ours for this op"
+    ok, why = dispatch.plain_cpu(call)
+    if not ok:
+        return False, why
+    cap, key = capability(), (call.op, classify(call.args), _stage(call))
+    table = EAGER.get(cap, ())
+    if key in table or (key[0], "*", key[2]) in table:
+        return True, f"ours measured slower than eager on {cap} for {key[1]} {key[2]} calls (cpu_rules.EAGER)"
+    return False, f"ours measured at least as fast as eager on {cap} for {key[1]} {key[2]} calls (cpu_rules.EAGER)"
+
+
+def eager_impl(fn: Callable) -> "dispatch.Impl":
+    """The "call" entry that runs ``fn(*call.args)`` (the op's eager composition) where
+    :func:`eager_wins` accepts the call; registered ahead of the op's C++ entries."""
+    return dispatch.Impl("eager_by_rule", "cpu", lambda call: fn(*call.args), eager_wins,
+                         "eager PyTorch where ours measured slower on this CPU capability (cpu_rules.EAGER)")
