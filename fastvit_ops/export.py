@@ -56,7 +56,10 @@ def _similarity(x, alpha, beta, groups, eps):
     xa = x.to(global_context._acc(x.dtype))
     g = xa.mean(dim=(2, 3))
     s = torch.einsum("bgdn,bgd->bgn", xa.reshape(B, G, d, H * W), g.reshape(B, G, d)) * d ** -0.5
-    std, mean = torch.std_mean(s, dim=(1, 2), keepdim=True)
+    # Unbiased σ over (G, N) written out: torch.std_mean's own decomposition fails under
+    # opcheck's aot_dispatch tracing once this function is in the global decomposition table.
+    mean = s.mean(dim=(1, 2), keepdim=True)
+    std = ((s - mean).square().sum(dim=(1, 2), keepdim=True) / (s.shape[1] * s.shape[2] - 1)).sqrt()
     sp = (s - mean) / (std + eps) * alpha.to(s.dtype).view(1, G, 1) + beta.to(s.dtype).view(1, G, 1)
     t0 = (g[:, :d] * g[:, :d]).sum(-1, keepdim=True) * d ** -0.5
     return sp, g, torch.cat([mean.view(B, 1) - t0, std.view(B, 1)], 1)

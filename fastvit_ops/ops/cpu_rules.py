@@ -54,7 +54,12 @@ def dwconv_forward(shape, channels_last: bool, dtype: torch.dtype, kernel_size: 
         return "cpu"
     if dtype != torch.float32 or len(shape) != 4:
         return "cpu"
-    key = (kernel_size, stride, "small" if shape[2] * shape[3] <= 196 else "large")
+    n = shape[0] * shape[1] * shape[2] * shape[3]
+    # "small": a plane of at most 14·14 in a call of 64k-256k elements. Below that oneDNN's fixed
+    # ~40 µs per call loses (ours 3-4 µs at (1, 8, 9, 9)); above, oneDNN's NCHW path fell to 1.2-2 ms
+    # at (8, 256, 14, 14) and (8, 1280, 7, 7).
+    small = shape[2] * shape[3] <= 196 and 64 * 1024 <= n <= 256 * 1024
+    key = (kernel_size, stride, "small" if small else "large")
     return "onednn" if key in DWCONV_ONEDNN.get(capability(), ()) else "cpu"
 
 
@@ -67,8 +72,13 @@ DWCONV_ONEDNN: Dict[str, FrozenSet[Tuple[int, int, str]]] = {
     # default: 0.24x at FAT-B0 s3 CPE k = 7 (ATen at its own best); k ≤ 9 at both strides and plane
     # classes, larger kernels not measured there yet.
     "default": frozenset({(k, s, c) for k in (1, 3, 5, 7, 9) for s in (1, 2) for c in ("small", "large")}),
-    "avx2": frozenset({(3, 1, "small"), (7, 1, "small"), (9, 1, "small")}),
-    "avx512": frozenset({(3, 1, "small")}),
+    # Re-measured on a quiet machine (2 threads, fp32, bias, no activation; ms ours / oneDNN): on
+    # avx2 forced, k = 3 and 7 ours won at every shape (1.01-14x), k = 9 lost 0.93-0.99x at
+    # (8, 160, 14, 14), (8, 320, 7, 7), (8, 256, 7, 7) and won 2.5-10x outside that size window;
+    # on avx512 ours won every k = 3 / 9 shape (1.07-10x). The first (loaded, 1-thread) run had
+    # put k = 3 / 7 on oneDNN too.
+    "avx2": frozenset({(9, 1, "small")}),
+    "avx512": frozenset(),
 }
 
 
