@@ -84,6 +84,8 @@ BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "tri
 @torch.library.custom_op("fastvit_ops::sigmoid_cross_modulation", mutates_args=())
 def _op(local: Tensor, global_: Tensor, mode: str, backend: str) -> Tensor:
     _, fn = dispatch.resolve(OP, backend, local.device, FORWARD)
+    if local.numel() == 0:  # nothing to compute (the kernels' layout checks reject empty tensors' strides)
+        return empty_like_layout(local)
     return fn(local, global_, mode)
 
 
@@ -95,6 +97,8 @@ def _(local, global_, mode, backend):
 @torch.library.custom_op("fastvit_ops::sigmoid_cross_modulation_backward", mutates_args=())
 def _op_backward(grad: Tensor, local: Tensor, global_: Tensor, mode: str, backend: str) -> Tuple[Tensor, Tensor]:
     _, fn = dispatch.resolve(OP, backend, local.device, BACKWARD)
+    if local.numel() == 0:
+        return empty_like_layout(local), empty_like_layout(local)
     return fn(grad, local, global_, mode)
 
 
