@@ -42,38 +42,40 @@ def _copies(model):
             "torch.save/load": torch.load(buf, weights_only=False)}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("state", ["before inference", "after inference", "after a train step"])
-@pytest.mark.parametrize("name", MODELS)
-def test_round_trips_compute_the_same_output(name, state):
-    model = _converted(name)
-    x = torch.randn(2, 3, SIZE, SIZE)
-    if state != "before inference":
-        with torch.inference_mode():
-            model(x)  # builds the inference plans and folds
-    if state == "after a train step":
-        _train_step(model, x)
-        with torch.no_grad():
-            model(x)  # plans and folds of the stepped weights
+def _check_copies(model, x, label, train):
     with torch.no_grad():
         y = model(x)
     copies = _copies(model)
     for how, other in copies.items():
         assert type(other) is type(model)
         for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
-            assert torch.equal(a, b), f"{how}: {k} differs"
+            assert torch.equal(a, b), f"{label} {how}: {k} differs"
     train_y = None
-    if state == "after a train step":  # (moves the BN statistics: after the copies were made)
+    if train:  # (moves the BN statistics: after the copies were made)
         model.train()
         train_y = model(x).detach()
         model.eval()
     for how, other in copies.items():
         with torch.no_grad():
-            torch.testing.assert_close(other(x), y, rtol=0, atol=0, msg=lambda m: f"{name} {state} {how}: {m}")
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0, msg=lambda m: f"{label} {how}: {m}")
         if train_y is not None:  # the copy trains on: batch statistics, autograd path
             other.train()
-            torch.testing.assert_close(other(x).detach(), train_y, rtol=0, atol=0)
-            other.eval()
+            torch.testing.assert_close(other(x).detach(), train_y, rtol=0, atol=0,
+                                       msg=lambda m: f"{label} {how}, training mode: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_round_trips_compute_the_same_output(name):
+    """Before inference, after inference (plans and folds cached) and after a train step."""
+    model = _converted(name)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    _check_copies(model, x, f"{name} before inference", train=False)
+    with torch.inference_mode():
+        model(x)  # builds the inference plans and folds
+    _check_copies(model, x, f"{name} after inference", train=False)
+    _train_step(model, x)
+    _check_copies(model, x, f"{name} after a train step", train=True)
 
 
 # ---- the BN fold cache ------------------------------------------------------------------------------------
