@@ -90,6 +90,10 @@ def _reference_bwd(grad, x, weight, bias, stride, padding, act, residual, need_d
         pre = F.conv2d(x, weight, bias, stride, padding, 1, C)
         wide = pre.dtype in (torch.float16, torch.bfloat16)
         g = (grad.float() * _act_grad(pre.float(), act)).to(grad.dtype) if wide else grad * _act_grad(pre, act)
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        # torch 2.14's CPU bf16 weight gradient read uninitialised memory (NaN / 1e31) for a
+        # channels_last (1, 2, 2, 1) input at stride 2 (CvT's k/v projection of a 2×1 map).
+        g, x = g.contiguous(), x.contiguous()
     dx, dw, db = torch.ops.aten.convolution_backward(
         g, x, weight, [C], [stride, stride], [padding, padding], [1, 1], False, [0, 0], C, [need_dx, need_dw, True])
     dx = torch.zeros_like(x) if dx is None else dx
