@@ -115,3 +115,22 @@ def test_nan_fails_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="eager"):
         error_rule(eager, [], exact)
     assert error_rule(eager[:0], eager[:0], exact[:0]).ok
+
+
+def test_an_overflowing_eager_gives_no_yardstick_where_it_overflowed():
+    exact = torch.tensor([1.0, 2.0, 70000.0, 3.0], dtype=torch.float64)
+    eager = torch.tensor([1.0, 2.0, float("inf"), 3.0], dtype=torch.float16)
+    fused = eager.clone()
+    fused[2] = 65504.0  # fp16's largest finite value: off by 4496, far over eager's error elsewhere
+    assert not error_rule(fused, eager, exact).ok
+    fused[2] = float("inf")
+    assert not error_rule(fused, eager, exact).ok  # non-finite fused values always fail
+    ok = torch.tensor([1.0, 2.0, 3.0, 3.0], dtype=torch.float16)  # eager all NaN: the floor binds
+    assert error_rule(ok, torch.full_like(ok, float("nan")), ok.double()).ok
+
+
+def test_floor_is_at_least_the_subnormal_spacing():
+    exact = torch.tensor([3e-9, -3e-9], dtype=torch.float64)  # below fp16's smallest subnormal
+    zero = torch.zeros(2, dtype=torch.float16)  # the correctly rounded fp16 result
+    assert error_rule(zero, zero, exact).ok
+    assert not error_rule(torch.full((2,), 1e-6, dtype=torch.float16), zero, exact).ok
