@@ -10,6 +10,7 @@ from .. import _availability as avail
 from ..numerics import RuleResult, error_rule
 from ..ops.dispatch import backend, backend_available
 from . import Case, load, op_names
+from .implementation import compiled_graphs, fused_implementation
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
 
@@ -198,13 +199,18 @@ def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_se
         sdpa = getattr(case, "sdpa", None)  # the attention cases: F.scaled_dot_product_attention
         if sdpa is not None:
             fns["sdpa"] = make(sdpa, inputs)
+        # What the columns run: our ops' choices (backend, C++ fast path, oneDNN's forward, plain
+        # eager PyTorch) and whether torch.compile captured graphs (none: it timed eager code).
+        fused_impl = fused_implementation(fns["fused"])
+        graphs = compiled_graphs(fns["compile"]) if "compile" in fns else None
         t = interleaved_median_ms(fns, device, reps=reps, max_seconds=3 * max_seconds)
         row = {"op": case.op, "shape": case.shape, "pass": label, "eager_ms": t["eager"],
                "compile_ms": t.get("compile"), "fused_ms": t["fused"],
                "speedup_vs_eager": t["eager"] / t["fused"],
                "speedup_vs_compile": (t["compile"] / t["fused"]) if "compile" in t else None,
                "max_error": err, "sdpa_ms": t.get("sdpa"),
-               "speedup_vs_sdpa": (t["sdpa"] / t["fused"]) if "sdpa" in t else None}
+               "speedup_vs_sdpa": (t["sdpa"] / t["fused"]) if "sdpa" in t else None,
+               "fused_impl": fused_impl, "compiled_graphs": graphs}
         if label == "fwd+bwd":  # peak memory of one step, above what was live before it
             row["eager_peak_mib"] = peak_memory_mib(make(case.eager, inputs), device)
             row["fused_peak_mib"] = peak_memory_mib(make(case.fused, inputs), device)
