@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Without a GPU, Triton kernels are proven on the CPU interpreter; it must be set before the first
 # `import triton`, which fastvit_ops does lazily.
@@ -17,6 +18,18 @@ import fastvit_ops  # noqa: E402
 from fastvit_ops import numerics  # noqa: E402
 from fastvit_ops.numerics import error_rule  # noqa: E402
 from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
+
+# Property-based tests (hypothesis): ``ci`` (the default here, what CI runs: ≥ 500 examples per
+# op), ``thorough`` (10× more, for local runs): ``python -m pytest --hypothesis-profile=thorough``,
+# and ``dev`` (50 examples, while editing a test).
+# Random examples every run (like the seeds below); a failure prints the falsifying example (its
+# tensors come from a drawn seed, so the printed call rebuilds them) and a ``@reproduce_failure``
+# blob that replays it exactly.
+settings.register_profile("ci", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=5000)
+settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples=50)  # while editing a test
+settings.load_profile(os.environ.get("FASTVIT_OPS_HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -60,7 +73,7 @@ def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor
         assert fused.dtype == e.dtype, f"{name}: dtype {fused.dtype} != eager {e.dtype}"
     assert torch.isfinite(fused).all(), f"{name}: non-finite values"
     r = error_rule(fused, eager, exact)
-    assert r.ok, (f"{name} ({fused.dtype}, shape {tuple(fused.shape)}): max error {r.fused_error:.3g} "
+    assert r.ok, (f"{name} ({fused.dtype}, shape {tuple(fused.shape)}) exceeds the rule: max error {r.fused_error:.3g} "
                   f"(eager {r.eager_error:.3g}, {r.bad} elements over), RMS error {r.fused_rms:.3g} "
                   f"(eager {r.eager_rms:.3g}); floor {numerics.floor(fused.dtype, exact):.3g}")
 

@@ -282,7 +282,7 @@ def _wide_backward(backward, forward, grad, x, mlp, alpha, beta, groups, eps, re
     channel means and statistics the forward saved in fp32 are recomputed in float64 (an error of
     one fp32 rounding in them moves every term)."""
     wide = torch.float64
-    xw = x.to(wide)
+    xw = x.to(wide).contiguous()  # the pass-level kernels walk NCHW rows
     al, be = alpha.to(wide), beta.to(wide)
     g = xw.mean(dim=(2, 3))
     stats = forward(xw, g, None, al, be, groups, float(eps), False)[1]
