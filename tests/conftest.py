@@ -1,6 +1,7 @@
 """Shared test fixtures: checkpoint key files, seeds, backends."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -59,6 +60,41 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
             else:
                 t.copy_(torch.randn_like(t) * scale)
     return module
+
+
+NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def randomize_model_(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Random weights scaled by fan-in (activations stay O(1) through depth), norm affines around
+    (1, 0), BN statistics away from (0, 1), layer scales in [0.2, 0.6], α around 1, β around 0."""
+    def rnd(t, std, mean=0.0):
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) * std + mean)
+
+    with torch.no_grad():
+        for m in model.modules():
+            for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if not p.is_floating_point():
+                    continue
+                if name == "running_var":
+                    p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) + 0.5)
+                elif name == "running_mean":
+                    rnd(p, 0.2)
+                elif name.startswith("layer_scale"):
+                    p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.4 + 0.2)
+                elif name == "rescale_weight":
+                    rnd(p, 0.3, 1.0)
+                elif name == "rescale_bias":
+                    rnd(p, 0.3)
+                elif name == "weight" and isinstance(m, NORMS):
+                    rnd(p, 0.2, 1.0)
+                elif name == "bias":
+                    rnd(p, 0.1)
+                elif p.dim() >= 2:
+                    rnd(p, 1.0 / math.sqrt(p[0].numel()))
+                else:
+                    rnd(p, 0.2)
+    return model
 
 
 def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor) -> None:

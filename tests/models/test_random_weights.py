@@ -1,0 +1,93 @@
+"""Every model, converted, against its reference at random weights where every fused layer matters:
+layer scales, global-context α/β, BatchNorm running statistics and all biases non-trivial (at the
+default initialisation layer scales are 1e-5, α = 1, β = 0 and BatchNorm is the identity, so a
+wrong fused layer could hide below any tolerance). Logits in eval mode and every parameter
+gradient in training mode are judged by the DESIGN.md rule against float64, with eager fp32 as the
+yardstick; no gradient is exempt, small ones included."""
+import copy
+
+import pytest
+import torch
+
+import fastvit_ops
+from conftest import assert_error_rule, randomize_model_
+from fastvit_ops import models
+from fastvit_ops.reference import fcvit as ref_fcvit
+
+NAMES = models.list_models()
+SIZE = 64  # FAT's stem and stages divide by 32, CvT's by 16
+
+
+def _nontrivial(model):
+    """The randomisation reached what matters: layer scales, α/β and BN statistics."""
+    seen = {"layer_scale": 0, "rescale": 0, "running_var": 0}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        for key in seen:
+            if key in name:
+                seen[key] += 1
+                assert not torch.allclose(t, torch.full_like(t, t.flatten()[0].item())), name
+    return seen
+
+
+def _grads(model, x, dy):
+    model.train()
+    params = [p for p in model.parameters()]
+    y = model(x)
+    return torch.autograd.grad(y, params, dy.to(y.dtype), allow_unused=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_converted_model_matches_reference_at_random_weights(name):
+    gen = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    ref = randomize_model_(models.create(name, reference=True), gen)
+    seen = _nontrivial(ref)
+    if name.startswith("fcvit"):
+        assert seen["layer_scale"] and seen["rescale"]
+    if name.startswith(("fat", "cvt")):
+        assert seen["running_var"]
+    fused = fastvit_ops.convert(ref)
+    exact_model = copy.deepcopy(ref).double()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=gen)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    # The eager yardstick runs four equally valid ways: NCHW and channels_last inputs (other
+    # convolution algorithms) and the batch in reverse order (every reduction over the batch, BN
+    # statistics and weight gradients, summed in another order); the largest error counts. Deep
+    # in a network every gradient carries the rounding of all the layers after it, so one eager
+    # run is a noisy yardstick for a parameter of a few dozen elements.
+    flip = [False, True]
+    inputs = [(xi, f) for xi in (x, x_cl) for f in flip]
+
+    def batch_order(t, f):
+        return t.flip(0) if f else t
+
+    # eval: logits (the CPU inference paths, folded BNs)
+    for m in (ref, fused, exact_model):
+        m.eval()
+    with torch.no_grad():
+        exact = exact_model(x.double())
+        eager = [batch_order(ref(batch_order(xi, f)), f) for xi, f in inputs]
+        got = fused(x)
+    assert_error_rule(f"{name} eval logits", got, eager, exact)
+
+    # training mode: logits and every parameter gradient (BN on batch statistics, autograd path)
+    dy = torch.randn(exact.shape, generator=gen)
+    g_exact = _grads(exact_model, x.double(), dy)
+    g_eager = [_grads(ref, batch_order(xi, f), batch_order(dy, f)) for xi, f in inputs]
+    g_fused = _grads(fused, x, dy)
+    names = [n for n, _ in ref.named_parameters()]
+    assert len(g_fused) == len(names)
+    for i, n in enumerate(names):
+        e = g_exact[i]
+        if e is None:  # a parameter the forward does not use
+            assert g_fused[i] is None or not g_fused[i].any(), n
+            continue
+        assert g_fused[i] is not None, f"{name}: no gradient for {n}"
+        assert_error_rule(f"{name} grad {n}", g_fused[i], [g[i] for g in g_eager], e)
+
+
+def test_randomisation_is_seen_by_the_check():
+    """Negative control: at the default initialisation the layer scales are all equal."""
+    with pytest.raises(AssertionError, match="layer_scale"):
+        _nontrivial(ref_fcvit.FCViT(**ref_fcvit.CONFIGS["fcvit_tiny"]))
