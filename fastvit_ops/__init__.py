@@ -1,26 +1,28 @@
 """fastvit_ops — fused kernels for hybrid convolution/attention vision backbones.
 
 Public API:
-    sigmoid_cross_modulation(local, global_, mode="silu")   FASA's gate (SPEC §1.4)
+    sigmoid_cross_modulation(local, global_, mode="silu")   FASA's gate (docs/cross_modulation.md)
     dwconv2d(x, weight, bias=None, stride=1, padding=None, activation=None, residual=False)
-                                                             large-kernel depthwise conv (SPEC §1.1)
-    downsampled_attention(q, k, v, scale=None)               short-KV attention (SPEC §1.3)
+                                                             large-kernel depthwise conv (docs/dwconv.md)
+    downsampled_attention(q, k, v, scale=None)               short-KV attention (docs/attention.md)
     downsampled_attention_nchw(q_map, k, v, num_heads, scale=None, gate=None)
                                                              channels-first queries, fused SiLU gate
     conv_projection_qkv(x, hw, cls_token, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, stride_q=1, stride_kv=2)
-                                                             CvT's q/k/v depthwise projections in one pass (SPEC §4)
+                                                             CvT's q/k/v depthwise projections in one pass (docs/cvt.md)
     global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias, groups=8, eps=1e-5)
-                                                             FCViT x + GC(x) (SPEC §1.2)
+                                                             FCViT x + GC(x) (docs/global_context.md)
     token_global_similarity(x, rescale_weight, rescale_bias, groups=8, eps=1e-5)
-                                                             S' (B, G, H, W) (SPEC §1.2 steps 1–4)
+                                                             S' (B, G, H, W) (docs/global_context.md, steps 1–4)
     backend(name) / get_backend()                            backend selection (auto|triton|cuda|cpu|reference)
     models.create(name), models.list_models()                FAT-B0..B3, FCViT tiny..B48, CvT-13/21
-    fused_fasa(x, fasa)                                      FAT's whole FASA forward, fused, for any FASA module (SPEC §2)
+    fused_fasa(x, fasa)                                      FAT's whole FASA forward, fused, for any FASA module (docs/fat.md)
     convert(model) / revert(model)                           swap layers for fused drop-ins, weights kept
     fuse_for_inference(model, inplace=False)                 eval-only BatchNorm folding into adjacent convs
     reference, nn                                            reference layers and fused drop-ins
 """
-from . import _availability, models, nn, reference
+import importlib
+
+from . import _availability, models, nn, ops, reference
 from .ops import BACKENDS, backend, backend_available, get_backend
 from .convert import convert, revert
 from .fuse import fuse_for_inference
@@ -58,6 +60,9 @@ __all__ = [
 # Importing the extension registers the compiled kernels under torch.ops.fastvit_ops; when it is
 # missing the package still works on the reference (and Triton) backends.
 _availability.extension()
+
+for _module in ops.EXTRA_BACKENDS:  # each registers its backend and kernels (fastvit_ops/ops/__init__.py)
+    importlib.import_module(_module)
 
 # Custom ops run with autocast off on the dtypes they get (see fastvit_ops/_autocast.py).
 from . import _autocast  # noqa: E402

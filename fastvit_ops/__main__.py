@@ -1,6 +1,10 @@
-"""``python -m fastvit_ops {info,check,bench}`` — what is available, is it right, how fast is it.
+"""``python -m fastvit_ops {info,explain,check,bench}`` — what is available, what runs, is it right,
+how fast is it.
 
-* ``info``  versions, device, backends available and why not.
+* ``info``  versions, device, backends available and why not; ``--verbose``: every op's ordered
+  implementations (the dispatch registry).
+* ``explain <op> --shape ...`` which implementation runs that call (forward, backward, kernels)
+  and why each other one does not.
 * ``check`` every fused op vs the eager reference at small random shapes, on every backend that
   runs here; exits 1 on any failure.
 * ``bench`` every fused op at the real layer shapes (FAT-B0 stages at 224², batch 64 on a GPU,
@@ -77,6 +81,50 @@ def cmd_info(args) -> int:
         ok, why = backend_available(name, dev)
         bt.add_row(name, "yes" if ok else "no", why)
     console.print(bt)
+    if args.verbose:
+        from .explain import registry
+
+        rt = Table(title="implementations, in the order dispatch.choose tries them (fastvit_ops/ops/dispatch.py)")
+        for col in ("op", "stage", "#", "implementation", "backend", "what"):
+            rt.add_column(col)
+        for op, stage, impls in registry():
+            for i, impl in enumerate(impls):
+                rt.add_row(op if i == 0 else "", stage if i == 0 else "", str(i + 1), impl.name,
+                           impl.backend or "any", impl.doc)
+        console.print(rt)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .explain import explain
+
+    try:
+        shape = tuple(int(s) for s in args.shape.split(","))
+    except ValueError:
+        raise SystemExit(f"--shape: expected comma-separated ints, got {args.shape!r}")
+    opts = {k: getattr(args, k) for k in ("kernel", "stride", "activation", "residual", "keys", "heads", "groups")}
+    try:
+        log = explain(args.op, shape, {**_DTYPES, "fp64": torch.float64}[args.dtype], str(_device(args.device)), args.backend,
+                      args.inference, args.channels_last, **opts)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"explain {args.op}: {e}")
+    seen = set()
+    for choice in log:
+        key = (choice.op, choice.stage, choice.impl.name)
+        if key in seen:
+            continue
+        seen.add(key)
+        t = Table(title=f"{choice.op} · {choice.stage} · requested {choice.call.backend!r}, "
+                        f"runs on {choice.call.resolved()!r} → [bold]{choice.impl.name}[/]")
+        for col in ("#", "implementation", "backend", "runs", "why"):
+            t.add_column(col)
+        for i, (impl, chosen, why) in enumerate(choice.reasons):
+            t.add_row(str(i + 1), impl.name, impl.backend or "any", "[green]yes[/]" if chosen else "no", why)
+        console.print(t)
+        if choice.impl.doc:
+            console.print(f"  {choice.impl.name}: {choice.impl.doc}")
+    if not log:
+        console.print("no implementation was chosen (the op ran nothing of ours)")
     return 0
 
 
@@ -212,6 +260,60 @@ def _bench_result(env, batch, args, op_rows, model_rows, dev) -> dict:
             "models": model_rows, "triton_kernels": launched_kernels() if dev.type == "cuda" else []}
 
 
+def cmd_aot_check(args) -> int:
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("aot-check compiles for a GPU: unset TRITON_INTERPRET")
+    if not avail.triton()[0]:
+        raise SystemExit(f"aot-check needs Triton: {avail.triton()[1]}")
+    from . import aot
+
+    archs = [int(a) for a in args.arch.split(",")]
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    ops = _ops(args.ops) if args.ops else None
+    shapes = [s.strip() for s in args.shapes.split(",")] if args.shapes else None
+    started = time.time()
+
+    def progress(arch, plan, n):
+        if args.verbose:
+            console.print(f"[{time.time() - started:5.0f} s] sm_{arch} {plan.dtype} {plan.op} {plan.label}: {n} launches")
+
+    result = aot.run(archs, args.batch, dtypes, ops, progress=progress, shapes=shapes)
+    kt = Table(title=f"Triton kernels compiled ahead of time (batch {args.batch} layer shapes)")
+    for c in ("arch", "dtype", "kernel", "config", "warps", "regs", "spill B", "smem KiB", "plans", "verdict"):
+        kt.add_column(c, justify="right" if c in ("warps", "regs", "spill B", "smem KiB", "plans") else "left")
+    for r in sorted(result["kernels"], key=lambda r: (r["arch"], r["dtype"], r["kernel"], r["config"])):
+        kt.add_row(f"sm_{r['arch']}", r["dtype"], r["kernel"], r["config"], str(r["num_warps"]),
+                   _fmt(r.get("registers"), "d"), _fmt(r.get("spill"), "d"),
+                   _fmt(r["shared"] / 1024 if r.get("shared") is not None else None, ".1f"), str(r["plans"]),
+                   r["verdict"] if r["verdict"] == "ok" else f"[red]{r['verdict']}[/]")
+    console.print(kt)
+    pt = Table(title="estimated traffic and work per op call (forward + backward) against the op's floor")
+    for c in ("op", "plan", "dtype", "MB moved", "× floor", "GFLOP", "× floor"):
+        pt.add_column(c, justify="left" if c in ("op", "plan", "dtype") else "right")
+    for p in result["plans"]:
+        if p["arch"] != archs[-1]:
+            continue  # the same launches on every arch
+        pt.add_row(p["op"], p["plan"], p["dtype"], f"{p['bytes'] / 1e6:.1f}",
+                   _fmt(p["bytes"] / p["min_bytes"] if p["min_bytes"] else None, ".2f"),
+                   f"{p['flops'] / 1e9:.2f}", _fmt(p["flops"] / p["min_flops"] if p["min_flops"] else None, ".2f"))
+    console.print(pt)
+    bad = aot.failures(result)
+    if args.json:
+        _write_json(args.json, dict(result, failures=bad, env=runner.environment("cpu"), archs=archs,
+                                    batch=args.batch, dtypes=dtypes))
+    console.print(f"{len(result['kernels'])} compiled variants, {len(result['plans'])} plans in "
+                  f"{time.time() - started:.0f} s")
+    if bad:
+        for b in bad:
+            console.print(f"[red]{b}[/]")
+        console.print(f"[red]{len(bad)} failure(s)[/]")
+        return 1
+    console.print("[green]no compile errors, no spills, shared memory and grids within limits[/]")
+    return 0
+
+
 def _models(arg: Optional[str]) -> List[str]:
     if not arg:
         return list(model_bench.DEFAULT_MODELS)
@@ -311,7 +413,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device, available backends")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--verbose", action="store_true", help="also every op's ordered implementations")
     p.set_defaults(fn=cmd_info)
+    from .explain import OPS as explain_ops
+
+    p = sub.add_parser("explain", help="which implementation runs a call, and why the others do not",
+                       description="Calls OP once on random inputs of --shape (forward and backward, or "
+                                   "--inference) and prints each choice of implementation with the reasons. "
+                                   "--shape per op: " + "; ".join(f"{k}: {v[1]}" for k, v in explain_ops.items()))
+    p.add_argument("op", choices=sorted(explain_ops))
+    p.add_argument("--shape", required=True, help="comma-separated, e.g. 8,128,56,56")
+    p.add_argument("--dtype", choices=sorted(_DTYPES) + ["fp64"], default="fp32")
+    p.add_argument("--device")
+    p.add_argument("--backend", help="auto (default), triton, cuda, cpu or reference")
+    p.add_argument("--inference", action="store_true", help="forward only, under torch.no_grad")
+    p.add_argument("--channels-last", action="store_true", help="the first input channels_last")
+    p.add_argument("--kernel", type=int, help="depthwise kernel size (default 3)")
+    p.add_argument("--stride", type=int, help="depthwise stride (default 1)")
+    p.add_argument("--activation", choices=("silu", "gelu"), help="dwconv2d's fused activation")
+    p.add_argument("--residual", action="store_true", help="dwconv2d's fused + x")
+    p.add_argument("--keys", type=int, help="attention: key count M (default 49)")
+    p.add_argument("--heads", type=int, help="downsampled_attention_nchw: heads (default 1)")
+    p.add_argument("--groups", type=int, help="global context: groups G (default 8 where it divides C)")
+    p.set_defaults(fn=cmd_explain)
     p = sub.add_parser("check", help="fused ops vs reference at small random shapes; exit 1 on failure")
     p.add_argument("--device")
     p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
@@ -345,6 +469,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write all results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups")
     p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("aot-check", help="compile every Triton kernel for sm_80/sm_90 without a GPU; report registers, "
+                                         "spills, shared memory, traffic; exit 1 on errors or spills")
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    p.add_argument("--batch", type=int, default=64, help="batch of the layer shapes (default 64)")
+    p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated, of fp32,bf16,fp16,fp64 (default fp32,bf16,fp16)")
+    p.add_argument("--ops", help=f"comma-separated subset of {op_names()}")
+    p.add_argument("--shapes", help="comma-separated prefixes of the plan labels (e.g. 'FAT-B0 s1,CvT-13')")
+    p.add_argument("--verbose", action="store_true", help="print each plan as it compiles")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(fn=cmd_aot_check)
     args = parser.parse_args(argv)
     if getattr(args, "batch", None) is not None and args.batch < 1:
         parser.error("--batch must be >= 1")

@@ -9,7 +9,7 @@
   ``mixer``, ``pool``, ``num_heads``, ``dim_head``, ``window_size``, ``scalor``), since our
   reference layers keep the authors' attribute names;
 * every depthwise ``nn.Conv2d`` the fused depthwise conv runs (odd square k ≤ 31, stride 1 or 2,
-  zero padding, no dilation; checked with ``DepthwiseConv2d.from_conv``).
+  zero padding, no dilation; :func:`fastvit_ops.ops.dwconv.supports_conv`).
 
 The swap moves the module's state (parameters, buffers, submodules, attributes) into an instance
 of the fused class, so parameters are the same tensors (``inplace=True``) or deep copies
@@ -27,8 +27,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Attributes an authors' module must have to be taken as the reference layer of the same name.
-_DUCK_ATTRS = {
+#: Attributes an authors' module must have to be taken as the reference layer of the same name
+#: (our reference layers keep the authors' names). The fused code that reads these attributes from
+#: any such module (``fused_fasa``, the FAT inference path) uses this table too.
+DUCK_ATTRIBUTES = {
     "FASA": ("q", "kv", "local_mixer", "mixer", "pool", "num_heads", "dim_head", "window_size", "scalor"),
     "ConvFFN": ("fc1", "act", "dwconv", "bn", "fc2"),
     "FATBlock": ("cpe", "norm1", "attn", "norm2", "downsample", "ffn"),
@@ -77,19 +79,14 @@ def _fused_for(module: nn.Module, pairs) -> Tuple[str, object]:
         return "", None  # already fused
     by_name = {ref.__name__: fused for ref, fused in pairs.items()}
     name = cls.__name__
-    if name in by_name and all(hasattr(module, a) for a in _DUCK_ATTRS.get(name, ("__never__",))):
+    if name in by_name and all(hasattr(module, a) for a in DUCK_ATTRIBUTES.get(name, ("__never__",))):
         return f"{name} (duck-typed {cls.__module__})", by_name[name]
-    if (isinstance(module, nn.Conv2d) and not _is_fused_dw(module)
-            and module.groups == module.in_channels == module.out_channels):
+    if isinstance(module, nn.Conv2d) and not _is_fused_dw(module):
         from .nn.dwconv import DepthwiseConv2d
+        from .ops.dwconv import supports_conv
 
-        try:  # from_conv validates kernel, stride, padding, dilation; test it on a weightless copy
-            DepthwiseConv2d.from_conv(nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
-                                                module.stride, module.padding, module.dilation, module.groups,
-                                                bias=False, padding_mode=module.padding_mode, device="meta"))
-        except (TypeError, ValueError):
-            return "", None
-        return "depthwise nn.Conv2d", DepthwiseConv2d
+        if supports_conv(module)[0]:
+            return "depthwise nn.Conv2d", DepthwiseConv2d
     return "", None
 
 

@@ -1,4 +1,4 @@
-"""The DESIGN.md numerics rule, shared by ``python -m fastvit_ops check`` and the test suite.
+"""The error rule of docs/numerics.md, shared by ``python -m fastvit_ops check`` and the test suite.
 
 A fused op's result in a dtype may be off the float64 result by at most twice the eager PyTorch
 layer's own error in that dtype (flash-attention's rule), both in the largest error and in the

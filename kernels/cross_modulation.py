@@ -1,4 +1,4 @@
-"""Sigmoid cross-modulation (SPEC §1.4), elementwise forward and backward.
+"""Sigmoid cross-modulation (the bidirectional interaction of FASA: FAT, "Lightweight Vision Transformer with Bidirectional Interaction", NeurIPS 2023), elementwise forward and backward.
 
 mode "silu": out = SiLU(l)·SiLU(g);  mode "full": out = SiLU(SiLU(l))·SiLU(g)
 (= SiLU(l)·SiLU(g)·σ(SiLU(l)), the paper's extra sigmoid). Math in fp32 (fp64 for fp64 inputs).

@@ -1,4 +1,4 @@
-"""FCViT grouped token-global similarity with normalization (SPEC §1.2): forward and backward.
+"""FCViT grouped token-global similarity with normalization (FCViT's global context): forward and backward.
 
 The algorithm and its derivation are in ``fastvit_ops/ops/global_context.py``. Every kernel runs
 on a (sample, token block) grid and loops over the G groups, loading a (d, BLOCK_N) tile of x per
@@ -48,8 +48,8 @@ def _group0_means(g_ptr, b, C, d, BLOCK_D: tl.constexpr):
 @triton.jit
 def _fwd_sim_kernel(x_ptr, g_ptr, dbuf_ptr, part_ptr, C, N, G, d, s, nblk,
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
+    b = tl.program_id(0) // nblk  # a 1-D grid over (sample, token block): no 65,535 cap on either
+    blk = tl.program_id(0) % nblk
     g0 = _group0_means(g_ptr, b, C, d, BLOCK_D)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -86,8 +86,8 @@ def _fwd_apply_kernel(x_ptr, dbuf_ptr, part_ptr, c_ptr, alpha_ptr, beta_ptr, out
                       C, N, G, d, nblk, eps, HAS_C: tl.constexpr, RESIDUAL: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                       F64: tl.constexpr):
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
+    b = tl.program_id(0) // nblk  # a 1-D grid over (sample, token block): no 65,535 cap on either
+    blk = tl.program_id(0) % nblk
     offs_p = tl.arange(0, BLOCK_P)
     pmask = offs_p < nblk
     pbase = (b * nblk + offs_p) * 3
@@ -138,8 +138,8 @@ def _bwd_reduce_kernel(grad_ptr, x_ptr, g_ptr, c_ptr, alpha_ptr, beta_ptr, stats
                        dsp_ptr, pchan_ptr, pgrp_ptr, C, N, G, d, s, nblk, eps,
                        HAS_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        F64: tl.constexpr):
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
+    b = tl.program_id(0) // nblk  # a 1-D grid over (sample, token block): no 65,535 cap on either
+    blk = tl.program_id(0) % nblk
     g0 = _group0_means(g_ptr, b, C, d, BLOCK_D)
     mean = tl.load(stats_ptr + 2 * b)
     r = 1.0 / (tl.load(stats_ptr + 2 * b + 1) + eps)
@@ -186,8 +186,9 @@ def _bwd_reduce_kernel(grad_ptr, x_ptr, g_ptr, c_ptr, alpha_ptr, beta_ptr, stats
 def _bwd_apply_kernel(grad_ptr, shat_ptr, dsp_ptr, coef_ptr, gs_ptr, bias_ptr, dx_ptr, C, N, G, d,
                       HAS_DY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                       F64: tl.constexpr):
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
+    nblk = tl.cdiv(N, BLOCK_N)
+    b = tl.program_id(0) // nblk
+    blk = tl.program_id(0) % nblk
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -213,14 +214,32 @@ def _bwd_apply_kernel(grad_ptr, shat_ptr, dsp_ptr, coef_ptr, gs_ptr, bias_ptr, d
         tl.store(dx_ptr + rows[:, None] + offs_n[None, :], y.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(d: int, N: int):
+def _blocks(d: int, N: int, gpu: bool = None):
+    """(BLOCK_D, BLOCK_N); ``gpu=False`` (default under the interpreter): one cheap config."""
+    gpu = not _availability.interpreting() if gpu is None else gpu
     block_d = triton.next_power_of_2(max(d, 1))
-    if _availability.interpreting():
+    if not gpu:
         # One config under the interpreter (every program and op costs ms there).
         block_n = min(triton.next_power_of_2(max(N, 1)), 64)
     else:
-        block_n = max(16, min(triton.next_power_of_2(max(N, 1)), 4096 // block_d, 256))
+        # ≤ 2048 elements per (BLOCK_D, BLOCK_N) tile: at 4096 the backward reduction spilled
+        # (120 B/thread at d = 64, sm_90; aot-check).
+        block_n = max(16, min(triton.next_power_of_2(max(N, 1)), 2048 // block_d, 256))
     return block_d, block_n
+
+
+MAX_BLOCKS = 4096  # token blocks per sample: the forward's merge loads them all in one program
+
+
+def _grid(B: int, nblk: int) -> tuple:
+    """One program per (sample, token block), on grid axis 0 (limit 2³¹ − 1); raises
+    ``ValueError`` before any launch for maps with more token blocks than the merge can hold."""
+    if nblk > MAX_BLOCKS:
+        raise ValueError(f"x: {nblk} token blocks per sample exceed the Triton global context's "
+                         f"{MAX_BLOCKS} (H·W too large)")
+    if B * nblk > 2**31 - 1:
+        raise ValueError(f"x: {B * nblk} programs exceed CUDA's grid limit of 2^31 − 1; split the batch")
+    return (B * nblk,)
 
 
 def gc_forward(x, g, c, alpha, beta, groups: int, eps: float, residual: bool):
@@ -240,9 +259,9 @@ def gc_forward(x, g, c, alpha, beta, groups: int, eps: float, residual: bool):
     part = torch.empty((B, nblk, 3), dtype=acc, device=x.device)
     f64 = acc == torch.float64
     s = d ** -0.5
-    _fwd_sim_kernel[(B, nblk)](x, g, dbuf, part, C, N, G, d, s, nblk, BLOCK_D=block_d,
+    _fwd_sim_kernel[_grid(B, nblk)](x, g, dbuf, part, C, N, G, d, s, nblk, BLOCK_D=block_d,
                                BLOCK_N=block_n, F64=f64)
-    _fwd_apply_kernel[(B, nblk)](x, dbuf, part, c if c is not None else g, alpha, beta, out, stats,
+    _fwd_apply_kernel[_grid(B, nblk)](x, dbuf, part, c if c is not None else g, alpha, beta, out, stats,
                                  C, N, G, d, nblk, eps, HAS_C=c is not None, RESIDUAL=residual,
                                  BLOCK_D=block_d, BLOCK_N=block_n,
                                  BLOCK_P=triton.next_power_of_2(nblk), F64=f64)
@@ -265,7 +284,7 @@ def gc_backward_reduce(grad, x, g, c, alpha, beta, stats, groups: int, eps: floa
     pchan = (torch.empty if c is not None else torch.zeros)((B, nblk, 3, C), dtype=acc,
                                                            device=x.device)
     pgrp = torch.empty((B, nblk, 3, G), dtype=acc, device=x.device)
-    _bwd_reduce_kernel[(B, nblk)](grad, x, g, c if c is not None else g, alpha, beta, stats, shat,
+    _bwd_reduce_kernel[_grid(B, nblk)](grad, x, g, c if c is not None else g, alpha, beta, stats, shat,
                                   dsp, pchan, pgrp, C, N, G, d, d ** -0.5, nblk, eps,
                                   HAS_C=c is not None, BLOCK_D=block_d, BLOCK_N=block_n,
                                   F64=acc == torch.float64)
@@ -282,7 +301,7 @@ def gc_backward_apply(x, grad, shat, dsp, coef, gs, bias):
         return dx
     block_d, block_n = _blocks(d, N)
     nblk = triton.cdiv(N, block_n)
-    _bwd_apply_kernel[(B, nblk)](grad if grad is not None else x, shat, dsp, coef, gs, bias, dx, C,
+    _bwd_apply_kernel[_grid(B, nblk)](grad if grad is not None else x, shat, dsp, coef, gs, bias, dx, C,
                                  N, G, d, HAS_DY=grad is not None, BLOCK_D=block_d,
                                  BLOCK_N=block_n, F64=shat.dtype == torch.float64)
     return dx

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import fastvit_ops  # noqa: E402
 from fastvit_ops import numerics  # noqa: E402
 from fastvit_ops.numerics import error_rule  # noqa: E402
+from fastvit_ops.ops import dispatch  # noqa: E402
 from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
 
 # Property-based tests (hypothesis): ``ci`` (the default here, what CI runs: ≥ 500 examples per
@@ -39,12 +40,34 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def backends_for(device: str = "cpu"):
     """The backends that can run on ``device`` here, each as a pytest param (unavailable ones skip)."""
     out = []
-    for name in ("reference", "cpu", "cuda", "triton"):
+    for name in sorted(dispatch.backend_names(), key=lambda n: n != "reference"):
         ok, why = backend_available(name, torch.device(device))
         if (name == "cpu" and device != "cpu") or (name == "cuda" and device != "cuda"):
             continue
         out.append(pytest.param(name, marks=() if ok else pytest.mark.skip(reason=why), id=name))
     return out
+
+
+def spy_kernels(monkeypatch, op: str, stages=("forward", "backward"), calls=None) -> list:
+    """A list (``calls``, or a new one) that records ``("fwd"|"bwd", implementation name)`` each
+    time one of ``op``'s kernels runs (the registry's entries wrapped for this test)."""
+    calls = [] if calls is None else calls
+
+    def spy(impl, stage):
+        def fn(*args):
+            calls.append(({"forward": "fwd", "backward": "bwd"}.get(stage, stage), impl.name))
+            return impl.fn(*args)
+        return impl._replace(fn=fn)
+    for stage in stages:
+        replace_impls(monkeypatch, op, stage, spy)
+    return calls
+
+
+def replace_impls(monkeypatch, op: str, stage: str, new) -> None:
+    """For this test, ``op``'s ``stage`` list with every implementation ``impl`` replaced by
+    ``new(impl, stage)``."""
+    impls = dispatch.implementations(op, stage)
+    monkeypatch.setitem(dispatch._TABLE[op], stage, [new(impl, stage) for impl in impls])
 
 
 def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
@@ -98,7 +121,7 @@ def randomize_model_(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.M
 
 
 def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor) -> None:
-    """DESIGN.md numerics rule (``fastvit_ops.numerics.error_rule``): the largest and the RMS error
+    """The error rule of docs/numerics.md (``fastvit_ops.numerics.error_rule``): the largest and the RMS error
     of ``fused`` against ``exact`` at most 2× eager's, or a few ulp of the tensor's scale.
     ``exact`` is the float64 reference; ``eager`` the eager PyTorch layer in the same dtype as
     ``fused`` (or several evaluations of it on different layouts: the largest error counts). Both
@@ -114,19 +137,17 @@ def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor
                   f"(eager {r.eager_rms:.3g}); floor {numerics.floor(fused.dtype, exact):.3g}")
 
 
-# The authors' state_dict listings live beside the repository (../shared/checkpoints); CI clones
-# main with shared/ next to it. FASTVIT_OPS_SHARED points elsewhere when needed.
-SHARED = Path(os.environ.get("FASTVIT_OPS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-CHECKPOINTS = SHARED / "checkpoints"
+# The released models' state_dict listings (keys and shapes), see tests/data/checkpoints/README.md.
+CHECKPOINTS = Path(__file__).resolve().parent / "data" / "checkpoints"
 
 _LINE = re.compile(r"^(\S+) \(([\d, ]*)\)$")
 
 
 def checkpoint_spec(name: str):
-    """Parse ``checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
+    """Parse ``tests/data/checkpoints/<name>.txt`` → (ordered list of (key, shape), parameter count)."""
     path = CHECKPOINTS / f"{name}.txt"
     if not path.exists():
-        pytest.fail(f"checkpoint listing {path} not found; set FASTVIT_OPS_SHARED")
+        pytest.fail(f"checkpoint listing {path} not found")
     lines = path.read_text().splitlines()
     header = re.match(r"^# (\S+): (\d+) state_dict entries, (\d+) parameters$", lines[0])
     assert header, f"unexpected header in {path}: {lines[0]!r}"

@@ -6,7 +6,7 @@ hypothesis prints rebuilds them exactly. Each example runs the fused op (forward
 outputs poisoned by nothing: the op allocates them) and checks it:
 
 * float64: against eager float64 PyTorch to 1e-10 (relative to the tensor's scale);
-* fp32 / bf16 / fp16: the DESIGN.md rule (:func:`fastvit_ops.numerics.error_rule`) against the
+* fp32 / bf16 / fp16: the rule of docs/numerics.md (:func:`fastvit_ops.numerics.error_rule`) against the
   float64 result of the same rounded inputs, with eager PyTorch in the same dtype as yardstick.
 
 Every output and input gradient keeps its shape, dtype and device, and is finite.

@@ -17,6 +17,24 @@ def test_info(capsys):
     assert "torch" in out and "reference" in out and "cpu" in out
 
 
+def test_info_verbose_lists_the_registry(capsys):
+    assert main(["info", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu_autograd" in out and "custom_op" in out and "onednn" in out
+
+
+def test_explain_says_what_runs_and_why(capsys):
+    assert main(["explain", "dwconv2d", "--shape", "2,16,9,9", "--kernel", "5", "--residual"]) == 0
+    out = capsys.readouterr().out
+    assert "dwconv2d · call" in out and "custom_op" in out and "eager" in out
+    assert main(["explain", "downsampled_attention", "--shape", "1,2,10,16", "--keys", "3", "--inference",
+                 "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "requested 'reference'" in out and "backward" not in out
+    with pytest.raises(SystemExit, match="weight: kernel size must be odd"):
+        main(["explain", "dwconv2d", "--shape", "1,2,5,5", "--kernel", "4"])
+
+
 def test_check_passes(capsys, tmp_path):
     path = tmp_path / "check.json"
     code = main(["check", "--json", str(path)])

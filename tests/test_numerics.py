@@ -1,5 +1,5 @@
-"""fastvit_ops.numerics.error_rule: the DESIGN.md rule that the tests and ``check`` apply, with
-negative controls: results 4× worse than eager fail, where the old floor (torch.testing's
+"""fastvit_ops.numerics.error_rule: the rule of docs/numerics.md that the tests and ``check`` apply,
+with negative controls: results 4× worse than eager fail, where the old floor (torch.testing's
 tolerances, ~80 ulp in fp32) let them pass."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-// Sigmoid cross-modulation on CUDA (SPEC §1.4): one grid-stride elementwise kernel per direction,
+// Sigmoid cross-modulation on CUDA (FASA's bidirectional gate, the fused op sigmoid_cross_modulation): one grid-stride elementwise kernel per direction,
 // fp32 math for half types (fp64 for fp64), on the current stream under a device guard.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>

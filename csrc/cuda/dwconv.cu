@@ -1,4 +1,4 @@
-// Depthwise 2-D convolution on CUDA (SPEC §1.1): forward with fused epilogue, dgrad, wgrad.
+// Depthwise 2-D convolution on CUDA (the fused op dwconv2d: FAT/FCViT depthwise convs): forward with a fused epilogue, dgrad, wgrad.
 // Direct convolution, kept simple:
 //   forward: one block = one (b, c) plane × a 32×8 output tile, one output per thread; the input
 //            window the tile needs ((8−1)·s + k rows × (32−1)·s + k columns) and the k×k filter are
@@ -6,7 +6,7 @@
 //            The filter width is a template constant for k = 3, 5, 7, 9, 11 (unrolled taps).
 //            GRAD_MODE writes g = dy · act'(pre) (fp32) instead of y, for the backward.
 //   dgrad:   one thread per dx element, gathering g over the taps that reach it.
-//   wgrad:   one block per (c, b) plane, a block reduction per tap into partials[c, b, tap]; the
+//   wgrad:   one block per (b, c) plane, a block reduction per tap into partials[c, b, tap]; the
 //            partials are summed over b afterwards (fixed order: deterministic, no atomics).
 // Accumulation in fp32 (fp64 for fp64), on the current stream under a device guard.
 #include <ATen/Dispatch.h>
@@ -143,13 +143,15 @@ __device__ A block_sum(A v, A* red) {
 }
 
 // partial[(c·B + b), tap] for tap < k·k: Σ_{i,j} g[i, j] · x[s·i + u − p, s·j + v − p]; tap k·k: Σ g.
+// One block per (b, c) plane on grid axis x (up to 2^31 − 1 blocks; axis y would cap B·C's
+// factor at 65,535).
 template <typename T>
 __global__ void wgrad_kernel(const typename Acc<T>::type* __restrict__ g, const T* __restrict__ x,
                              typename Acc<T>::type* __restrict__ partial, Dims d, int B) {
   using A = typename Acc<T>::type;
   __shared__ A red[kThreads / 32];
-  const int c = blockIdx.x, b = blockIdx.y;
-  const int64_t plane = static_cast<int64_t>(b) * d.C + c;
+  const int64_t plane = blockIdx.x;
+  const int c = static_cast<int>(plane % d.C), b = static_cast<int>(plane / d.C);
   const A* gp = g + plane * d.Ho * d.Wo;
   const T* xp = x + plane * d.H * d.W;
   A* out = partial + (static_cast<int64_t>(c) * B + b) * (d.k * d.k + 1);
@@ -204,12 +206,21 @@ void check_args(const char* op, const at::Tensor& x, const at::Tensor& w, const 
   TORCH_CHECK(!residual || (stride == 1 && 2 * padding == k - 1), op, ": residual needs stride 1 and same padding");
 }
 
+// Every grid of a call is checked here, before the first launch: a too-large input is an error
+// before any work starts. Forward: planes on x (≤ 2^31 − 1), output tiles on y (≤ 65,535);
+// dgrad: a grid-stride loop (any size); wgrad: planes on x.
+void check_grids(const char* op, const Dims& d, int64_t planes) {
+  const int64_t tiles = ((d.Ho + kTileH - 1) / kTileH) * static_cast<int64_t>((d.Wo + kTileW - 1) / kTileW);
+  TORCH_CHECK(tiles <= 65535, op, " (cuda): an output plane of ", d.Ho, "x", d.Wo, " needs ", tiles,
+              " tiles, over CUDA's grid limit of 65535");
+  TORCH_CHECK(planes <= 2147483647LL, op, " (cuda): ", planes, " planes (B·C) exceed CUDA's grid limit of 2^31 − 1");
+}
+
 template <typename T>
 void launch_forward(const at::Tensor& x, const at::Tensor& w, const T* bias, const T* dy, T* y,
                     typename Acc<T>::type* g, const Dims& d, int64_t planes, int act, bool residual, bool grad_mode) {
   using A = typename Acc<T>::type;
   const int tiles_h = (d.Ho + kTileH - 1) / kTileH, tiles_w = (d.Wo + kTileW - 1) / kTileW;
-  TORCH_CHECK(tiles_h * static_cast<int64_t>(tiles_w) <= 65535, "_dwconv2d (cuda): output plane too large");
   const int th = (kTileH - 1) * d.s + d.k, tw = (kTileW - 1) * d.s + d.k;
   const size_t smem = sizeof(A) * (static_cast<size_t>(th) * tw + d.k * d.k);
   const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>(tiles_h * tiles_w));
@@ -239,6 +250,7 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& w_in, const c10::op
   const Dims d = make_dims(x, w, stride, padding);
   at::Tensor y = at::empty({x.size(0), d.C, d.Ho, d.Wo}, x.options());
   if (y.numel() == 0) return y;
+  check_grids("_dwconv2d_forward", d, x.size(0) * d.C);
   at::Tensor b;
   if (bias.has_value()) b = bias->contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv2d_fwd_cuda", [&] {
@@ -269,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
   if (B * d.C == 0) {
     return {dx, at::zeros_like(w), at::zeros({d.C}, x.options())};
   }
+  check_grids("_dwconv2d_backward", d, B * d.C);
   at::Tensor b;
   if (bias.has_value()) b = bias->contiguous();
   at::Tensor partial = at::empty({d.C, B, kk + 1}, x.options().dtype(acc_type));
@@ -290,9 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_i
                                                       grad.const_data_ptr<scalar_t>(),
                                                       dx.mutable_data_ptr<scalar_t>(), d, n, residual);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    TORCH_CHECK(B <= 65535, "_dwconv2d_backward (cuda): batch too large");
     // (dbias comes from the same partials, so the wgrad pass also runs when only dbias is needed.)
-    wgrad_kernel<scalar_t><<<dim3(d.C, static_cast<unsigned>(B)), kThreads, 0, stream>>>(
+    wgrad_kernel<scalar_t><<<static_cast<unsigned>(B * d.C), kThreads, 0, stream>>>(
         g.const_data_ptr<A>(), x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<A>(), d, static_cast<int>(B));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,4 +1,4 @@
-"""Cases for ``dwconv2d``: the depthwise convs of FAT-B0 and FCViT-tiny at 224² (SPEC §1.1, §2, §3).
+"""Cases for ``dwconv2d``: the depthwise convs of FAT-B0 and FCViT-tiny at 224² (docs/dwconv.md, docs/fat.md, docs/fcvit.md).
 
 FAT-B0: the CPE (``x + DW_k(x)``, k = 3/5/7/9 per stage) and the FASA local mixer followed by SiLU
 (same k); the ConvFFN DW_5 on the 4C hidden width, stride 1 (``U + DW_5(U)``) and, in the last

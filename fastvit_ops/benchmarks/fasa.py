@@ -1,4 +1,4 @@
-"""Cases for the whole FASA module (FAT's token mixer, SPEC §2): ``fastvit_ops.nn.FASA`` against
+"""Cases for the whole FASA module (FAT's token mixer, docs/fat.md): ``fastvit_ops.nn.FASA`` against
 the reference ``FASA`` (the released code's computation), at the FAT-B0 stage shapes (224²).
 
 Two cases per stage: ``eval`` (inference: forward only, the pool's BatchNorms folded by the fused

@@ -1,5 +1,5 @@
-"""Cases for ``global_context`` (FCViT's ``x + GC(x)``, SPEC §1.2) and the FCViT token mixer that
-uses it twice (SPEC §3), at the FCViT-tiny and FCViT-B12 stage shapes (224²)."""
+"""Cases for ``global_context`` (FCViT's ``x + GC(x)``, docs/global_context.md) and the FCViT token mixer that
+uses it twice (docs/fcvit.md), at the FCViT-tiny and FCViT-B12 stage shapes (224²)."""
 from __future__ import annotations
 
 import torch

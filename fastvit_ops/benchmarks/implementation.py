@@ -15,41 +15,22 @@ from typing import Callable, Counter, Iterator
 import torch
 
 from ..ops import dispatch
-from ..ops import dwconv as _dwconv
 
 
 @contextlib.contextmanager
 def recording() -> Iterator[Counter[str]]:
-    """Count, while the block runs, each implementation choice the ops make: ``"<op>: <backend>"``
-    for a custom op's forward or backward, ``"eager PyTorch"`` where ``auto`` runs the reference
-    composition as plain PyTorch, ``"C++ autograd fast path"`` / ``"C++ inference fast path"`` for
-    the eager CPU shortcuts, and ``"dwconv2d cpu forward: onednn"`` (or ``cpu``) for the timed
-    choice of the depthwise conv's CPU forward. Not thread-safe (it wraps module functions)."""
+    """Count, while the block runs, each implementation the dispatch registry chooses
+    (:func:`fastvit_ops.ops.dispatch.recording`): ``"<op> <stage>: <implementation>"``, e.g.
+    ``"dwconv2d call: cpu_autograd"`` (the C++ autograd fast path), ``"dwconv2d forward: onednn"``
+    (oneDNN's forward, where ``auto`` timed it faster) or ``"... call: eager"`` (``auto`` ran the
+    reference composition as plain eager PyTorch)."""
     seen: Counter[str] = collections.Counter()
-    saved = []
-
-    def wrap(module, name: str, label: Callable):
-        real = getattr(module, name)
-
-        def spy(*args, **kwargs):
-            result = real(*args, **kwargs)
-            text = label(result, *args)
-            if text:
-                seen[text] += 1
-            return result
-        saved.append((module, name, real))
-        setattr(module, name, spy)
-
-    wrap(dispatch, "resolve", lambda r, op, *a: f"{op}: {r[0]}")
-    wrap(dispatch, "eager_reference", lambda r, *a: "eager PyTorch" if r else "")
-    wrap(dispatch, "eager_cpu", lambda r, *a: "C++ autograd fast path" if r else "")
-    wrap(dispatch, "no_grad_cpu", lambda r, *a: "C++ inference fast path" if r else "")
-    wrap(_dwconv, "cpu_forward_choice", lambda r, *a: f"dwconv2d cpu forward: {r}")
-    try:
-        yield seen
-    finally:
-        for module, name, real in reversed(saved):
-            setattr(module, name, real)
+    with dispatch.recording() as choices:
+        try:
+            yield seen
+        finally:
+            for c in choices:
+                seen[f"{c.op} {c.stage}: {c.impl.name}"] += 1
 
 
 def describe(seen: Counter[str]) -> str:

@@ -19,7 +19,7 @@ def _jit_functions():
         from triton.runtime.jit import JITFunction
     except ImportError:
         return []
-    out = []
+    out, seen = [], set()
     for mod_name in KERNEL_MODULES:
         try:
             mod = importlib.import_module(f"fastvit_ops.kernels.{mod_name}")
@@ -29,8 +29,9 @@ def _jit_functions():
             fn = obj
             while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):  # Autotuner / Heuristics
                 fn = fn.fn
-            if isinstance(fn, JITFunction):
-                out.append((mod_name, name, fn))
+            if isinstance(fn, JITFunction) and id(fn) not in seen:  # an autotuner wraps a kernel also listed
+                seen.add(id(fn))
+                out.append((mod_name, fn.fn.__name__, fn))
     return out
 
 

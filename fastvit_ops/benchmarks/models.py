@@ -4,7 +4,7 @@ For each model and mode (``inference``: eval, no grad; ``train``: forward + cros
 SGD step) the four variants run interleaved round by round, so a slow phase of a shared machine
 hits them alike; each gets the median of its rounds as images/s and its peak memory:
 
-* ``reference``          the reference model (SPEC layers, as the authors wrote them), eager;
+* ``reference``          the reference model (the layers of docs/, as the authors wrote them), eager;
 * ``reference_compile``  ``torch.compile(reference)``;
 * ``fused``              ``fastvit_ops.convert(reference)`` (same weights), eager;
 * ``fused_compile``      ``torch.compile(fastvit_ops.convert(reference))``.

@@ -8,7 +8,7 @@ import torch
 
 from .. import _availability as avail
 from ..numerics import RuleResult, error_rule
-from ..ops.dispatch import backend, backend_available
+from ..ops.dispatch import backend, backend_available, backend_names
 from . import Case, load, op_names
 from .implementation import compiled_graphs, fused_implementation
 from .models import peak_memory_mib
@@ -40,7 +40,9 @@ def environment(device) -> Dict[str, str]:
 
 def backends_here(device, fused_only: bool = False) -> List[str]:
     """Backends that can run on ``device`` now (``reference`` first, left out with ``fused_only``)."""
-    names = ("cpu", "cuda", "triton") if fused_only else ("reference", "cpu", "cuda", "triton")
+    names = sorted(backend_names(), key=lambda n: n != "reference")
+    if fused_only:
+        names = [n for n in names if n != "reference"]
     return [b for b in names if backend_available(b, torch.device(device))[0]]
 
 
@@ -118,7 +120,7 @@ def _instance(case: Case, name: str):
 
 
 def check_case(case: Case, name: str) -> Dict:
-    """Run ``case`` on backend ``name`` and apply the DESIGN.md numerics rule to the output and
+    """Run ``case`` on backend ``name`` and apply the error rule of docs/numerics.md to the output and
     every gradient: the fused error vs the float64 result is at most 2× eager's in the same dtype,
     in its largest and its RMS error, with a few ulp of the tensor's scale as the floor
     (:func:`fastvit_ops.numerics.error_rule`). The check shapes are tiny, and over a handful of

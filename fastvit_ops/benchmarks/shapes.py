@@ -1,4 +1,4 @@
-"""The real layer shapes at 224² (SPEC §2–§4), used by benchmarks and checks."""
+"""The real layer shapes at 224² (docs/fat.md, docs/fcvit.md, docs/cvt.md), used by benchmarks and checks."""
 
 # FAT-B0 (dims 32/80/160/256, heads 2/5/10/16, local kernels 3/5/7/9, windows 8/4/2/1):
 # per stage (channels, H = W, heads, kernel, window).
@@ -13,5 +13,5 @@ CVT13_STAGES = [(64, 56, 1), (192, 28, 3), (384, 14, 6)]
 
 
 def default_batch(device) -> int:
-    """Batch 64 on a GPU, 8 on a CPU (DESIGN.md, Benchmarks)."""
+    """Batch 64 on a GPU, 8 on a CPU (docs/benchmarks.md)."""
     return 64 if str(device).startswith("cuda") else 8

@@ -1,8 +1,8 @@
-"""CvT-13 / CvT-21 factories (SPEC.md §4), built from the fused drop-ins of ``fastvit_ops.nn``.
+"""CvT-13 / CvT-21 factories (docs/cvt.md), built from the fused drop-ins of ``fastvit_ops.nn``.
 
 The models are :class:`fastvit_ops.reference.cvt.ConvolutionalVisionTransformer` with
 ``layers=fastvit_ops.nn.CVT_LAYERS`` (any layer without a fused version stays the reference one),
-so their state_dict equals the authors' (``checkpoints/cvt_{13,21}.txt``) and released
+so their state_dict equals the authors' (``tests/data/checkpoints/cvt_{13,21}.txt``) and released
 checkpoints load with ``strict=True``. Input images ``(B, 3, H, W)`` (trained at 224²), output
 logits ``(B, num_classes)``; dtype follows the input (LayerNorm runs in fp32 inside).
 """

@@ -1,4 +1,4 @@
-"""FAT-B0 … B3 (SPEC.md §2), built from the fused layers of ``fastvit_ops.nn``.
+"""FAT-B0 … B3 (docs/fat.md), built from the fused layers of ``fastvit_ops.nn``.
 
 Each factory returns :class:`fastvit_ops.reference.fat.FAT` with the variant's settings
 (:data:`fastvit_ops.reference.fat.CONFIGS`); its state_dict is the authors' (qhfan/FAT), so a

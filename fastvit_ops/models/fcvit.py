@@ -1,8 +1,8 @@
-"""FCViT tiny / B12 / B24 / B48 (SPEC.md §3), built from the fused layers of ``fastvit_ops.nn``.
+"""FCViT tiny / B12 / B24 / B48 (docs/fcvit.md), built from the fused layers of ``fastvit_ops.nn``.
 
 Each factory returns :class:`fastvit_ops.reference.fcvit.FCViT` with the released configuration;
 ``reference=True`` builds the pure-PyTorch reference layers instead. The state_dict is the
-authors' (``checkpoints/fcvit_*.txt``) either way, so released weights load with ``strict=True``.
+authors' (``tests/data/checkpoints/fcvit_*.txt``) either way, so released weights load with ``strict=True``.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from ..reference import cvt as ref
 from ._amp import autocast_like_conv
 from ._bn import fold_eval_bn
 
-try:  # the fused depthwise conv (SPEC §1.1); plain F.conv2d otherwise
+try:  # the fused depthwise conv (docs/dwconv.md); plain F.conv2d otherwise
     from ..ops.dwconv import dwconv2d as _dwconv2d
 except ImportError:  # pragma: no cover - depends on which ops are installed
     _dwconv2d = None
@@ -39,7 +39,7 @@ def _one_pass_ok(*convs: nn.Conv2d) -> bool:
 
 
 class ConvProjectionAttention(ref.Attention):
-    """``reference.cvt.Attention`` (``method="dw_bn"``) on the fused kernels (SPEC §1.3, §4).
+    """``reference.cvt.Attention`` (``method="dw_bn"``) on the fused kernels (docs/attention.md, docs/cvt.md).
 
     Same constructor, parameters and state_dict keys as the authors' ``Attention``.
 

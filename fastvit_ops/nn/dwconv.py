@@ -1,14 +1,15 @@
-"""Fused depthwise conv: drop-in for ``fastvit_ops.reference.common.DepthwiseConv2d`` (SPEC §1.1)."""
+"""Fused depthwise conv: drop-in for ``fastvit_ops.reference.common.DepthwiseConv2d`` (docs/dwconv.md)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.dwconv import MAX_KERNEL, dwconv2d
+from ..ops.dwconv import check_kernel_size, conv_arguments, dwconv2d
 from ..reference import common as ref
 from ._amp import autocast_like_conv
+from ._bn import eval_bn_affine
 
 
 class DepthwiseConv2d(ref.DepthwiseConv2d):
@@ -24,8 +25,7 @@ class DepthwiseConv2d(ref.DepthwiseConv2d):
 
     def __init__(self, channels: int, kernel_size: int, stride: int = 1, bias: bool = True,
                  padding: Optional[int] = None):
-        if kernel_size % 2 == 0 or not 1 <= kernel_size <= MAX_KERNEL:
-            raise ValueError(f"kernel_size: expected an odd size in [1, {MAX_KERNEL}], got {kernel_size}")
+        check_kernel_size("kernel_size", kernel_size)
         if stride not in (1, 2):
             raise ValueError(f"stride: expected 1 or 2, got {stride}")
         super().__init__(channels, kernel_size, stride=stride, bias=bias, padding=padding)
@@ -40,34 +40,12 @@ class DepthwiseConv2d(ref.DepthwiseConv2d):
         """A fused copy of a depthwise ``nn.Conv2d`` (same weights, device and dtype).
 
         Raises ``TypeError`` for a non-``nn.Conv2d`` and ``ValueError`` for a conv that is not a
-        depthwise one this op runs: groups ≠ in = out channels, non-square or even kernel, k > 31,
-        unequal or unsupported stride/padding, dilation ≠ 1, or a padding mode other than zeros.
+        depthwise one this op runs (:func:`fastvit_ops.ops.dwconv.conv_arguments`: groups ≠ in =
+        out channels, non-square or even kernel, k > 31, unequal or unsupported stride/padding,
+        dilation ≠ 1, or a padding mode other than zeros).
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+        kh, sh, padding = conv_arguments(conv)
         C = conv.in_channels
-        if conv.out_channels != C or conv.groups != C:
-            raise ValueError(f"conv: expected a depthwise conv (groups = in = out channels), got in={C}, "
-                             f"out={conv.out_channels}, groups={conv.groups}")
-        kh, kw = conv.kernel_size
-        if kh != kw:
-            raise ValueError(f"conv: expected a square kernel, got {conv.kernel_size}")
-        if tuple(conv.dilation) != (1, 1):
-            raise ValueError(f"conv: dilation is not supported, got {conv.dilation}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"conv: padding_mode must be 'zeros', got {conv.padding_mode!r}")
-        sh, sw = conv.stride
-        if sh != sw:
-            raise ValueError(f"conv: expected equal strides, got {conv.stride}")
-        if isinstance(conv.padding, str):
-            padding = 0 if conv.padding == "valid" else kh // 2
-        else:
-            ph, pw = conv.padding
-            if ph != pw:
-                raise ValueError(f"conv: expected equal paddings, got {conv.padding}")
-            padding = ph
-        if not 0 <= padding < kh:
-            raise ValueError(f"conv: padding must be in [0, k) = [0, {kh}), got {padding}")
         out = cls(C, kh, stride=sh, bias=conv.bias is not None, padding=padding)
         out = out.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
@@ -93,12 +71,7 @@ class DepthwiseConv2d(ref.DepthwiseConv2d):
             raise ValueError(f"bn: expected {C} features, got {bn.num_features}")
         if bn.running_mean is None or bn.running_var is None:
             raise ValueError("bn: needs running statistics (track_running_stats=True) to fold")
-        scale = bn.running_var.double().add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight.double()
-        shift = -bn.running_mean.double() * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.double()
+        scale, shift = eval_bn_affine(bn)
         bias = self.bias.double() * scale + shift if self.bias is not None else shift
         out = type(self)(C, self.kernel_size[0], stride=self.stride[0], bias=True, padding=self.padding[0])
         out = out.to(device=self.weight.device, dtype=self.weight.dtype)
@@ -108,4 +81,13 @@ class DepthwiseConv2d(ref.DepthwiseConv2d):
         return out
 
 
-__all__ = ["DepthwiseConv2d"]
+def depthwise_arguments(conv) -> Optional[Tuple[int, int, int]]:
+    """``(k, stride, padding)`` when the fused depthwise conv computes ``conv`` (any module), else
+    None (:func:`fastvit_ops.ops.dwconv.conv_arguments` says why)."""
+    try:
+        return conv_arguments(conv)
+    except (TypeError, ValueError):
+        return None
+
+
+__all__ = ["DepthwiseConv2d", "depthwise_arguments"]

@@ -65,7 +65,7 @@ def _prologue_pays(x: Tensor, mixer) -> bool:
 
 
 class GlobalContext(ref.GlobalContext):
-    """``reference.fcvit.GlobalContext`` (SPEC §1.2) on the fused kernels of
+    """``reference.fcvit.GlobalContext`` (docs/global_context.md) on the fused kernels of
     :mod:`fastvit_ops.ops.global_context`.
 
     Same constructor ``GlobalContext(dim, groups=8, reduction=8, eps=1e-5)`` and parameters

@@ -1,5 +1,5 @@
 """Fused Visual Transformer blocks: drop-ins for ``fastvit_ops.reference.vt`` (same constructors and
-state_dicts), running every softmax-weighted sum on the downsampled-attention kernels (SPEC §1.3, §5).
+state_dicts), running every softmax-weighted sum on the downsampled-attention kernels (docs/attention.md, docs/vt.md).
 
 * tokenizers (:class:`FilterTokenizer`, :class:`RecurrentTokenizer`): ``L`` token queries over the
   ``H·W`` pixel keys — the softmax over HW is the kernel's softmax over keys (M = HW, streamed in

@@ -1,7 +1,7 @@
-"""Downsampled attention (SPEC §1.3): full-resolution queries against a short key/value set.
+"""Downsampled attention (docs/attention.md): full-resolution queries against a short key/value set.
 
 ``O = softmax_over_keys(scale · q kᵀ) v`` with q (B, h, N, d), k and v (B, h, M, d), M ≪ N, and an
-optional fused epilogue ``out = SiLU(O) ⊙ gate`` (SPEC §1.4 mode "silu" with ``gate = SiLU(L0)``),
+optional fused epilogue ``out = SiLU(O) ⊙ gate`` (docs/cross_modulation.md, mode "silu" with ``gate = SiLU(L0)``),
 so FASA's attention output never reaches memory.
 
 One custom op carries every layout: q, gate and the output are (B, h, N, d)-indexed tensors with
@@ -123,19 +123,20 @@ def _triton_bwd(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale):
     kern.attention_backward(grad, q, k, v, gate, lse, dq, dk, dv, dgate, scale)
 
 
-FORWARD = {"reference": _reference_fwd, "cpu": _ext_fwd, "triton": _triton_fwd}
-BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "triton": _triton_bwd}
+dispatch.register_kernels(OP, "forward", cpu=_ext_fwd, triton=_triton_fwd, reference=_reference_fwd)
+dispatch.register_kernels(OP, "backward", cpu=_ext_bwd, triton=_triton_bwd, reference=_reference_bwd)
+FORWARD = dispatch.KernelTable(OP, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP, "backward")
 
 
 # ---- custom ops ------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit_ops::downsampled_attention", mutates_args=())
 def _op(q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], scale: float, layout: int,
         backend: str) -> Tuple[Tensor, Tensor]:
-    _, fn = dispatch.resolve(OP, backend, q.device, FORWARD)
     out = _empty_out(q, layout)
     lse = torch.empty(_stats_shape(q), dtype=_lse_dtype(q), device=q.device)
     if q.numel() and out.numel():
-        fn(q, k, v, gate, out, lse, scale)
+        dispatch.run_kernel(OP, "forward", backend, q, k, v, gate, out, lse, scale)
     return out, lse
 
 
@@ -147,13 +148,12 @@ def _(q, k, v, gate, scale, layout, backend):
 @torch.library.custom_op("fastvit_ops::downsampled_attention_backward", mutates_args=())
 def _op_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Optional[Tensor], lse: Tensor,
                  scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, fn = dispatch.resolve(OP, backend, q.device, BACKWARD)
     dq, dk, dv = _empty_grad(q), _empty_grad(k), _empty_grad(v)
     dgate = _empty_grad(gate) if gate is not None else q.new_empty((0,))
     if q.shape[2] == 0 or q.shape[3] == 0:
         dk.zero_(), dv.zero_()
     elif q.numel():
-        fn(grad, q, k, v, gate, lse.contiguous(), dq, dk, dv, dgate, scale)
+        dispatch.run_kernel(OP, "backward", backend, grad, q, k, v, gate, lse.contiguous(), dq, dk, dv, dgate, scale)
     return dq, dk, dv, dgate
 
 
@@ -179,6 +179,34 @@ def _backward(ctx, grad, _grad_lse):
 
 
 torch.library.register_autograd("fastvit_ops::downsampled_attention", _backward, setup_context=_setup_context)
+
+
+# ---- how a call runs ---------------------------------------------------------------------------------
+# A call is (q, k, v, gate, scale, layout): any-strided (B, h, N, d) q and gate, output stored in
+# ``layout``.
+def _eager(q, k, v, gate, scale, layout):
+    return reference(q, k, v, scale, gate)
+
+
+def _direct_forward(call: dispatch.Call) -> Tensor:
+    """The C++ forward straight away: no custom-op dispatch or autograd glue (inference on CPU)."""
+    q, k, v, gate, scale, layout = call.args
+    out = _empty_out(q, layout)
+    if q.numel() and out.numel():
+        lse = torch.empty(_stats_shape(q), dtype=_lse_dtype(q), device=q.device)
+        args = (q, k, v, gate, out, lse, scale)
+        dispatch.choose(OP, "forward", call.with_args(*args)).fn(*args)
+    return out
+
+
+def _custom_op(q, k, v, gate, scale, layout, backend):
+    return _op(q, k, v, gate, scale, layout, backend)[0]
+
+
+dispatch.register(OP, "call", dispatch.eager_impl(_eager),
+                  dispatch.Impl("cpu_forward", "cpu", _direct_forward, dispatch.no_grad_cpu,
+                                "the C++ forward kernel called directly (no graph to record)"),
+                  dispatch.custom_op_impl(_custom_op))
 
 
 # ---- validation and public entries -------------------------------------------------------------------
@@ -223,22 +251,12 @@ def attention_core(q: Tensor, k: Tensor, v: Tensor, scale: float, gate: Optional
                    layout: int = BHND) -> Tensor:
     """Validated-elsewhere entry used by the fused modules: any-strided (B, h, N, d) q and gate,
     output stored in ``layout`` (``BHND``, ``CHANNELS_FIRST`` or ``TOKENS``)."""
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(q, backend):
-        return reference(q, k, v, scale, gate)
-    if dispatch.no_grad_cpu(q, backend, (k, v, gate)):
-        # Inference on CPU: the C++ forward straight away (no custom-op dispatch or autograd glue).
-        out = _empty_out(q, layout)
-        if q.numel() and out.numel():
-            lse = torch.empty(_stats_shape(q), dtype=_lse_dtype(q), device=q.device)
-            _ext_fwd(q, k, v, gate, out, lse, float(scale))
-        return out
-    out, _ = _op(q, k, v, gate, float(scale), int(layout), backend)
-    return out
+    call = dispatch.Call(OP, dispatch.get_backend(), (q, k, v, gate, float(scale), int(layout)), (k, v, gate))
+    return dispatch.run(OP, call)
 
 
 def downsampled_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-    """Attention of full-resolution queries over a short key/value set (SPEC §1.3), fused.
+    """Attention of full-resolution queries over a short key/value set (docs/attention.md), fused.
 
     ``softmax_over_keys(scale · q kᵀ) v``, flash-style: keys/values stay on chip, queries stream,
     the softmax is max-subtracted in fp32 (exp2 with the scale folded in), and the backward
@@ -271,7 +289,7 @@ def downsampled_attention_nchw(q_map: Tensor, k: Tensor, v: Tensor, num_heads: i
 
     Queries are read straight from the map: token i is pixel i (row-major), head m owns channels
     m·d … m·d+d−1 (d = C / num_heads); the result is written straight back to (B, C, H, W). With
-    ``gate`` the epilogue ``SiLU(attn) ⊙ gate`` is applied in the kernel (SPEC §1.4 mode "silu",
+    ``gate`` the epilogue ``SiLU(attn) ⊙ gate`` is applied in the kernel (docs/cross_modulation.md, mode "silu",
     where FASA passes ``gate = SiLU(L0)``), so the attention output never reaches memory.
 
     Args:

@@ -1,8 +1,8 @@
-"""FCViT's global-context apply fused into the next depthwise conv's input load (SPEC §1.2 step 6 +
+"""FCViT's global-context apply fused into the next depthwise conv's input load (docs/global_context.md step 6 +
 §1.1): ``y = act(DW(x + S'·c) + bias)`` without writing ``x + S'·c`` to memory (custom op, fake,
 autograd, dispatch).
 
-In the token mixer (SPEC §3) each ``Z + GC(Z)`` feeds an 11×11 depthwise conv. Here the conv
+In the token mixer (docs/fcvit.md) each ``Z + GC(Z)`` feeds an 11×11 depthwise conv. Here the conv
 forms ``z = x + S'[γ]·c`` one plane at a time in cache as it packs its input (C++ CPU), so the
 fused token mixer never stores ``z``; ``S'`` (B, G, H, W) comes from
 :func:`fastvit_ops.token_global_similarity` and ``c`` (B, C) from GC's MLP, and autograd carries
@@ -43,14 +43,14 @@ def _ext(x, sp, c, weight, bias, stride, padding, activation):
     return torch.ops.fastvit_ops._dwconv2d_gc_forward(x, sp, c, weight, bias, stride, padding, activation)
 
 
-FORWARD = {"reference": _reference, "cpu": _ext}
+dispatch.register_kernels(OP, "forward", cpu=_ext, reference=_reference)
+FORWARD = dispatch.KernelTable(OP, "forward")  # a read-only view: kernel by name
 
 
 @torch.library.custom_op("fastvit_ops::context_dwconv2d", mutates_args=())
 def _op(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
         activation: int, backend: str) -> Tensor:
-    _, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
-    return fn(x, sp, c, weight, bias, stride, padding, activation).contiguous()
+    return dispatch.run_kernel(OP, "forward", backend, x, sp, c, weight, bias, stride, padding, activation).contiguous()
 
 
 @_op.register_fake
@@ -85,13 +85,14 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastvit_ops::context_dwconv2d", _backward, setup_context=_setup_context)
+dispatch.register(OP, "call", dispatch.eager_impl(_reference), dispatch.custom_op_impl(_op))
 
 
 def context_dwconv2d(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                      stride: int = 1, padding: Optional[int] = None,
                      activation: Optional[str] = None) -> Tensor:
     """``dwconv2d(x + S'·c, weight, bias, stride, padding, activation)`` without forming ``x + S'·c``
-    in memory: FCViT's global-context apply (SPEC §1.2 step 6, released ``GlobalContext.forward``'s
+    in memory: FCViT's global-context apply (docs/global_context.md step 6, released ``GlobalContext.forward``'s
     ``x * sim`` broadcast added to x in ``TokenMixer``) fused into the depthwise conv's input load.
 
     Args:
@@ -120,10 +121,8 @@ def context_dwconv2d(x: Tensor, sp: Tensor, c: Tensor, weight: Tensor, bias: Opt
         raise ValueError(f"sp: expected (B, G, H, W) = ({B}, G, {H}, {W}) with G dividing {C}, got {tuple(sp.shape)}")
     if tuple(c.shape) != (B, C):
         raise ValueError(f"c: expected shape ({B}, {C}), got {tuple(c.shape)}")
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(x, backend):
-        return _reference(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation])
-    return _op(x, sp, c, weight, bias, stride, padding, _ACT_ID[activation], backend)
+    call = dispatch.Call(OP, dispatch.get_backend(), (x, sp, c, weight, bias, stride, padding, _ACT_ID[activation]))
+    return dispatch.run(OP, call)
 
 
 __all__ = ["context_dwconv2d"]

@@ -1,4 +1,4 @@
-"""CvT's convolutional projection (SPEC §4): the q, k and v depthwise convs of one token map in one
+"""CvT's convolutional projection (docs/cvt.md): the q, k and v depthwise convs of one token map in one
 pass, tokens in and tokens out (custom op, fake, autograd, dispatch).
 
 CvT's ``Attention.forward_conv`` turns (B, [1 +] h·w, C) tokens into an image, runs three
@@ -51,16 +51,21 @@ def _ext(x, wq, bq, wk, bk, wv, bv, h, w, cls, stride_q, stride_kv):
                                                                      stride_q, stride_kv))
 
 
-FORWARD = {"reference": _reference, "cpu": _ext}
+def _fp32_or_fp64(call: dispatch.Call):
+    if call.args[0].dtype in (torch.float32, torch.float64):
+        return True, "ok"
+    return False, f"the C++ kernel is fp32/fp64, got {call.args[0].dtype}: the reference convs"
+
+
+dispatch.register(OP, "forward", dispatch.Impl("cpu", "cpu", _ext, _fp32_or_fp64, "the C++ kernel (fp32/fp64)"))
+dispatch.register_kernels(OP, "forward", reference=_reference)
+FORWARD = dispatch.KernelTable(OP, "forward")  # a read-only view: kernel by name
 
 
 @torch.library.custom_op("fastvit_ops::conv_projection_qkv", mutates_args=())
 def _op(x: Tensor, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, wv: Tensor, bv: Tensor, h: int, w: int,
         cls: int, stride_q: int, stride_kv: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    name, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
-    if name == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        fn = _reference  # the C++ kernel is fp32/fp64; half precision takes the reference convs
-    return fn(x, wq, bq, wk, bk, wv, bv, h, w, cls, stride_q, stride_kv)
+    return dispatch.run_kernel(OP, "forward", backend, x, wq, bq, wk, bk, wv, bv, h, w, cls, stride_q, stride_kv)
 
 
 @_op.register_fake
@@ -103,12 +108,13 @@ def _backward(ctx, gq, gk, gv):
 
 
 torch.library.register_autograd("fastvit_ops::conv_projection_qkv", _backward, setup_context=_setup_context)
+dispatch.register(OP, "call", dispatch.eager_impl(_reference), dispatch.custom_op_impl(_op))
 
 
 def conv_projection_qkv(x: Tensor, hw: Tuple[int, int], cls_token: bool, weight_q: Tensor, bias_q: Tensor,
                         weight_k: Tensor, bias_k: Tensor, weight_v: Tensor, bias_v: Tensor,
                         stride_q: int = 1, stride_kv: int = 2) -> Tuple[Tensor, Tensor, Tensor]:
-    """q, k, v of CvT's ``Attention.forward_conv`` (``method="dw_bn"``, SPEC §4) in one pass.
+    """q, k, v of CvT's ``Attention.forward_conv`` (``method="dw_bn"``, docs/cvt.md) in one pass.
 
     Computes, for each of q (stride ``stride_q``), k and v (stride ``stride_kv``), the depthwise
     ``nn.Conv2d(C, C, k, stride, k // 2, groups=C)`` of the token map, with the eval-mode BN
@@ -159,9 +165,5 @@ def conv_projection_qkv(x: Tensor, hw: Tuple[int, int], cls_token: bool, weight_
     for name, s in (("stride_q", stride_q), ("stride_kv", stride_kv)):
         if s not in (1, 2):
             raise ValueError(f"{name}: expected 1 or 2, got {s}")
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(x, backend):
-        return _reference(x, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, h, w, cls, int(stride_q),
-                          int(stride_kv))
-    return _op(x, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, h, w, cls, int(stride_q),
-               int(stride_kv), backend)
+    args = (x, weight_q, bias_q, weight_k, bias_k, weight_v, bias_v, h, w, cls, int(stride_q), int(stride_kv))
+    return dispatch.run(OP, dispatch.Call(OP, dispatch.get_backend(), args))

@@ -1,4 +1,4 @@
-"""Sigmoid cross-modulation (FASA bidirectional interaction, SPEC §1.4): custom op, autograd, dispatch."""
+"""Sigmoid cross-modulation (FASA bidirectional interaction, docs/cross_modulation.md): custom op, autograd, dispatch."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -76,17 +76,18 @@ def _triton_bwd(grad, local, global_, mode):
     return dl, dg
 
 
-FORWARD = {"reference": _reference_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd, "triton": _triton_fwd}
-BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "triton": _triton_bwd}
+dispatch.register_kernels(OP, "forward", cpu=_ext_fwd, cuda=_ext_fwd, triton=_triton_fwd, reference=_reference_fwd)
+dispatch.register_kernels(OP, "backward", cpu=_ext_bwd, cuda=_ext_bwd, triton=_triton_bwd, reference=_reference_bwd)
+FORWARD = dispatch.KernelTable(OP, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP, "backward")
 
 
 # ---- custom ops ----------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit_ops::sigmoid_cross_modulation", mutates_args=())
 def _op(local: Tensor, global_: Tensor, mode: str, backend: str) -> Tensor:
-    _, fn = dispatch.resolve(OP, backend, local.device, FORWARD)
     if local.numel() == 0:  # nothing to compute (the kernels' layout checks reject empty tensors' strides)
         return empty_like_layout(local)
-    return fn(local, global_, mode)
+    return dispatch.run_kernel(OP, "forward", backend, local, global_, mode)
 
 
 @_op.register_fake
@@ -96,10 +97,9 @@ def _(local, global_, mode, backend):
 
 @torch.library.custom_op("fastvit_ops::sigmoid_cross_modulation_backward", mutates_args=())
 def _op_backward(grad: Tensor, local: Tensor, global_: Tensor, mode: str, backend: str) -> Tuple[Tensor, Tensor]:
-    _, fn = dispatch.resolve(OP, backend, local.device, BACKWARD)
     if local.numel() == 0:
         return empty_like_layout(local), empty_like_layout(local)
-    return fn(grad, local, global_, mode)
+    return dispatch.run_kernel(OP, "backward", backend, grad, local, global_, mode)
 
 
 @_op_backward.register_fake
@@ -120,10 +120,11 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("fastvit_ops::sigmoid_cross_modulation", _backward, setup_context=_setup_context)
+dispatch.register(OP, "call", dispatch.eager_impl(reference), dispatch.custom_op_impl(_op))
 
 
 def sigmoid_cross_modulation(local: Tensor, global_: Tensor, mode: str = "silu") -> Tensor:
-    """FASA's bidirectional interaction gate, fused (SPEC §1.4).
+    """FASA's bidirectional interaction gate, fused (docs/cross_modulation.md).
 
     Args:
         local: ``L0``, the local branch (depthwise conv of Q̂), any shape, e.g. (B, C, H, W) NCHW
@@ -146,7 +147,4 @@ def sigmoid_cross_modulation(local: Tensor, global_: Tensor, mode: str = "silu")
     check_tensor("global_", global_)
     check_like("global_", global_, "local", local)
     check_choice("mode", mode, MODES)
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(local, backend):
-        return reference(local, global_, mode)
-    return _op(local, global_, mode, backend)
+    return dispatch.run(OP, dispatch.Call(OP, dispatch.get_backend(), (local, global_, mode)))

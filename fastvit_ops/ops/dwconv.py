@@ -1,4 +1,4 @@
-"""Depthwise 2-D convolution with fused epilogues (SPEC §1.1): custom op, autograd, dispatch.
+"""Depthwise 2-D convolution with fused epilogues (docs/dwconv.md): custom op, autograd, dispatch.
 
 ``y = act(conv(x, weight) + bias) [+ x]`` with ``conv`` the depthwise (groups = C) cross-correlation
 of ``nn.Conv2d(C, C, k, stride, padding, groups=C)``. The backward recomputes the pre-activation
@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import dispatch
 from .validate import check_choice, check_like, check_tensor, is_channels_last
@@ -138,8 +138,6 @@ def _onednn_fwd(x, weight, bias, stride, padding, act, residual):
     return y.add_(x) if residual else y
 
 
-FORWARD = {"reference": _reference_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd, "triton": _triton_fwd}
-BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "triton": _triton_bwd}
 
 
 # ---- per-shape choice of the CPU forward under ``auto`` ------------------------------------------------
@@ -148,7 +146,7 @@ BACKWARD = {"reference": _reference_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd, "tri
 # signature is timed once (both forwards, a few runs each, like cudnn.benchmark) and the faster is
 # kept; the backward is always ours. ``backend("cpu")`` always runs our kernel, and
 # FASTVIT_OPS_DWCONV_TUNE=0 turns the timing off (our kernel everywhere, run-to-run identical choice).
-CPU_FORWARD = {"cpu": lambda *a: FORWARD["cpu"](*a), "onednn": _onednn_fwd}
+CPU_FORWARD = {"cpu": _ext_fwd, "onednn": _onednn_fwd}
 _cpu_choice: Dict[tuple, str] = {}
 _TUNE_MAX_KERNEL = 11
 _TUNE_WARMUP = 3   # oneDNN's first calls after building its primitive run slower
@@ -222,14 +220,30 @@ def clear_cpu_forward_choices() -> None:
     _cpu_choice.clear()
 
 
+# ---- the kernels, in the order dispatch.choose tries them within a backend -------------------------------
+# Forward: (x, weight, bias, stride, padding, activation, residual); backward: (grad, x, ..., need_dx, need_dw).
+def _onednn_wins(call: dispatch.Call):
+    if call.backend != "auto":
+        return False, f"backend {call.backend!r} was requested: oneDNN runs only under auto"
+    if onednn_forward(call.backend, *call.args[:7]):
+        return True, "auto's CPU forward choice for this call signature (cpu_forward_choice)"
+    return False, "auto's CPU forward choice for this call signature is our kernel (cpu_forward_choice)"
+
+
+dispatch.register(OP, "forward", dispatch.Impl("onednn", "cpu", _onednn_fwd, _onednn_wins,
+                                                "PyTorch's oneDNN convolution, epilogue in place"))
+dispatch.register_kernels(OP, "forward", cpu=_ext_fwd, cuda=_ext_fwd, triton=_triton_fwd, reference=_reference_fwd)
+dispatch.register_kernels(OP, "backward", cpu=_ext_bwd, cuda=_ext_bwd, triton=_triton_bwd, reference=_reference_bwd)
+FORWARD = dispatch.KernelTable(OP, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP, "backward")
+
+
 # ---- custom ops ------------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit_ops::dwconv2d", mutates_args=())
 def _op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int, activation: int,
         residual: bool, backend: str) -> Tensor:
-    name, fn = dispatch.resolve(OP, backend, x.device, FORWARD)
-    if backend == "auto" and name == "cpu":
-        fn = CPU_FORWARD[cpu_forward_choice(x, weight, bias, stride, padding, activation, residual)]
-    return _in_layout(x, fn(x, weight, bias, stride, padding, activation, residual))
+    out = dispatch.run_kernel(OP, "forward", backend, x, weight, bias, stride, padding, activation, residual)
+    return _in_layout(x, out)
 
 
 @_op.register_fake
@@ -242,8 +256,8 @@ def _op_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]
                  activation: int, residual: bool, need_dx: bool, need_dw: bool,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dx (dweight) is zeros when need_dx (need_dw) is False."""
-    _, fn = dispatch.resolve(OP, backend, x.device, BACKWARD)
-    dx, dw, db = fn(grad, x, weight, bias, stride, padding, activation, residual, need_dx, need_dw)
+    dx, dw, db = dispatch.run_kernel(OP, "backward", backend, grad, x, weight, bias, stride, padding, activation,
+                                     residual, need_dx, need_dw)
     return _in_layout(x, dx), dw.contiguous(), db.contiguous()
 
 
@@ -273,6 +287,68 @@ def _backward(ctx, grad):
 torch.library.register_autograd("fastvit_ops::dwconv2d", _backward, setup_context=_setup_context)
 
 
+# ---- how a call runs -------------------------------------------------------------------------------
+# A call is (x, weight, bias, stride, padding, activation, residual), the activation as an int.
+def _eager(x, weight, bias, stride, padding, activation, residual):
+    return reference(x, weight, bias, stride, padding, _ACT_NAME[activation], residual)
+
+
+def _cpu_autograd(call: dispatch.Call) -> Tensor:
+    """The C++ autograd node: the forward kernel the "forward" list picks (oneDNN or ours) and our
+    backward, without the custom op's Python overhead."""
+    onednn = dispatch.choose(OP, "forward", call).name == "onednn"
+    return torch.ops.fastvit_ops._dwconv2d_autograd(*call.args, onednn)
+
+
+def _contiguous_or_channels_last(call: dispatch.Call):
+    return dispatch.eager_cpu(call, channels_last=True)
+
+
+dispatch.register(OP, "call", dispatch.eager_impl(_eager),
+                  dispatch.Impl("cpu_autograd", "cpu", _cpu_autograd, _contiguous_or_channels_last,
+                                "the C++ autograd node _dwconv2d_autograd: forward as the forward "
+                                "list picks (oneDNN or ours), backward our C++ kernel"),
+                  dispatch.custom_op_impl(_op))
+
+
+# ``u + DW(u)`` over ``u`` ("residual_" stage, inference only): fn(u, weight, bias) -> True when done.
+def _ext_residual_(u, weight, bias) -> bool:
+    return torch.ops.fastvit_ops._dwconv2d_same_(u, weight, bias, 0, True)
+
+
+def _residual_inplace_ok(call: dispatch.Call):
+    u, weight, bias = call.args
+    if weight.dtype != u.dtype or (bias is not None and bias.dtype != u.dtype):
+        return False, "weight/bias dtype differs from the input's"
+    return dispatch.eager_cpu(call, channels_last=True)
+
+
+dispatch.register(OP, "residual_",
+                  dispatch.Impl("cpu", "cpu", _ext_residual_, _residual_inplace_ok,
+                                "C++ in place where its channel-blocked path runs (fp32), else declines"),
+                  dispatch.Impl("none", None, lambda u, weight, bias: False, doc="no in-place kernel"))
+
+
+def residual_inplace(u: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int,
+                     backend: Optional[str] = None) -> Tensor:
+    """``u + DW(u)`` (stride 1, "same" ``padding``, no activation) for inference, no autograd: written
+    over ``u`` where a kernel can (no second buffer of u's size), else by the forward kernel
+    :func:`dwconv2d` would run. ``u`` must be a temporary of the caller."""
+    call = dispatch.Call(OP, dispatch.get_backend() if backend is None else backend, (u, weight, bias), (weight, bias))
+    if dispatch.choose(OP, "residual_", call).fn(u, weight, bias):
+        return u
+    args = (u, weight, bias, 1, padding, 0, True)
+    return dispatch.choose(OP, "forward", call.with_args(*args)).fn(*args)
+
+
+def forward_kernel(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
+                   activation: int = 0, residual: bool = False, backend: Optional[str] = None) -> Tensor:
+    """The forward kernel :func:`dwconv2d` would run for this call, called directly (inference: no
+    autograd, no checks; the arguments as the custom op takes them)."""
+    args = (x, weight, bias, stride, padding, activation, residual)
+    return dispatch.run_kernel(OP, "forward", dispatch.get_backend() if backend is None else backend, *args)
+
+
 # ---- public API --------------------------------------------------------------------------------------
 def _check_int_pair(name: str, value, allowed=None) -> int:
     """An int, or a pair of equal ints (``nn.Conv2d`` style); returns the int."""
@@ -287,6 +363,59 @@ def _check_int_pair(name: str, value, allowed=None) -> int:
     return value
 
 
+def check_kernel_size(what: str, k: int) -> None:
+    if k % 2 == 0 or not 1 <= k <= MAX_KERNEL:
+        raise ValueError(f"{what} must be odd and in [1, {MAX_KERNEL}], got {k}")
+
+
+def _check_padding(what: str, padding: int, k: int) -> None:
+    if not 0 <= padding < k:
+        raise ValueError(f"{what}: expected 0 <= padding < k = {k}, got {padding}")
+
+
+def conv_arguments(conv) -> Tuple[int, int, int]:
+    """``(k, stride, padding)`` of a depthwise ``nn.Conv2d`` that :func:`dwconv2d` computes exactly
+    (``padding="same"``/``"valid"`` as ints). The one statement of what the depthwise kernels take
+    from a module: groups = in = out channels, a square odd kernel k ≤ 31, equal strides of 1 or 2,
+    equal paddings in [0, k), no dilation, zero padding mode.
+
+    Raises ``TypeError`` for a non-``nn.Conv2d``, ``ValueError`` naming the first thing it does not take.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv: expected an nn.Conv2d, got {type(conv).__name__}")
+    C = conv.in_channels
+    if conv.out_channels != C or conv.groups != C:
+        raise ValueError(f"conv: expected a depthwise conv (groups = in = out channels), got in={C}, "
+                         f"out={conv.out_channels}, groups={conv.groups}")
+    k, kw = conv.kernel_size
+    if k != kw:
+        raise ValueError(f"conv: expected a square kernel, got {conv.kernel_size}")
+    check_kernel_size("conv: kernel_size", k)
+    if tuple(conv.dilation) != (1, 1):
+        raise ValueError(f"conv: dilation is not supported, got {conv.dilation}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv: padding_mode must be 'zeros', got {conv.padding_mode!r}")
+    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in (1, 2):
+        raise ValueError(f"conv: expected equal strides of 1 or 2, got {conv.stride}")
+    if isinstance(conv.padding, str):
+        padding = 0 if conv.padding == "valid" else k // 2
+    elif conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"conv: expected equal paddings, got {conv.padding}")
+    else:
+        padding = conv.padding[0]
+    _check_padding("conv: padding", padding, k)
+    return k, conv.stride[0], padding
+
+
+def supports_conv(conv) -> Tuple[bool, str]:
+    """Whether :func:`dwconv2d` computes ``conv`` (see :func:`conv_arguments`), and if not, why."""
+    try:
+        conv_arguments(conv)
+    except (TypeError, ValueError) as e:
+        return False, str(e)
+    return True, "ok"
+
+
 def check_args(x, weight, bias, stride, padding, activation, residual) -> Tuple[int, int]:
     """Validate :func:`dwconv2d`'s arguments (raising as its docstring says); (stride, padding)."""
     check_tensor("x", x, ndim=4)
@@ -296,8 +425,7 @@ def check_args(x, weight, bias, stride, padding, activation, residual) -> Tuple[
     if weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"weight: expected shape (C, 1, k, k) with C = {C} (x.shape[1]), got {tuple(weight.shape)}")
     k = weight.shape[-1]
-    if k % 2 == 0 or not 1 <= k <= MAX_KERNEL:
-        raise ValueError(f"weight: kernel size must be odd and in [1, {MAX_KERNEL}], got {k}")
+    check_kernel_size("weight: kernel size", k)
     if bias is not None:
         check_tensor("bias", bias)
         check_like("bias", bias, "x", x, shape=False)
@@ -305,8 +433,7 @@ def check_args(x, weight, bias, stride, padding, activation, residual) -> Tuple[
             raise ValueError(f"bias: expected shape ({C},), got {tuple(bias.shape)}")
     stride = _check_int_pair("stride", stride, (1, 2))
     padding = k // 2 if padding is None else _check_int_pair("padding", padding)
-    if not 0 <= padding < k:
-        raise ValueError(f"padding: expected 0 <= padding < k = {k}, got {padding}")
+    _check_padding("padding", padding, k)
     check_choice("activation", activation, ACTIVATIONS)
     if not isinstance(residual, bool):
         raise TypeError(f"residual: expected a bool, got {type(residual).__name__}")
@@ -321,7 +448,7 @@ def check_args(x, weight, bias, stride, padding, activation, residual) -> Tuple[
 
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
              padding: Optional[int] = None, activation: Optional[str] = None, residual: bool = False) -> Tensor:
-    """Depthwise 2-D convolution with a fused epilogue (SPEC §1.1).
+    """Depthwise 2-D convolution with a fused epilogue (docs/dwconv.md).
 
     Computes ``y = act(conv(x, weight) + bias)``, plus ``x`` when ``residual`` (FAT's CPE and the
     ConvFFN inner residual, ``x + DW_k(x)``), where ``conv`` is
@@ -358,16 +485,10 @@ def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: i
         RuntimeError: the backend requested with ``fastvit_ops.backend`` cannot run here.
     """
     stride, padding = check_args(x, weight, bias, stride, padding, activation, residual)
-    backend, act = dispatch.get_backend(), _ACT_ID[activation]
-    if dispatch.eager_reference(x, backend):
-        return reference(x, weight, bias, stride, padding, activation, residual)
-    if dispatch.eager_cpu(x, backend, (weight, bias), channels_last=True):
-        # Plain eager CPU call: the same kernels (and per-shape forward choice) under a C++
-        # autograd node, without the custom op's Python overhead.
-        onednn = onednn_forward(backend, x, weight, bias, stride, padding, act, residual)
-        return torch.ops.fastvit_ops._dwconv2d_autograd(x, weight, bias, stride, padding, act, residual, onednn)
-    return _op(x, weight, bias, stride, padding, act, residual, backend)
+    call = dispatch.Call(OP, dispatch.get_backend(), (x, weight, bias, stride, padding, _ACT_ID[activation], residual),
+                         (weight, bias))
+    return dispatch.run(OP, call)
 
 
-__all__ = ["dwconv2d", "reference", "output_size", "cpu_forward_choice", "cpu_forward_choices",
+__all__ = ["dwconv2d", "reference", "output_size", "conv_arguments", "supports_conv", "cpu_forward_choice", "cpu_forward_choices",
            "clear_cpu_forward_choices", "ACTIVATIONS", "MAX_KERNEL"]

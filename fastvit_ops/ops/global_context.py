@@ -1,4 +1,4 @@
-"""FCViT grouped token-global similarity with normalization (SPEC §1.2): custom ops, autograd,
+"""FCViT grouped token-global similarity with normalization (docs/global_context.md): custom ops, autograd,
 dispatch.
 
 Two public functions:
@@ -311,15 +311,17 @@ def _with(kernels_name, glue):
     return run
 
 
-FORWARD = {"reference": _with("reference", _glue_forward), "cpu": _ext_forward,
-           "triton": _with("triton", _glue_forward)}
-BACKWARD = {"reference": _with("reference", _glue_backward), "cpu": _ext_backward,
-            "triton": _with("triton", _glue_backward)}
+for _op_name in (OP_SIM, OP_GC):
+    dispatch.register_kernels(_op_name, "forward", cpu=_ext_forward, triton=_with("triton", _glue_forward),
+                              reference=_with("reference", _glue_forward))
+    dispatch.register_kernels(_op_name, "backward", cpu=_ext_backward, triton=_with("triton", _glue_backward),
+                              reference=_with("reference", _glue_backward))
+FORWARD = dispatch.KernelTable(OP_GC, "forward")  # read-only views: kernel by name
+BACKWARD = dispatch.KernelTable(OP_GC, "backward")
 
 
 def _forward(op, x, mlp, alpha, beta, groups, eps, residual, backend):
-    _, fn = dispatch.resolve(op, backend, x.device, FORWARD)
-    out, g, stats = fn(x, mlp, alpha, beta, groups, eps, residual)
+    out, g, stats = dispatch.run_kernel(op, "forward", backend, x, mlp, alpha, beta, groups, eps, residual)
     if mlp is not None:
         out = _like_input(out, x)
     return out, g, stats
@@ -327,8 +329,7 @@ def _forward(op, x, mlp, alpha, beta, groups, eps, residual, backend):
 
 def _backward(op, grad, x, g, stats, mlp, alpha, beta, groups, eps, residual, backend):
     """Returns dx, dalpha, dbeta and (when ``mlp``) the MLP parameter gradients."""
-    _, fn = dispatch.resolve(op, backend, x.device, BACKWARD)
-    grads = fn(grad, x, g, stats, mlp, alpha, beta, groups, eps, residual)
+    grads = dispatch.run_kernel(op, "backward", backend, grad, x, g, stats, mlp, alpha, beta, groups, eps, residual)
     return (_like_input(grads[0], x),) + tuple(grads[1:])
 
 
@@ -434,14 +435,38 @@ def _gc_bwd(ctx, grad, _g, _stats):
 torch.library.register_autograd("fastvit_ops::global_context", _gc_bwd, setup_context=_gc_setup)
 
 
-# ---- eager CPU fast path -------------------------------------------------------------------------
-# ``_gc_autograd`` is the cpu backend's _gc_forward_full / _gc_backward_full under a C++ autograd
-# node: the same kernels and results as the custom op, without its per-call Python dispatch and
-# autograd glue (a few hundred µs per forward+backward, more than the kernels at FCViT's small
-# stages). Plain eager calls only: torch.compile, fake/subclass tensors, functorch transforms
-# and dispatch modes keep the custom op (which is what opcheck and the compiler see).
-def _eager_cpu(x: Tensor, backend: str, params) -> bool:
-    return dispatch.eager_cpu(x, backend, params)
+# ---- how a call runs -------------------------------------------------------------------------------
+# A call is the custom op's arguments without the backend: (x, rescale_weight, rescale_bias, groups,
+# eps) for the similarity, (x, fc1_w, fc1_b, fc2_w, fc2_b, rescale_weight, rescale_bias, groups, eps,
+# residual) for the global context. The cpu backend's ``cpu_autograd`` is _gc_forward_full /
+# _gc_backward_full under a C++ autograd node: the same kernels and results as the custom op,
+# without its per-call Python dispatch and autograd glue (a few hundred µs per forward+backward,
+# more than the kernels at FCViT's small stages).
+def _sim_eager(x, alpha, beta, groups, eps):
+    return reference(x, alpha, beta, groups, eps)
+
+
+def _sim_cpu_autograd(call: dispatch.Call) -> Tensor:
+    x, alpha, beta, groups, eps = call.args
+    return torch.ops.fastvit_ops._gc_autograd(x, None, None, None, None, alpha, beta, groups, eps, False)
+
+
+def _gc_eager(x, w1, b1, w2, b2, alpha, beta, groups, eps, residual):
+    return reference(x, alpha, beta, groups, eps, (w1, b1, w2, b2), residual)
+
+
+def _gc_cpu_autograd(call: dispatch.Call) -> Tensor:
+    return torch.ops.fastvit_ops._gc_autograd(*call.args)
+
+
+dispatch.register(OP_SIM, "call", dispatch.eager_impl(_sim_eager),
+                  dispatch.Impl("cpu_autograd", "cpu", _sim_cpu_autograd, dispatch.eager_cpu,
+                                "the C++ autograd node _gc_autograd (our forward and backward kernels)"),
+                  dispatch.custom_op_impl(lambda *a: _sim_op(*a)[0]))
+dispatch.register(OP_GC, "call", dispatch.eager_impl(_gc_eager),
+                  dispatch.Impl("cpu_autograd", "cpu", _gc_cpu_autograd, dispatch.eager_cpu,
+                                "the C++ autograd node _gc_autograd (our forward and backward kernels)"),
+                  dispatch.custom_op_impl(lambda *a: _gc_op(*a)[0]))
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -468,7 +493,7 @@ def _check_param(name, t, shape, x):
 
 def token_global_similarity(x: Tensor, rescale_weight: Tensor, rescale_bias: Tensor,
                             groups: int = 8, eps: float = 1e-5) -> Tensor:
-    """FCViT's normalized, rescaled token-global similarity ``S'`` (SPEC §1.2 steps 1–4).
+    """FCViT's normalized, rescaled token-global similarity ``S'`` (docs/global_context.md, steps 1–4).
 
     ``g = mean_{H,W} x``; ``S[b,γ,i] = d^-1/2·Σ_e x[b,γd+e,i]·g[b,γd+e]``; per sample
     ``Ŝ = (S − mean)/(std + eps)`` over (G, H·W) jointly with the **unbiased** std;
@@ -493,13 +518,9 @@ def token_global_similarity(x: Tensor, rescale_weight: Tensor, rescale_bias: Ten
         RuntimeError: the backend requested with ``fastvit_ops.backend`` cannot run here.
     """
     _check_common(x, rescale_weight, rescale_bias, groups, eps)
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(x, backend):
-        return reference(x, rescale_weight, rescale_bias, groups, float(eps))
-    if _eager_cpu(x, backend, (rescale_weight, rescale_bias)):
-        return torch.ops.fastvit_ops._gc_autograd(x, None, None, None, None, rescale_weight,
-                                                  rescale_bias, groups, float(eps), False)
-    return _sim_op(x, rescale_weight, rescale_bias, groups, float(eps), backend)[0]
+    call = dispatch.Call(OP_SIM, dispatch.get_backend(), (x, rescale_weight, rescale_bias, groups, float(eps)),
+                         (rescale_weight, rescale_bias))
+    return dispatch.run(OP_SIM, call)
 
 
 def _check_mlp(x, groups, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
@@ -518,23 +539,15 @@ def _global_context(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weigh
                     groups, eps, residual):
     _check_common(x, rescale_weight, rescale_bias, groups, eps)
     _check_mlp(x, groups, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    backend = dispatch.get_backend()
-    if dispatch.eager_reference(x, backend):
-        return reference(x, rescale_weight, rescale_bias, groups, float(eps),
-                         (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual)
-    if _eager_cpu(x, backend, (fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight,
-                               rescale_bias)):
-        return torch.ops.fastvit_ops._gc_autograd(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                  rescale_weight, rescale_bias, groups,
-                                                  float(eps), residual)
-    return _gc_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias,
-                  groups, float(eps), residual, backend)[0]
+    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias, rescale_weight, rescale_bias)
+    call = dispatch.Call(OP_GC, dispatch.get_backend(), (x, *params, groups, float(eps), residual), params)
+    return dispatch.run(OP_GC, call)
 
 
 def global_context(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor,
                    fc2_bias: Tensor, rescale_weight: Tensor, rescale_bias: Tensor,
                    groups: int = 8, eps: float = 1e-5) -> Tensor:
-    """``x + GC(x)``: FCViT's dynamic global context added to its input (SPEC §1.2, all six steps).
+    """``x + GC(x)``: FCViT's dynamic global context added to its input (docs/global_context.md, steps 1–6).
 
     ``GC(x)[b, γd+e] = S'[b,γ]·c[b, γd+e]`` with ``S'`` = :func:`token_global_similarity` and the
     competitive bottleneck ``c = fc2(max(u[:, :h], u[:, h:]))``, ``u = fc1(mean_{H,W} x)``

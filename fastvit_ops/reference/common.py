@@ -1,4 +1,4 @@
-"""Small building blocks shared by the reference models (SPEC.md notation)."""
+"""Small building blocks shared by the reference models (notation of docs/README.md)."""
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -8,7 +8,7 @@ from torch import nn
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """``DW_k/s`` of SPEC.md: ``nn.Conv2d(C, C, k, stride, k // 2, groups=C)``.
+    """``DW_k/s`` of docs/README.md: ``nn.Conv2d(C, C, k, stride, k // 2, groups=C)``.
 
     Same parameters and state_dict keys (``weight`` (C, 1, k, k), ``bias`` (C,)) as the
     ``nn.Conv2d`` the authors wrote, so checkpoints load unchanged. ``fastvit_ops.nn`` swaps in a
@@ -46,7 +46,7 @@ class DropPath(nn.Module):
 
 
 class GroupNorm1(nn.GroupNorm):
-    """``GN`` of SPEC.md: ``nn.GroupNorm(1, C)``, what FAT and FCViT call "LayerNorm"."""
+    """``GN`` of docs/README.md: ``nn.GroupNorm(1, C)``, what FAT and FCViT call "LayerNorm"."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__(1, channels, eps=eps)

@@ -1,11 +1,11 @@
-"""CvT reference model (SPEC.md §4), state_dict-identical to the authors' released code.
+"""CvT reference model (docs/cvt.md), state_dict-identical to the authors' released code.
 
 Source: Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021, and its
 released code, github microsoft/CvT ``lib/models/cls_cvt.py`` with the ImageNet settings of
 ``experiments/imagenet/cvt/cvt-{13,21}-224x224.yaml``. Where paper and code differ the code wins
-(SPEC.md). This is an independent re-implementation (no timm / einops); parameter names, module
+(docs/cvt.md). This is an independent re-implementation (no timm / einops); parameter names, module
 nesting and registration order follow the released code so that ``state_dict()`` lists exactly the
-keys of ``checkpoints/cvt_13.txt`` / ``cvt_21.txt`` and released checkpoints load with
+keys of ``tests/data/checkpoints/cvt_13.txt`` / ``cvt_21.txt`` and released checkpoints load with
 ``strict=True``.
 
 Layouts: images and 2-D token maps are NCHW ``(B, C, H, W)``; token sequences are ``(B, T, C)``
@@ -67,7 +67,7 @@ class Mlp(nn.Module):
     """``fc2(drop(act(fc1(x))))`` then dropout; ``(B, T, C_in) → (B, T, C_out)``.
 
     Params ``fc1`` (C_in → hidden) and ``fc2`` (hidden → C_out), both with bias. The released
-    models use QuickGELU and hidden = 4·C (SPEC.md §4).
+    models use QuickGELU and hidden = 4·C (docs/cvt.md).
     """
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None,
@@ -89,7 +89,7 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """CvT convolutional-projection attention (``method="dw_bn"``), SPEC.md §1.3 and §4.
+    """CvT convolutional-projection attention (``method="dw_bn"``), docs/attention.md, docs/cvt.md.
 
     ``forward(x, h, w)``: ``x (B, [1 +] h·w, dim_in)`` (cls token first when ``with_cls_token``)
     → ``(B, [1 +] h·w, dim_out)``.

@@ -1,7 +1,7 @@
-"""FAT / FASA reference model in pure PyTorch (SPEC.md §1.4, §2).
+"""FAT / FASA reference model in pure PyTorch (docs/cross_modulation.md, docs/fat.md).
 
-"Lightweight Vision Transformer with Bidirectional Interaction" (Fan et al., NeurIPS 2023), paper
-``papers/003_7661a2afdcfd3451.txt`` §3 and appendix Tab. 6; released code github qhfan/FAT
+"Lightweight Vision Transformer with Bidirectional Interaction" (Fan et al., NeurIPS 2023), arXiv
+2306.00396 §3 and appendix Tab. 6; released code github qhfan/FAT
 ``classification/models.py``. Where the two differ the released code is followed, because the
 released checkpoints expect it:
 
@@ -14,7 +14,7 @@ released checkpoints expect it:
 
 Everything is NCHW ``(B, C, H, W)``; any floating dtype works (the math follows the input
 dtype, as in the authors' code). The state_dict of :class:`FAT` built from :data:`CONFIGS` is
-key-for-key and shape-for-shape the authors' (``shared/checkpoints/fat_b*.txt``); the authors'
+key-for-key and shape-for-shape the authors' (``tests/data/checkpoints/fat_b*.txt``); the authors'
 ``nn.SyncBatchNorm`` is an ``nn.BatchNorm2d`` here (same keys, runs without a process group).
 
 Layer injection: every constructor takes a trailing ``layers=None`` mapping a name of
@@ -111,7 +111,7 @@ class FASA(nn.Module):
     def modulate(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
         """Bidirectional interaction of the released code: ``SiLU(local) ⊙ SiLU(global_)``.
 
-        (Released: ``silu(L0) · σ(G) · G``; SPEC §1.4 mode ``"silu"``.) Same shape in and out.
+        (Released: ``silu(L0) · σ(G) · G``; docs/cross_modulation.md, mode ``"silu"``.) Same shape in and out.
         Fused subclasses override this method only.
         """
         return F.silu(local) * F.silu(global_)
@@ -164,7 +164,7 @@ class ConvFFN(nn.Module):
 
 
 class FATBlock(nn.Module):
-    """One FAT block (released ``FATBlock``; SPEC §2)::
+    """One FAT block (released ``FATBlock``; docs/fat.md)::
 
         x ← x + cpe(x)                                  (CPE, DW_k)
         x ← x + drop_path(attn(norm1(x)))               (FASA, GN)
@@ -356,7 +356,7 @@ REFERENCE_LAYERS = {
 _COMMON = dict(kernel_sizes=(3, 5, 7, 9), window_sizes=(8, 4, 2, 1),
                mlp_kernel_sizes=(5, 5, 5, 5), mlp_ratios=(4, 4, 4, 4))
 
-#: Variant settings (SPEC.md §2 table; released ``configs/FAT_b0.yaml`` for B0). Pass as
+#: Variant settings (docs/fat.md table; released ``configs/FAT_b0.yaml`` for B0). Pass as
 #: ``FAT(**CONFIGS[name], num_classes=..., layers=...)``.
 CONFIGS = {
     "fat_b0": dict(embed_dims=(32, 80, 160, 256), depths=(2, 2, 6, 2),

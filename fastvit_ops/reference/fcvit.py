@@ -1,8 +1,8 @@
 """FCViT reference (pure PyTorch), state_dict-identical to the authors' released code.
 
-Paper: "A Close Look at Token Mixer: From Attention to Convolution" (FCViT; ``papers/000_*``,
-``papers/001_*``). Released code: github ma-xu/FCViT ``models/fcvit.py`` (``BaseFormer`` built
-by the ``fcvit_*`` factories). Where the two differ the released code is followed (SPEC.md §3);
+Paper: "A Close Look at Spatial Modeling: From Attention to Convolution" (FCViT, arXiv 2212.12552;
+also circulated as "A Close Look at Token Mixer: From Attention to Convolution"). Released code: github ma-xu/FCViT ``models/fcvit.py`` (``BaseFormer`` built
+by the ``fcvit_*`` factories). Where the two differ the released code is followed (docs/fcvit.md);
 the settings below are the ones the released factories make effective:
 
 * weighted global context with G = 8 groups, a ``d^-1/2`` similarity scale, per-group
@@ -53,7 +53,7 @@ def _init_conv_linear(m: nn.Module) -> None:
 
 
 class GlobalContext(nn.Module):
-    """Grouped token-global similarity with normalization (SPEC.md §1.2; paper Eq. 6–8 and the
+    """Grouped token-global similarity with normalization (docs/global_context.md; paper Eq. 6–8 and the
     competitive information bottleneck; released ``GlobalContext`` with ``weighted_gc=True``,
     ``compete=True``, ``head=8``, ``gc_reduction=8``).
 
@@ -139,7 +139,7 @@ class GlobalContext(nn.Module):
 
 
 class TokenMixer(nn.Module):
-    """FCViT token mixer (SPEC.md §3; paper Eq. 5 applied twice; released ``TokenMixer``).
+    """FCViT token mixer (docs/fcvit.md; paper Eq. 5 applied twice; released ``TokenMixer``).
 
     ``Z ← Z + gc1(Z); Z ← GELU(fc1(dw1(Z))); Z ← Z + gc2(Z); Z ← GELU(fc2(dw2(Z)))``, where
     ``dw{1,2}`` are ``DW_k`` (k = 11, bias) and ``fc{1,2}`` are
@@ -325,7 +325,7 @@ REFERENCE_LAYERS = {
     "DepthwiseConv2d": DepthwiseConv2d,
 }
 
-# SPEC.md §3 table (released factories fcvit_tiny / fcvit_b12 / fcvit_b24 / fcvit_b48).
+# docs/fcvit.md table (released factories fcvit_tiny / fcvit_b12 / fcvit_b24 / fcvit_b48).
 CONFIGS = {
     "fcvit_tiny": dict(depths=(3, 3, 5, 2), embed_dims=(32, 64, 160, 320), mlp_ratios=(8, 8, 4, 4)),
     "fcvit_b12": dict(depths=(2, 2, 6, 2), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4)),

@@ -1,7 +1,7 @@
-"""Visual Transformer (VT) reference blocks (SPEC.md §5).
+"""Visual Transformer (VT) reference blocks (docs/vt.md).
 
 Source: Wu et al., "Visual Transformers: Token-based Image Representation and Processing for
-Computer Vision", 2020 (``papers/002_97155e2c3b9ff0f4.txt``), §3.1–3.3, Eqs. (1)–(5). No official
+Computer Vision", 2020 (arXiv 2006.03677), §3.1–3.3, Eqs. (1)–(5). No official
 code exists; these modules implement the paper's equations literally. The paper writes a feature
 map as ``X ∈ R^{HW×C}`` and tokens as ``T ∈ R^{L×C}``; here feature maps are NCHW
 ``(B, C, H, W)`` (pixels flattened row-major, ``p = i·W + j``) and tokens are ``(B, L, C_T)``.
@@ -15,7 +15,7 @@ required when tokens and feature map have different widths) and ``scale`` (multi
 ``1/√C``, ``C`` the width of the dot product).
 
 Every softmax-weighted sum goes through a method ``attention(q, k, v)`` on
-``(B, 1, N, d)`` / ``(B, 1, M, d)`` tensors (one head, SPEC.md §1.3 layout) with the softmax over
+``(B, 1, N, d)`` / ``(B, 1, M, d)`` tensors (one head, docs/attention.md layout) with the softmax over
 the ``M`` keys, so a fused subclass can override it: the tokenizers are attention with ``L`` filter
 (or recurrent) queries over ``HW`` pixel keys (softmax over HW), the projector has ``HW`` pixel
 queries over ``L`` token keys (softmax over L). Any float dtype; computed in the input dtype.

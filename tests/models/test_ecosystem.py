@@ -69,7 +69,7 @@ def test_compile_fullgraph_matches_eager(name):
 @pytest.mark.parametrize("name", ["fat_b0", "fcvit_tiny", "cvt_13"])
 def test_autocast_bf16_matches_reference_policy(name):
     """Same output dtype as the reference under autocast; error vs the fp64 reference within the
-    DESIGN.md rule (≤ 2× the reference's own bf16 error, or the bf16 floor); backward works."""
+    error rule of docs/numerics.md (≤ 2× the reference's own bf16 error, or the bf16 floor); backward works."""
     ref = build(name).eval()
     conv = fastvit_ops.convert(ref)
     exact_model = copy.deepcopy(ref).double()

@@ -1,4 +1,4 @@
-"""fat_b0 and cvt_13 built from the fused attention layers match the reference models (SPEC §2, §4)."""
+"""fat_b0 and cvt_13 built from the fused attention layers match the reference models (docs/fat.md, docs/cvt.md)."""
 import pytest
 import torch
 

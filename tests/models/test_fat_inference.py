@@ -1,6 +1,7 @@
-"""The fused FAT modules' CPU inference path (fastvit_ops.nn.fat): channels_last, BN folded into the
-convs (cached until the parameters change), GELU/ReLU/residual adds as oneDNN post-ops, the
-ConvFFN's hidden map in place and in chunks of samples. Same values as the reference modules."""
+"""The fused FAT modules' CPU inference path (fastvit_ops.nn.fat_inference): channels_last, BN folded
+into the convs (the plan rebuilt when the module changes), GELU/ReLU/residual adds in place, the
+ConvFFN's hidden map in place and in chunks of samples, a module call for any part it does not
+recognise. Same values as the reference modules."""
 import copy
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import fastvit_ops
 from conftest import assert_error_rule, randomize_
 from fastvit_ops.nn import fat as fused_fat
-from fastvit_ops.nn._pointwise import conv_add_, conv_epilogue
+from fastvit_ops.nn import fat_inference
+from fastvit_ops.ops import dispatch
 from fastvit_ops.reference import fat as ref_fat
 
 CFG = ref_fat.CONFIGS["fat_b0"]
@@ -30,56 +32,96 @@ def _exact(ref, x):
         return copy.deepcopy(ref).double()(x.double())
 
 
+def _eager(ref, x):
+    """The reference in fp32 three equally valid ways (NCHW and channels_last input: other
+    convolution algorithms; the batch reversed): the error rule's yardstick, the largest error
+    counting. Over a whole block one eager run's largest error is one element's luck."""
+    with torch.no_grad():
+        return [ref(x), ref(x.contiguous(memory_format=torch.channels_last)), ref(x.flip(0)).flip(0)]
+
+
+class Wrapped(torch.nn.Module):
+    """A user's layer the inference plan does not recognise: it must call it as it is."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _wrap_every_part(blk):
+    """The block with each part the plan fuses replaced by an opaque module computing the same."""
+    for owner, name in ((blk, "cpe"), (blk, "norm1"), (blk, "norm2"), (blk.attn, "q"), (blk.attn, "kv"),
+                        (blk.attn, "local_mixer"), (blk.attn, "mixer"), (blk.ffn, "fc1"), (blk.ffn, "dwconv"),
+                        (blk.ffn, "bn"), (blk.ffn, "fc2")):
+        setattr(owner, name, Wrapped(getattr(owner, name)))
+    if isinstance(blk.downsample, torch.nn.Sequential):
+        blk.downsample = Wrapped(blk.downsample)
+    blk.attn.pool = Wrapped(blk.attn.pool)
+    return blk
+
+
 @pytest.mark.parametrize("cfg", BLOCKS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("size", [(9, 11), (16, 16)])
-def test_block_inference_path_matches_reference(cfg, size, monkeypatch):
+def test_block_inference_path_matches_reference(cfg, size):
     dim, out_dim, k, heads, window, stride = cfg
     ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, dim, out_dim, k, heads, window, 5, 4, stride)
     x = torch.randn(3, dim, *size)
     exact = _exact(ref, x)
     with torch.no_grad():
         y_ref, y = ref(x), fused(x)
-    assert fused.__dict__["_fastvit_ops_plan"][1] is not None, "the flat inference plan was not used"
+    assert fused.__dict__["_fastvit_ops_plan"][1] is not None, "the inference plan was not used"
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
-    assert_error_rule(f"FATBlock{cfg}", y, y_ref, exact)
-    # The module-by-module inference path (what non-standard blocks run) gives the same result.
-    calls = []
-    real = fused_fat._ffn_inference
-    monkeypatch.setattr(fused_fat, "_block_plan", lambda blk: None)
-    monkeypatch.setattr(fused_fat, "_ffn_inference", lambda *a: calls.append(1) or real(*a))
-    fused.__dict__.pop("_fastvit_ops_plan")
+    eager = _eager(ref, x)
+    assert_error_rule(f"FATBlock{cfg}", y, eager, exact)
+    # Every part replaced by a module the plan does not recognise: the same path calls them as
+    # they are (what a user's modified block runs) and gives the same result.
+    _wrap_every_part(fused)
     with torch.no_grad():
         y2 = fused(x)
-    assert calls, "the module inference path was not taken"
-    assert_error_rule(f"FATBlock{cfg} module path", y2, y_ref, exact)
+    assert_error_rule(f"FATBlock{cfg} with opaque parts", y2, eager, exact)
 
 
-def test_non_standard_block_keeps_the_module_path():
-    """A block whose norm is not a GroupNorm (say, a user's replacement) runs the module path."""
+def test_swapped_part_rebuilds_the_plan():
+    """A block whose norm is replaced after the plan was built (say, by a user's layer) gets a new
+    plan that calls the new module, although none of the tensors the old plan read changed."""
     ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 32, 32, 3, 2, 8, 5, 4, 1)
-
-    class MyNorm(torch.nn.Module):
-        def __init__(self, gn):
-            super().__init__()
-            self.gn = gn
-
-        def forward(self, x):
-            return self.gn(x)
-
     x = torch.randn(2, 32, 9, 9)
     with torch.no_grad():
         fused(x)
-        assert fused.__dict__["_fastvit_ops_plan"][1] is not None  # standard until the swap
-        # Swapped after the plan was built: the plan must not outlive the structure it read, even
-        # though none of the tensors it read changed.
-        ref.norm1, fused.norm1 = MyNorm(ref.norm1), MyNorm(copy.deepcopy(fused.norm1))
+        old_plan = fused.__dict__["_fastvit_ops_plan"][1]
+        ref.norm1, fused.norm1 = Wrapped(ref.norm1), Wrapped(copy.deepcopy(fused.norm1))
         with torch.no_grad():
-            ref.norm1.gn.weight.mul_(-2.0)
-            fused.norm1.gn.weight.mul_(-2.0)
+            ref.norm1.inner.weight.mul_(-2.0)
+            fused.norm1.inner.weight.mul_(-2.0)
         y_ref, y = ref(x), fused(x)
-        assert fused.__dict__["_fastvit_ops_plan"][1] is None  # remembered as non-standard
+        assert fused.__dict__["_fastvit_ops_plan"][1] is not old_plan
         torch.testing.assert_close(fused(x), y)
     assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x))
+
+
+def test_inference_plan_runs_the_kernels_the_registry_picks():
+    """The plan's depthwise and attention kernels are dispatch.choose's for the requested backend:
+    the C++ ones under auto (with the extension), the reference ones under backend("reference")."""
+    ref, fused = _pair(ref_fat.FATBlock, fused_fat.FATBlock, 80, 160, 5, 5, 4, 5, 4, 2)
+    x = torch.randn(2, 80, 10, 10)
+    exact = _exact(ref, x)
+    with torch.no_grad():
+        y_ref = ref(x)
+        with dispatch.recording() as log:
+            y = fused(x)
+        with fastvit_ops.backend("reference"), dispatch.recording() as log_ref:
+            y2 = fused(x)
+    picked = {(c.op, c.stage) for c in log}
+    assert {("dwconv2d", "forward"), ("downsampled_attention", "forward")} <= picked
+    want = "cpu" if dispatch.backend_available("cpu", torch.device("cpu"))[0] else "reference"
+    assert {c.call.resolved() for c in log} == {want}
+    assert {c.impl.backend for c in log_ref if c.stage == "forward"} == {"reference"}
+    assert y2.is_contiguous(memory_format=torch.channels_last)
+    assert_error_rule("FATBlock plan", y, y_ref, exact)
+    assert_error_rule("FATBlock plan on the reference kernels", y2, y_ref, exact)
 
 
 def test_block_inference_chunks_the_ffn(monkeypatch):
@@ -88,8 +130,8 @@ def test_block_inference_chunks_the_ffn(monkeypatch):
     x = torch.randn(5, 32, 12, 12)
     with torch.no_grad():
         whole = fused(x)
-        monkeypatch.setattr(fused_fat, "FFN_CHUNK_BYTES", 2 * 128 * 12 * 12 * 4)  # two samples per chunk
-        assert fused_fat._ffn_chunk(x, 128) == 2
+        monkeypatch.setattr(fat_inference, "FFN_CHUNK_BYTES", 2 * 128 * 12 * 12 * 4)  # two samples per chunk
+        assert fat_inference._chunk(x, 128) == 2
         chunked = fused(x)
         y_ref = ref(x)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
@@ -154,44 +196,6 @@ def test_converted_fat_b0_inference_runs_channels_last():
         y_ref, y = ref(x), conv(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
     assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x))
-
-
-# ---- the conv + epilogue helpers --------------------------------------------------------------------------
-@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_epilogue_matches_composite(activation, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(3, 24, 7, 9).contiguous(memory_format=fmt)
-    w, b = torch.randn(40, 24, 3, 3) * 0.2, torch.randn(40)
-    res = torch.randn(3, 40, 4, 5).contiguous(memory_format=fmt)
-    act = {None: lambda t: t, "relu": torch.relu, "gelu": torch.nn.functional.gelu}[activation]
-    expect = act(torch.nn.functional.conv2d(x, w, b, 2, 1))
-    with torch.no_grad():
-        for residual in (None, res):
-            y = conv_epilogue(x, w, b, 2, 1, activation, residual)
-            torch.testing.assert_close(y, expect if residual is None else expect + residual, rtol=1e-5, atol=1e-5)
-            assert y.is_contiguous(memory_format=fmt)
-    with pytest.raises(ValueError, match="activation"):
-        conv_epilogue(x, w, b, activation="tanh")
-
-
-def test_conv_epilogue_with_grad_is_differentiable_and_conv_add_accumulates():
-    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(6, 8, 1, 1, requires_grad=True)
-    res = torch.randn(2, 6, 5, 5)
-    y = conv_epilogue(x, w, None, activation="gelu", residual=res)
-    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
-    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    y2 = torch.nn.functional.gelu(torch.nn.functional.conv2d(x2, w2)) + res
-    ex, ew = torch.autograd.grad(y2.square().sum(), (x2, w2))
-    torch.testing.assert_close(gx, ex), torch.testing.assert_close(gw, ew)
-    with torch.no_grad():
-        out = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
-        expect = out + torch.nn.functional.conv2d(x, w)
-        r = conv_add_(out[1:], x[1:], w, None)
-        assert r.data_ptr() == out[1:].data_ptr()
-        torch.testing.assert_close(out, torch.cat([expect[:1] - torch.nn.functional.conv2d(x[:1], w), expect[1:]]),
-                                   rtol=1e-5, atol=1e-5)
 
 
 def test_inference_mode_then_no_grad_then_training_graph():

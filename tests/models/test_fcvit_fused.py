@@ -1,6 +1,6 @@
 """FCViT-tiny built from the fused global-context layers matches the reference model (fp32, batch 2,
 224²): logits and every parameter gradient to ≤ 1e-4 relative error (or, past that, within the
-DESIGN.md rule: at most 2× the fp32 reference's own error against float64)."""
+error rule of docs/numerics.md: at most 2× the fp32 reference's own error against float64)."""
 import copy
 
 import pytest
@@ -85,7 +85,7 @@ def test_fcvit_tiny_fused_matches_reference(backend):
     worst.sort(reverse=True)
     if worst[0][0] > 1e-4:
         # Random inputs every run: a gradient the fp32 reference itself gets poorly (cancellation)
-        # can differ by a little over 1e-4 (seen at 1.04e-4). Then the DESIGN.md rule decides: the
+        # can differ by a little over 1e-4 (seen at 1.04e-4). Then the error rule (docs/numerics.md) decides: the
         # fused error against float64 at most 2× the reference's own, per parameter.
         exact = copy.deepcopy(reference).double()
         exact.zero_grad(set_to_none=True)

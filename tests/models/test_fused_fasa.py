@@ -1,4 +1,4 @@
-"""fastvit_ops.fused_fasa(x, fasa): the whole FASA forward (SPEC §2) for any module with FASA's
+"""fastvit_ops.fused_fasa(x, fasa): the whole FASA forward (docs/fat.md) for any module with FASA's
 attributes equals the reference FASA(x), values and gradients, at every FAT-B0 stage."""
 import copy
 

@@ -2,7 +2,7 @@
 layer scales, global-context α/β, BatchNorm running statistics and all biases non-trivial (at the
 default initialisation layer scales are 1e-5, α = 1, β = 0 and BatchNorm is the identity, so a
 wrong fused layer could hide below any tolerance). Logits in eval mode and every parameter
-gradient in training mode are judged by the DESIGN.md rule against float64, with eager fp32 as the
+gradient in training mode are judged by the rule of docs/numerics.md against float64, with eager fp32 as the
 yardstick; no gradient is exempt, small ones included."""
 import copy
 

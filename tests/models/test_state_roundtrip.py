@@ -14,6 +14,7 @@ from conftest import assert_error_rule, randomize_
 from fastvit_ops import models
 from fastvit_ops.nn import _bn
 from fastvit_ops.nn import fat as fused_fat
+from fastvit_ops.nn import fat_inference
 from fastvit_ops.reference import fat as ref_fat
 
 MODELS = ["fat_b0", "fcvit_tiny", "cvt_13"]
@@ -87,14 +88,19 @@ def _ffn_pair():
 
 
 def _folds(module):
-    return {name: hit for m in module.modules() for name, hit in _bn.fold_cache(m).items()}
+    """The cached inference state in ``module``: BN folds (``_bn.cached_fold``) and FAT inference
+    plans (``nn.fat_inference``, which fold the BNs of the blocks they run)."""
+    found = {f"{id(m)} {name}": hit for m in module.modules() for name, hit in _bn.fold_cache(m).items()}
+    found.update({f"{id(m)} plan": m.__dict__[fat_inference._PLAN] for m in module.modules()
+                  if fat_inference._PLAN in m.__dict__})
+    return found
 
 
 def _check(label, ref, fused, x):
     with torch.no_grad():
         y, y_ref = fused(x), ref(x)
         exact = copy.deepcopy(ref).double()(x.double())
-    assert _folds(fused), f"{label}: the inference path cached no fold"
+    assert _folds(fused), f"{label}: the inference path cached no fold or plan"
     assert y.dtype == y_ref.dtype
     assert_error_rule(label, y, y_ref, exact.to(y.dtype) if y.dtype == torch.float64 else exact)
 

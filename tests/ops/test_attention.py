@@ -1,4 +1,4 @@
-"""downsampled_attention (SPEC §1.3) and its channels-first gated entry, on every backend here."""
+"""downsampled_attention (docs/attention.md) and its channels-first gated entry, on every backend here."""
 import itertools
 
 import pytest
@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import fastvit_ops
-from conftest import assert_error_rule, backends_for, requires_cuda
+from conftest import assert_error_rule, backends_for, requires_cuda, spy_kernels
 from fastvit_ops.ops import attention as att
+from fastvit_ops.ops import dispatch
 from fastvit_ops.ops.attention import downsampled_attention, downsampled_attention_nchw
 
 CPU_BACKENDS = backends_for("cpu")
@@ -287,13 +288,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_dispatch_runs_the_requested_backend(monkeypatch):
-    calls = []
-    for table, kind in ((att.FORWARD, "fwd"), (att.BACKWARD, "bwd")):
-        for name, fn in list(table.items()):
-            def spy(*args, _fn=fn, _name=name, _kind=kind):
-                calls.append((_kind, _name))
-                return _fn(*args)
-            monkeypatch.setitem(table, name, spy)
+    calls = spy_kernels(monkeypatch, "downsampled_attention")
     q, k, v = rand(1, 1, 5, 16, dtype=torch.float32), rand(1, 1, 3, 16, dtype=torch.float32), rand(1, 1, 3, 16, dtype=torch.float32)
     have_cpu = fastvit_ops.backend_available("cpu", torch.device("cpu"))[0]
     for name in ("reference",) + (("cpu",) if have_cpu else ()):
@@ -325,22 +320,21 @@ def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch):
         (att.TOKENS, q_cl.permute(0, 2, 3, 1).reshape(B, N, h, d).transpose(1, 2),
          g_cl.permute(0, 2, 3, 1).reshape(B, N, h, d).transpose(1, 2)),
     ]
-    calls = []
-    monkeypatch.setitem(att.FORWARD, "cpu", lambda *a: calls.append(1) or att._ext_fwd(*a))
     for layout, q, g in cases:
         want, _ = att._op(q, k, v, g, 0.3, layout, "auto")
-        calls.clear()
-        with torch.no_grad():
+        with torch.no_grad(), dispatch.recording() as log:
             got = att.attention_core(q, k, v, 0.3, g, layout)
-        assert calls == [], "no-grad CPU calls skip the custom op"
+        assert [c.impl.name for c in log] == ["cpu_forward", "cpu"], \
+            "no-grad CPU calls run the C++ forward kernel directly, not the custom op"
         assert got.stride() == want.stride()
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         exact = att.reference(q.double(), k.double(), v.double(), 0.3, g.double())
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
     # a graph to record: the custom op (differentiable)
     q = cases[2][1].clone().requires_grad_()
-    att.attention_core(q, k, v, 0.3, cases[2][2], att.TOKENS).sum().backward()
-    assert calls and q.grad is not None
+    with dispatch.recording() as log:
+        att.attention_core(q, k, v, 0.3, cases[2][2], att.TOKENS).sum().backward()
+    assert [c.impl.name for c in log if c.stage == "call"] == ["custom_op"] and q.grad is not None
 
 
 # ---- GPU (run where a CUDA device is lent) ----------------------------------------------------------------

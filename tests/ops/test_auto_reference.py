@@ -6,22 +6,21 @@ import pytest
 import torch
 
 import fastvit_ops
-from fastvit_ops.ops import attention, context_dwconv, conv_projection, cross_modulation, dispatch, dwconv
+from conftest import replace_impls
+from fastvit_ops.ops import attention, cross_modulation, dispatch, dwconv
 from fastvit_ops.ops import global_context as gc
 
 
 @pytest.fixture
 def cpu_like_cuda(monkeypatch):
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", dispatch.AUTO_ORDER["cuda"])
-    # Any custom-op or C++ fast-path call would now be a failure of the rule.
+    # Any custom-op, C++ fast-path or kernel call would now be a failure of the rule.
     def forbidden(*a, **k):
         raise AssertionError("auto ran a kernel of ours where the rule says eager PyTorch")
-    for mod in (attention, context_dwconv, conv_projection, cross_modulation, dwconv):
-        monkeypatch.setattr(mod, "_op", forbidden)
-    for name in ("_gc_op", "_sim_op"):
-        monkeypatch.setattr(gc, name, forbidden)
-    monkeypatch.setattr(dispatch, "eager_cpu", lambda *a, **k: False)
-    monkeypatch.setattr(dispatch, "no_grad_cpu", lambda *a, **k: False)
+    for op, stages in dispatch.ops().items():
+        for stage in stages:
+            replace_impls(monkeypatch, op, stage,
+                          lambda impl, _: impl if impl.name == "eager" else impl._replace(fn=forbidden))
 
 
 def _leaf(*shape, dtype=torch.float64):
@@ -67,19 +66,27 @@ def test_auto_runs_the_eager_reference(cpu_like_cuda, case):
 def test_explicit_backends_still_run_the_kernels(monkeypatch):
     """The rule is about ``auto`` only: backend("reference") (and triton/cuda/cpu) keep the custom op."""
     monkeypatch.setitem(dispatch.AUTO_ORDER, "cpu", ("reference",))
-    calls = []
-    real = cross_modulation._op
-    monkeypatch.setattr(cross_modulation, "_op", lambda *a: calls.append(a[-1]) or real(*a))
     l, g = _leaf(2, 4, 5, 3), _leaf(2, 4, 5, 3)
-    with fastvit_ops.backend("reference"):
-        fastvit_ops.sigmoid_cross_modulation(l, g)
-    fastvit_ops.sigmoid_cross_modulation(l, g)  # auto: eager, no custom op
-    assert calls == ["reference"]
+    with dispatch.recording() as log:
+        with fastvit_ops.backend("reference"):
+            fastvit_ops.sigmoid_cross_modulation(l, g)
+        fastvit_ops.sigmoid_cross_modulation(l, g)  # auto: eager, no custom op
+    assert [(c.call.backend, c.impl.name) for c in log if c.stage == "call"] == \
+        [("reference", "custom_op"), ("auto", "eager")]
+
+
+def _call_runs(device: str, backend: str) -> str:
+    t = torch.empty(1, device=device)
+    call = dispatch.Call(cross_modulation.OP, backend, (t, t, "silu"))
+    return dispatch.choose(cross_modulation.OP, "call", call).name
 
 
 def test_the_cuda_rule():
-    """On CUDA, auto is eager PyTorch (the measured rule); on the CPU, the C++ kernels first."""
-    assert dispatch.eager_reference(torch.empty(1, device="meta"), "auto")
-    assert not dispatch.eager_reference(torch.empty(1), "auto")
-    assert not dispatch.eager_reference(torch.empty(1, device="meta"), "triton")
+    """On CUDA (and devices without kernels of ours), auto is eager PyTorch (the measured rule); on
+    the CPU, the C++ kernels first."""
     assert dispatch.AUTO_ORDER["cuda"] == ("reference",)
+    assert _call_runs("meta", "auto") == "eager"
+    assert _call_runs("meta", "reference") == "custom_op"
+    if dispatch.backend_available("cpu", torch.device("cpu"))[0]:
+        assert dispatch.resolve_backend(cross_modulation.OP, "auto", torch.device("cpu")) == "cpu"
+        assert _call_runs("cpu", "auto") == "custom_op"

@@ -1,4 +1,4 @@
-"""conv_projection_qkv (CvT's q/k/v depthwise projections in one pass, SPEC §4) on the reference and
+"""conv_projection_qkv (CvT's q/k/v depthwise projections in one pass, docs/cvt.md) on the reference and
 C++ CPU backends, against the released code's convs in float64."""
 import pytest
 import torch

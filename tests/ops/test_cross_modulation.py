@@ -1,10 +1,10 @@
-"""sigmoid_cross_modulation (SPEC §1.4) on every backend that runs here, against the float64 reference."""
+"""sigmoid_cross_modulation (docs/cross_modulation.md) on every backend that runs here, against the float64 reference."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastvit_ops
-from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda, spy_kernels
 from fastvit_ops.ops import cross_modulation as cm
 
 MODES = ["silu", "full"]
@@ -48,7 +48,7 @@ def test_forward_backward_equal_eager_float64(backend, mode):
 
 
 def check_error_rule(backend, dtype, mode, shape, device="cpu"):
-    """Forward and both gradients of the fused op meet the DESIGN.md rule in ``dtype``."""
+    """Forward and both gradients of the fused op meet the error rule of docs/numerics.md in ``dtype``."""
     l, g, dy = (torch.randn(shape, dtype=torch.float64, device=device).mul(4).to(dtype) for _ in range(3))
     # Exact result of the *rounded* inputs, so only the op's own error is measured.
     le, ge = l.double().requires_grad_(), g.double().requires_grad_()
@@ -198,13 +198,7 @@ def test_backend_selection_errors_and_env(monkeypatch):
 
 def test_dispatch_runs_the_requested_backend(monkeypatch):
     """The name given to backend() decides which implementation runs (forward and backward)."""
-    calls = []
-    for table, kind in ((cm.FORWARD, "fwd"), (cm.BACKWARD, "bwd")):
-        for name, fn in list(table.items()):
-            def spy(*args, _fn=fn, _name=name, _kind=kind):
-                calls.append((_kind, _name))
-                return _fn(*args)
-            monkeypatch.setitem(table, name, spy)
+    calls = spy_kernels(monkeypatch, "sigmoid_cross_modulation")
     l, g = (torch.randn(5, requires_grad=True) for _ in range(2))
     for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
         calls.clear()

@@ -1,11 +1,11 @@
-"""dwconv2d (SPEC §1.1) on every backend that runs here, against the float64 eager reference."""
+"""dwconv2d (docs/dwconv.md) on every backend that runs here, against the float64 eager reference."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastvit_ops
-from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda, spy_kernels
 from fastvit_ops.nn.dwconv import DepthwiseConv2d
 from fastvit_ops.ops import dwconv as dw
 from fastvit_ops.ops.dwconv import dwconv2d
@@ -438,13 +438,7 @@ def test_torch_compile_fullgraph():
 
 # ---- dispatch ----------------------------------------------------------------------------------------------
 def test_dispatch_runs_the_requested_backend(monkeypatch):
-    calls = []
-    for table, kind in ((dw.FORWARD, "fwd"), (dw.BACKWARD, "bwd")):
-        for name, fn in list(table.items()):
-            def spy(*args, _fn=fn, _name=name, _kind=kind):
-                calls.append((_kind, _name))
-                return _fn(*args)
-            monkeypatch.setitem(table, name, spy)
+    calls = spy_kernels(monkeypatch, "dwconv2d")
     x, w, b = make((1, 2, 5, 5), 3)
     # A non-dense input keeps the cpu backend on the custom op (the eager fast path takes NCHW and
     # channels_last only)

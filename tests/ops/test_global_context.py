@@ -1,4 +1,4 @@
-"""token_global_similarity / global_context (SPEC §1.2) on every backend that runs here, against
+"""token_global_similarity / global_context (docs/global_context.md) on every backend that runs here, against
 the reference layer (fastvit_ops.reference.fcvit.GlobalContext) and float64."""
 import copy
 import types
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastvit_ops
-from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda
+from conftest import HAS_CUDA, assert_error_rule, backends_for, requires_cuda, spy_kernels
 from fastvit_ops.ops import global_context as gco
 from fastvit_ops.ops.global_context import _global_context, global_context, token_global_similarity
 from fastvit_ops.reference.fcvit import GlobalContext
@@ -99,7 +99,7 @@ def test_low_precision_error_rule(backend, dtype):
 
 
 def check_error_rule(backend, dtype, shape, device="cpu"):
-    """The DESIGN.md error rule for x + GC(x) (forward, every gradient) and S' in ``dtype``."""
+    """The error rule of docs/numerics.md for x + GC(x) (forward, every gradient) and S' in ``dtype``."""
     B, C, H, W = shape
     gc64 = make_gc(C, device=device)
     x = (torch.randn(B, C, H, W, dtype=torch.float64, device=device) * 2 + 0.5).to(dtype)
@@ -453,13 +453,8 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_dispatch_runs_the_requested_backend(monkeypatch):
     """The name given to backend() decides which implementation runs (forward and backward)."""
-    calls = []
-    for table, kind in ((gco.FORWARD, "fwd"), (gco.BACKWARD, "bwd")):
-        for name, fn in list(table.items()):
-            def spy(*args, _fn=fn, _name=name, _kind=kind):
-                calls.append((_kind, _name))
-                return _fn(*args)
-            monkeypatch.setitem(table, name, spy)
+    calls = spy_kernels(monkeypatch, "global_context")
+    spy_kernels(monkeypatch, "token_global_similarity", calls=calls)
     gc = make_gc(16, dtype=torch.float32)
     x = torch.randn(2, 16, 3, 3, requires_grad=True)
     # channels_last keeps the cpu backend on the custom op (the eager fast path takes NCHW only)

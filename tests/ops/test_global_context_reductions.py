@@ -1,5 +1,5 @@
 """Every reduction in global_context's backward — the gradients of α, β and of the MLP's weights and
-biases, and dx — within the DESIGN.md rule at groups 1..8, on random, constant, large-mean inputs
+biases, and dx — within the rule of docs/numerics.md at groups 1..8, on random, constant, large-mean inputs
 and tiny maps, on each backend here (issue 14 item 4: in fp32 these cancelling sums were up to 12×
 eager's error at groups = 1 — seeds 171 and 186 — and up to 500× on other inputs)."""
 import pytest

@@ -1,4 +1,4 @@
-"""Reference CvT (SPEC.md §4): state_dict layout, forward sanity, fp32 LayerNorm, attention math."""
+"""Reference CvT (docs/cvt.md): state_dict layout, forward sanity, fp32 LayerNorm, attention math."""
 from __future__ import annotations
 
 import math
@@ -143,7 +143,7 @@ def _dw_conv_bn(x, conv_w, bn, stride, pad):
 
 
 def _attention_by_hand(attn: Attention, x, h, w):
-    """CvT attention from SPEC.md §4, written out per head with explicit softmax; float64."""
+    """CvT attention from docs/cvt.md, written out per head with explicit softmax; float64."""
     B, T, C = x.shape
     cls, sp = x[:, :1], x[:, 1:]
     assert sp.shape[1] == h * w

@@ -1,4 +1,4 @@
-"""Reference FAT / FASA (fastvit_ops.reference.fat) against SPEC.md §2 and the authors' keys."""
+"""Reference FAT / FASA (fastvit_ops.reference.fat) against docs/fat.md and the authors' keys."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ from fastvit_ops.reference.fat import (CONFIGS, FASA, FAT, REFERENCE_LAYERS, Con
 VARIANTS = ["fat_b0", "fat_b1", "fat_b2", "fat_b3"]
 FACTORIES = {name: getattr(fat_models, name) for name in VARIANTS}
 
-# SPEC.md §2 table, written out independently of CONFIGS.
+# docs/fat.md table, written out independently of CONFIGS.
 SPEC_TABLE = {
     "fat_b0": dict(dims=(32, 80, 160, 256), depths=(2, 2, 6, 2), heads=(2, 5, 10, 16)),
     "fat_b1": dict(dims=(48, 96, 192, 384), depths=(2, 2, 6, 2), heads=(3, 6, 12, 24)),
@@ -108,7 +108,7 @@ def test_backward_reaches_every_parameter():
 
 
 def _fasa_by_hand(m: FASA, x: torch.Tensor) -> torch.Tensor:
-    """FASA from SPEC.md §2, written with functional ops and the module's weights only."""
+    """FASA from docs/fat.md, written with functional ops and the module's weights only."""
     B, C, H, W = x.shape
     h = m.num_heads
     d = C // h

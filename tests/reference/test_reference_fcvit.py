@@ -1,5 +1,5 @@
 """FCViT reference: released state_dict layout, forward sanity, and the global context
-(SPEC.md §1.2) against an independent, loop-based recomputation."""
+(docs/global_context.md) against an independent, loop-based recomputation."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,7 @@ def _randomize(module: torch.nn.Module) -> None:
 
 
 def gc_naive(x: torch.Tensor, gc: GlobalContext, groups: int = 8, eps: float = 1e-5):
-    """SPEC.md §1.2 written out per sample and per group, from the module's weights only.
+    """docs/global_context.md written out per sample and per group, from the module's weights only.
 
     Returns (GC(x) (B,C,H,W), S' (B,G,H,W), c (B,C)).
     """
@@ -160,7 +160,7 @@ def test_token_mixer_and_block_wiring():
         torch.testing.assert_close(blk(x), ref, rtol=1e-10, atol=1e-10)
 
 
-# ---------------------------------------------------------------- global context (SPEC §1.2)
+# ---------------------------------------------------------------- global context (docs/global_context.md)
 
 @pytest.mark.parametrize("C,H,W", [(32, 7, 9), (64, 5, 3), (16, 1, 11)])
 def test_global_context_matches_naive_float64(C, H, W):

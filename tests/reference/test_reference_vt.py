@@ -1,4 +1,4 @@
-"""Reference Visual Transformer blocks (SPEC.md §5) against the paper's equations, in float64."""
+"""Reference Visual Transformer blocks (docs/vt.md) against the paper's equations, in float64."""
 from __future__ import annotations
 
 import pytest
