@@ -26,10 +26,7 @@ def _run(*args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_INTERPRET", "1")
-    # The timing-based choice of dwconv2d's CPU forward (ops/dwconv.py) is turned off under
-    # deterministic mode by issue 12's change (see test_timing_choice_is_off_in_deterministic_mode);
-    # until then it is turned off here, so the processes compare the kernels, not two timings.
-    env["FASTVIT_OPS_DWCONV_TUNE"] = "0"
+    env.pop("FASTVIT_OPS_DWCONV_TUNE", None)  # deterministic mode itself must turn the timing off
     return subprocess.Popen([sys.executable, str(HERE / "deterministic_run.py"), *args], cwd=str(ROOT), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -69,24 +66,47 @@ def test_hash_sees_one_ulp():
     assert hashlib.sha256(b"").hexdigest() != digest([t])
 
 
-def test_timing_choice_is_off_in_deterministic_mode(monkeypatch, request):
-    """Under torch.use_deterministic_algorithms(True), auto takes no timing-based choice."""
-    if dw.__dict__.get("cpu_forward_choice") is None or not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0]:
-        pytest.skip("no timing-based choice here")
-    request.applymarker(pytest.mark.xfail(strict=True, reason=(
-        "ops/dwconv.py times dwconv2d's CPU forward per call signature under auto even in "
-        "deterministic mode; issue 12 owns that choice")))
+def _count_timings(monkeypatch):
     monkeypatch.setenv("FASTVIT_OPS_DWCONV_TUNE", "1")
-    dw.clear_cpu_forward_choices()
+    monkeypatch.setattr(dw, "_cpu_choice", {})
     timed = []
     monkeypatch.setattr(dw, "_time_ms", lambda *a, **k: timed.append(a) or 1.0)
+    return timed
+
+
+@pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
+def test_timing_choice_is_off_in_deterministic_mode(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True), auto takes no timing-based choice: dwconv2d's
+    CPU forward is our kernel, untimed (the same call outside the mode is timed: the control)."""
+    timed = _count_timings(monkeypatch)
     x, w = torch.randn(1, 4, 9, 9), torch.randn(4, 1, 3, 3)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         with torch.no_grad():
             fastvit_ops.dwconv2d(x, w)
+        assert dw.cpu_forward_choice(x, w, None, 1, 1, 0, False) == "cpu"
     finally:
         torch.use_deterministic_algorithms(prev)
-        dw.clear_cpu_forward_choices()
     assert not timed, "a kernel was chosen by timing in deterministic mode"
+    assert not dw.cpu_forward_choices()
+    with torch.no_grad():
+        fastvit_ops.dwconv2d(x, w)
+    assert timed, "negative control: outside deterministic mode the call is timed"
+
+
+@pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
+def test_timing_choices_are_bounded_and_stable(monkeypatch):
+    """Outside deterministic mode the table of timed choices stays bounded (MAX_CHOICES); a
+    signature past the bound takes our kernel untimed, every time."""
+    timed = _count_timings(monkeypatch)
+    monkeypatch.setattr(dw, "MAX_CHOICES", 3)
+    w = torch.randn(2, 1, 3, 3)
+    with torch.no_grad():
+        for n in range(5, 10):
+            fastvit_ops.dwconv2d(torch.randn(1, 2, n, n), w)
+    assert len(dw.cpu_forward_choices()) == 3
+    count = len(timed)
+    x = torch.randn(1, 2, 11, 11)
+    assert [dw.cpu_forward_choice(x, w, None, 1, 1, 0, False) for _ in range(3)] == ["cpu"] * 3
+    assert len(timed) == count and len(dw.cpu_forward_choices()) == 3

@@ -145,15 +145,21 @@ def _onednn_fwd(x, weight, bias, stride, padding, act, residual):
 # on small planes and at stride 2 (per-plane overhead). Under ``auto`` on CPU each distinct call
 # signature is timed once (both forwards, a few runs each, like cudnn.benchmark) and the faster is
 # kept; the backward is always ours. ``backend("cpu")`` always runs our kernel, and
-# FASTVIT_OPS_DWCONV_TUNE=0 turns the timing off (our kernel everywhere, run-to-run identical choice).
+# FASTVIT_OPS_DWCONV_TUNE=0 turns the timing off (our kernel everywhere, run-to-run identical choice);
+# so does torch.use_deterministic_algorithms(True): two processes could time differently and round
+# differently. A choice, once made, holds for the process; past MAX_CHOICES signatures new ones
+# take our kernel untimed (stable too, and the table stays bounded).
 CPU_FORWARD = {"cpu": _ext_fwd, "onednn": _onednn_fwd}
 _cpu_choice: Dict[tuple, str] = {}
+MAX_CHOICES = 4096
 _TUNE_MAX_KERNEL = 11
 _TUNE_WARMUP = 3   # oneDNN's first calls after building its primitive run slower
 _TUNE_ROUNDS = 9
 
 
 def _tuning_enabled() -> bool:
+    if torch.are_deterministic_algorithms_enabled():
+        return False
     return os.environ.get("FASTVIT_OPS_DWCONV_TUNE", "1") not in ("0", "false", "False", "")
 
 
@@ -174,7 +180,9 @@ def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     bias, thread count): both forwards are warmed up (oneDNN's first call builds its primitive and
     the next few still run slow), then timed alternately over 9 rounds, and the smaller minimum
     wins (with 5 rounds and one warm-up call it kept the slower kernel at 2 of 11 FAT-B0 shapes). Kernels above 11 always take ours
-    (measured 13-38x faster there; timing oneDNN would cost seconds at k = 31).
+    (measured 13-38x faster there; timing oneDNN would cost seconds at k = 31). Our kernel, untimed,
+    under ``torch.use_deterministic_algorithms(True)``, with FASTVIT_OPS_DWCONV_TUNE=0, and for new
+    signatures once ``MAX_CHOICES`` are cached.
     """
     if not _tuning_enabled():
         return "cpu"
@@ -183,6 +191,8 @@ def cpu_forward_choice(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     choice = _cpu_choice.get(key)
     if choice is None:
         choice = "cpu"
+        if len(_cpu_choice) >= MAX_CHOICES:
+            return choice
         if weight.shape[-1] <= _TUNE_MAX_KERNEL:
             args = (x, weight, bias, stride, padding, activation, residual)
             ours = CPU_FORWARD["cpu"]
