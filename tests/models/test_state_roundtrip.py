@@ -35,18 +35,24 @@ def _train_step(model, x):
     model.eval()
 
 
-def _copies(model):
+def _copies(model, name):
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
+    sd_buf = io.BytesIO()
+    torch.save(model.state_dict(), sd_buf)
+    sd_buf.seek(0)
+    # a fresh converted model (default weights, no cached state) given the saved state_dict
+    fresh = fastvit_ops.convert(models.create(name, reference=True)).eval()
+    fresh.load_state_dict(torch.load(sd_buf, weights_only=True))
     return {"pickle": pickle.loads(pickle.dumps(model)), "deepcopy": copy.deepcopy(model),
-            "torch.save/load": torch.load(buf, weights_only=False)}
+            "torch.save/load": torch.load(buf, weights_only=False), "state_dict save/load": fresh}
 
 
 def _check_copies(model, x, label, train):
     with torch.no_grad():
         y = model(x)
-    copies = _copies(model)
+    copies = _copies(model, label.split()[0])
     for how, other in copies.items():
         assert type(other) is type(model)
         for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
