@@ -21,17 +21,18 @@ from fastvit_ops.numerics import error_rule  # noqa: E402
 from fastvit_ops.ops import dispatch  # noqa: E402
 from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
 
-# Property-based tests (hypothesis): ``ci`` (the default here, what CI runs: ≥ 500 examples per
-# op), ``thorough`` (10× more, for local runs): ``python -m pytest --hypothesis-profile=thorough``,
-# and ``dev`` (50 examples, while editing a test).
+# Property-based tests (hypothesis, tests/ops/test_properties.py), profiles: ``default`` (what a
+# plain ``python -m pytest`` runs: 50 examples per op, about a minute on 2 cores), ``ci`` (500 per
+# op, ~10 CPU-minutes: CI's property job, ``python -m pytest tests/ops/test_properties.py
+# --hypothesis-profile=ci``) and ``thorough`` (5000, for local runs); or FASTVIT_OPS_HYPOTHESIS_PROFILE.
 # Random examples every run (like the seeds below); a failure prints the falsifying example (its
 # tensors come from a drawn seed, so the printed call rebuilds them) and a ``@reproduce_failure``
 # blob that replays it exactly.
 settings.register_profile("ci", max_examples=500, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=5000)
-settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples=50)  # while editing a test
-settings.load_profile(os.environ.get("FASTVIT_OPS_HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile("default", parent=settings.get_profile("ci"), max_examples=50)
+settings.load_profile(os.environ.get("FASTVIT_OPS_HYPOTHESIS_PROFILE", "default"))
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
