@@ -63,6 +63,9 @@ run info 60 "$PY" -m fastvit_ops info --device cuda
 #    Meanwhile two more processes run the benchmarks once (--reps 1) so that torch.compile's on-disk
 #    caches are warm when step 3 times them.
 OPS_SHAPES="FAT-B0,FCViT-tiny,CvT-13,sweep"
+# The "fused" column of bench runs the requested backend: under auto, CUDA inputs run eager PyTorch
+# (our kernels measured slower on the first run), so time our kernels explicitly.
+BENCH_BACKEND=${GPU_CHECK_BACKEND:-triton}
 pids=()
 bg() { run "$@" & pids+=($!); }
 for f in tests/ops/test_*.py; do
@@ -75,20 +78,20 @@ bg check_fp32 180 "$PY" -m fastvit_ops check --device cuda --real-shapes --batch
     --json "${P}_check_batch64_fp32.json"
 bg check_bf16 180 "$PY" -m fastvit_ops check --device cuda --real-shapes --batch 64 --dtype bf16 --verbose \
     --json "${P}_check_batch64_bf16.json"
-bg warm_ops 180 "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-models --shapes "$OPS_SHAPES" --reps 1 \
+bg warm_ops 180 env FASTVIT_OPS_BACKEND="$BENCH_BACKEND" "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-models --shapes "$OPS_SHAPES" --reps 1 \
     --json "${P}_warm_ops.json"
-bg warm_models 180 "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-ops --reps 1 --json "${P}_warm_models.json"
+bg warm_models 180 env FASTVIT_OPS_BACKEND="$BENCH_BACKEND" "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-ops --reps 1 --json "${P}_warm_models.json"
 for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 3. Timing, one process at a time so nothing else runs on the GPU: ops in fp32, models
 #    (inference), ops in bf16, models under bf16 autocast with a training step.
-run bench_ops_fp32 150 "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-models --shapes "$OPS_SHAPES" \
+run bench_ops_fp32 150 env FASTVIT_OPS_BACKEND="$BENCH_BACKEND" "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-models --shapes "$OPS_SHAPES" \
     --verbose --json "${P}_bench_ops_fp32.json" --plot "${P}_bench_ops_fp32.png"
-run bench_models_fp32 200 "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-ops --verbose \
+run bench_models_fp32 200 env FASTVIT_OPS_BACKEND="$BENCH_BACKEND" "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-ops --verbose \
     --json "${P}_bench_models_fp32.json" --plot "${P}_bench_models_fp32.png"
-run bench_ops_bf16 200 "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-models --shapes "$OPS_SHAPES" \
+run bench_ops_bf16 200 env FASTVIT_OPS_BACKEND="$BENCH_BACKEND" "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-models --shapes "$OPS_SHAPES" \
     --dtype bf16 --verbose --json "${P}_bench_ops_bf16.json"
-run bench_models_bf16 200 "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-ops --autocast bf16 --train \
+run bench_models_bf16 200 env FASTVIT_OPS_BACKEND="$BENCH_BACKEND" "$PY" -m fastvit_ops bench --device cuda --batch 64 --no-ops --autocast bf16 --train \
     --verbose --json "${P}_bench_models_bf16_autocast.json"
 rm -f "${P}_warm_ops.json" "${P}_warm_models.json"
 

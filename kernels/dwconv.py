@@ -51,28 +51,31 @@ def _act_grad(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, P, K: tl.constexpr, S: tl.constexpr):
+def _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, sxh, sxw, P, K: tl.constexpr, S: tl.constexpr):
     iw = ow * S + v - P
-    xv = tl.load(x_base + ih * W + iw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
+    xv = tl.load(x_base + ih * sxh + iw * sxw, mask=row_ok & (iw >= 0) & (iw < W), other=0.0)
     return acc + xv.to(acc.dtype) * tl.load(w_base + u * K + v).to(acc.dtype)
 
 
 @triton.jit
 def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, C, H, W, Ho, Wo, P,
+                sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, sob, soc, soh, sow,
                 K: tl.constexpr, S: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 RESIDUAL: tl.constexpr, GRAD_MODE: tl.constexpr, F64: tl.constexpr,
                 BH: tl.constexpr, BW: tl.constexpr):
-    """y (or, in GRAD_MODE, g = dy·act'(pre)) for one BH×BW tile of one (b, c) plane."""
+    """y (or, in GRAD_MODE, g = dy·act'(pre)) for one BH×BW tile of one (b, c) plane. x, dy and out
+    are read/written through their (b, c, h, w) element strides: NCHW, channels_last or a view."""
     n_tw = tl.cdiv(Wo, BW)
     tiles = tl.cdiv(Ho, BH) * n_tw
     pid = tl.program_id(0).to(tl.int64)
     plane = pid // tiles
     t = pid % tiles
     c = plane % C
+    b = plane // C
     oh = (t // n_tw) * BH + tl.arange(0, BH)[:, None]
     ow = (t % n_tw) * BW + tl.arange(0, BW)[None, :]
     omask = (oh < Ho) & (ow < Wo)
-    x_base = x_ptr + plane * H * W
+    x_base = x_ptr + b * sxb + c * sxc
     w_base = w_ptr + c * K * K
     if F64:
         acc = tl.zeros((BH, BW), dtype=tl.float64)
@@ -85,32 +88,34 @@ def _dw_fwd_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, C, H, W, Ho, Wo, P,
         # registers and spilled).
         if K <= 13:
             for v in tl.static_range(K):
-                acc = _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, P, K, S)
+                acc = _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, sxh, sxw, P, K, S)
         else:
             for v in range(K):
-                acc = _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, P, K, S)
+                acc = _fwd_tap(acc, x_base, w_base, ih, ow, row_ok, u, v, W, sxh, sxw, P, K, S)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(acc.dtype)
-    o_off = plane * Ho * Wo + oh * Wo + ow
+    o_ptrs = out_ptr + b * sob + c * soc + oh * soh + ow * sow
     if GRAD_MODE:
-        dy = tl.load(dy_ptr + o_off, mask=omask, other=0.0).to(acc.dtype)
-        tl.store(out_ptr + o_off, dy * _act_grad(acc, ACT), mask=omask)
+        dy = tl.load(dy_ptr + b * sdb + c * sdc + oh * sdh + ow * sdw, mask=omask, other=0.0).to(acc.dtype)
+        tl.store(o_ptrs, dy * _act_grad(acc, ACT), mask=omask)
     else:
         y = _act(acc, ACT)
         if RESIDUAL:  # stride 1, same size: x[oh, ow]
-            y += tl.load(x_base + oh * W + ow, mask=omask, other=0.0).to(acc.dtype)
-        tl.store(out_ptr + o_off, y.to(out_ptr.dtype.element_ty), mask=omask)
+            y += tl.load(x_base + oh * sxh + ow * sxw, mask=omask, other=0.0).to(acc.dtype)
+        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
-def _dgrad_tap(acc, g_base, w_base, iw, oh, ok, u, v, Wo, P: tl.constexpr, K: tl.constexpr, S: tl.constexpr):
+def _dgrad_tap(acc, g_base, w_base, iw, oh, ok, u, v, Wo, sgh, sgw, P: tl.constexpr, K: tl.constexpr,
+               S: tl.constexpr):
     ow = (iw + P - v) // S
-    gv = tl.load(g_base + oh * Wo + ow, mask=ok & (iw + P - v >= 0) & (ow < Wo), other=0.0)
+    gv = tl.load(g_base + oh * sgh + ow * sgw, mask=ok & (iw + P - v >= 0) & (ow < Wo), other=0.0)
     return acc + gv.to(acc.dtype) * tl.load(w_base + u * K + v).to(acc.dtype)
 
 
 @triton.jit
-def _dw_dgrad_class(g_base, w_base, dy_ptr, dx_ptr, plane, i, j, H, W, Ho, Wo, P: tl.constexpr,
+def _dw_dgrad_class(g_base, w_base, dy_base, dx_base, i, j, H, W, Ho, Wo, sgh, sgw, sdh, sdw, sxh, sxw,
+                 P: tl.constexpr,
                  K: tl.constexpr, S: tl.constexpr, RESIDUAL: tl.constexpr, F64: tl.constexpr,
                  BH: tl.constexpr, BW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr):
     """dx at (i·S + PH, j·S + PW): only the taps u ≡ PH + P, v ≡ PW + P (mod S) reach it."""
@@ -130,18 +135,18 @@ def _dw_dgrad_class(g_base, w_base, dy_ptr, dx_ptr, plane, i, j, H, W, Ho, Wo, P
         row_ok = (ih + P - u >= 0) & (oh < Ho)
         if K <= 13:  # unrolled; beyond, a loop (see the forward)
             for tv in tl.static_range(NV):
-                acc = _dgrad_tap(acc, g_base, w_base, iw, oh, row_ok & imask, u, V0 + tv * S, Wo, P, K, S)
+                acc = _dgrad_tap(acc, g_base, w_base, iw, oh, row_ok & imask, u, V0 + tv * S, Wo, sgh, sgw, P, K, S)
         else:
             for tv in range(NV):
-                acc = _dgrad_tap(acc, g_base, w_base, iw, oh, row_ok & imask, u, V0 + tv * S, Wo, P, K, S)
-    i_off = plane * H * W + ih * W + iw
+                acc = _dgrad_tap(acc, g_base, w_base, iw, oh, row_ok & imask, u, V0 + tv * S, Wo, sgh, sgw, P, K, S)
     if RESIDUAL:
-        acc += tl.load(dy_ptr + i_off, mask=imask, other=0.0).to(acc.dtype)
-    tl.store(dx_ptr + i_off, acc.to(dx_ptr.dtype.element_ty), mask=imask)
+        acc += tl.load(dy_base + ih * sdh + iw * sdw, mask=imask, other=0.0).to(acc.dtype)
+    tl.store(dx_base + ih * sxh + iw * sxw, acc.to(dx_base.dtype.element_ty), mask=imask)
 
 
 @triton.jit
-def _dw_dgrad_kernel(g_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, Ho, Wo, P: tl.constexpr,
+def _dw_dgrad_kernel(g_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, Ho, Wo,
+                  sgb, sgc, sgh, sgw, sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, P: tl.constexpr,
                   K: tl.constexpr, S: tl.constexpr, RESIDUAL: tl.constexpr, F64: tl.constexpr,
                   BH: tl.constexpr, BW: tl.constexpr):
     """dx[ih, iw] = Σ_{u,v} w[u, v] · g[(ih + P − u) / S, (iw + P − v) / S] (divisible, in range).
@@ -155,19 +160,20 @@ def _dw_dgrad_kernel(g_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, Ho, Wo, P: tl.conste
     plane = pid // tiles
     t = pid % tiles
     c = plane % C
+    b = plane // C
     i = (t // n_tw) * BH + tl.arange(0, BH)[:, None]
     j = (t % n_tw) * BW + tl.arange(0, BW)[None, :]
-    g_base = g_ptr + plane * Ho * Wo
+    g_base = g_ptr + b * sgb + c * sgc
     w_base = w_ptr + c * K * K
     for ph in tl.static_range(S):
         for pw in tl.static_range(S):
-            _dw_dgrad_class(g_base, w_base, dy_ptr, dx_ptr, plane, i, j, H, W, Ho, Wo, P, K, S, RESIDUAL, F64,
-                         BH, BW, ph, pw)
+            _dw_dgrad_class(g_base, w_base, dy_ptr + b * sdb + c * sdc, dx_ptr + b * sxb + c * sxc, i, j, H, W,
+                         Ho, Wo, sgh, sgw, sdh, sdw, sxh, sxw, P, K, S, RESIDUAL, F64, BH, BW, ph, pw)
 
 
 @triton.jit
 def _dw_wgrad_kernel(g_ptr, x_ptr, part_ptr, B, C, H, W, Ho, Wo, P,
-                  K: tl.constexpr, S: tl.constexpr, F64: tl.constexpr,
+                  sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, K: tl.constexpr, S: tl.constexpr, F64: tl.constexpr,
                   BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr):
     """part[c, s, :K²] = Σ g·x over every SPLIT-th (sample, tile) of channel c; part[c, s, K²] = Σ g."""
     c = tl.program_id(0).to(tl.int64)
@@ -186,19 +192,19 @@ def _dw_wgrad_kernel(g_ptr, x_ptr, part_ptr, B, C, H, W, Ho, Wo, P,
     for tile in range(s, B * per_b, split):
         b = tile // per_b
         t = tile % per_b
-        plane = b.to(tl.int64) * C + c
+        b = b.to(tl.int64)
         oh = (t // n_tw) * BH + tl.arange(0, BH)[:, None]
         ow = (t % n_tw) * BW + tl.arange(0, BW)[None, :]
         omask = (oh < Ho) & (ow < Wo)
-        gv = tl.load(g_ptr + plane * Ho * Wo + oh * Wo + ow, mask=omask, other=0.0).to(acc.dtype)
+        gv = tl.load(g_ptr + b * sgb + c * sgc + oh * sgh + ow * sgw, mask=omask, other=0.0).to(acc.dtype)
         bias += gv
-        x_base = x_ptr + plane * H * W
+        x_base = x_ptr + b * sxb + c * sxc
         iw = ow[:, :, None] * S + kv - P
         col_ok = (iw >= 0) & (iw < W) & (kv < K) & omask[:, :, None]
         g3 = gv[:, :, None]
         for u in range(K):
             ih = oh[:, :, None] * S + u - P
-            xv = tl.load(x_base + ih * W + iw, mask=(ih >= 0) & (ih < H) & col_ok, other=0.0).to(acc.dtype)
+            xv = tl.load(x_base + ih * sxh + iw * sxw, mask=(ih >= 0) & (ih < H) & col_ok, other=0.0).to(acc.dtype)
             part = tl.sum(tl.sum(g3 * xv, axis=1), axis=0)  # (BK,): filter row u
             acc += tl.where(rows == u, part[None, :], 0.0)
     base = part_ptr + (c * split + s) * (K * K + 1)
@@ -227,8 +233,9 @@ def _interpreter_configs():
 
 _CONFIGS = _interpreter_configs() if interpreting() else GPU_CONFIGS
 _SMALLEST_TILE = min(((c.kwargs["BH"], c.kwargs["BW"]) for c in _CONFIGS), key=lambda t: t[0] * t[1])
-_fwd = triton.autotune(_CONFIGS, key=["C", "Ho", "Wo", "K", "S", "ACT", "GRAD_MODE"])(_dw_fwd_kernel)
-_dgrad = triton.autotune(_CONFIGS, key=["C", "H", "W", "K", "S"])(_dw_dgrad_kernel)
+# sxw: 1 for NCHW, C for channels_last (a different best tile)
+_fwd = triton.autotune(_CONFIGS, key=["C", "Ho", "Wo", "K", "S", "ACT", "GRAD_MODE", "sxw"])(_dw_fwd_kernel)
+_dgrad = triton.autotune(_CONFIGS, key=["C", "H", "W", "K", "S", "sxw"])(_dw_dgrad_kernel)
 
 
 def fwd_grid(B: int, C: int, Ho: int, Wo: int, bh: int, bw: int) -> tuple:
@@ -284,27 +291,36 @@ def _launch(kernel, config, grid_of, *args, **kwargs):
         kernel.fn[grid_of(bh, bw)](*args, **kwargs, **config.all_kwargs())
 
 
+def _like(x, shape, dtype):
+    """An output for ``x``: channels_last when x is (and not also NCHW-contiguous), else NCHW."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty(shape, dtype=dtype, device=x.device,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
 def dwconv_forward(x, weight, bias, stride: int, padding: int, act: int, residual: bool, config=None) -> torch.Tensor:
-    """y = act(conv(x) + bias) [+ x]; x (B, C, H, W) and weight (C, 1, k, k) contiguous."""
+    """y = act(conv(x) + bias) [+ x]. x (B, C, H, W) in any strides (NCHW, channels_last, a view) is
+    read in place; y comes back channels_last when x is, else NCHW. weight (C, 1, k, k) contiguous."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     Ho = (H + 2 * padding - K) // stride + 1
     Wo = (W + 2 * padding - K) // stride + 1
     fwd_grid(B, C, Ho, Wo, *_SMALLEST_TILE)  # too large for any config: raises before any work
-    y = torch.empty((B, C, Ho, Wo), dtype=x.dtype, device=x.device)
+    y = _like(x, (B, C, Ho, Wo), x.dtype)
     if y.numel() == 0:
         return y
     _launch(_fwd, config, lambda bh, bw: fwd_grid(B, C, Ho, Wo, bh, bw),
             x, weight, x if bias is None else bias, x, y, C, H, W, Ho, Wo, padding,
-            K=K, S=stride, ACT=act, HAS_BIAS=bias is not None, RESIDUAL=residual, GRAD_MODE=False,
+            *x.stride(), *x.stride(), *y.stride(), K=K, S=stride, ACT=act, HAS_BIAS=bias is not None, RESIDUAL=residual, GRAD_MODE=False,
             F64=x.dtype == torch.float64)
     return y
 
 
 def dwconv_backward(grad, x, weight, bias, stride: int, padding: int, act: int, residual: bool,
                     need_dx: bool = True, need_dw: bool = True, config=None):
-    """(dx, dweight, dbias) of :func:`dwconv_forward`; all inputs contiguous. dx (dweight) is zeros
-    when ``need_dx`` (``need_dw``) is False; dbias is always computed."""
+    """(dx, dweight, dbias) of :func:`dwconv_forward`; grad and x in any strides (read in place), dx
+    in x's layout, weight and bias contiguous. dx (dweight) is zeros when ``need_dx`` (``need_dw``) is
+    False; dbias is always computed."""
     B, C, H, W = x.shape
     K = weight.shape[-1]
     Ho, Wo = grad.shape[2], grad.shape[3]
@@ -319,17 +335,17 @@ def dwconv_backward(grad, x, weight, bias, stride: int, padding: int, act: int, 
     dgrad_grid(B, C, H, W, stride, *_SMALLEST_TILE)
     wgrid = wgrad_grid(B, C, Ho, Wo, bh, bw, _sm_count(x))
     if act:
-        g = torch.empty(grad.shape, dtype=acc, device=x.device)
+        g = _like(x, grad.shape, acc)
         _launch(_fwd, config, lambda th, tw: fwd_grid(B, C, Ho, Wo, th, tw),
                 x, weight, x if bias is None else bias, grad, g, C, H, W, Ho, Wo, padding,
-                K=K, S=stride, ACT=act, HAS_BIAS=bias is not None, RESIDUAL=False, GRAD_MODE=True, F64=f64)
+                *x.stride(), *grad.stride(), *g.stride(), K=K, S=stride, ACT=act, HAS_BIAS=bias is not None, RESIDUAL=False, GRAD_MODE=True, F64=f64)
     else:
         g = grad
     if need_dx:
         _launch(_dgrad, config, lambda th, tw: dgrad_grid(B, C, H, W, stride, th, tw),
-                g, weight, grad, dx, C, H, W, Ho, Wo, padding, K=K, S=stride, RESIDUAL=residual, F64=f64)
+                g, weight, grad, dx, C, H, W, Ho, Wo, *g.stride(), *grad.stride(), *dx.stride(), padding, K=K, S=stride, RESIDUAL=residual, F64=f64)
     part = torch.empty((C, wgrid[1], K * K + 1), dtype=acc, device=x.device)
-    _dw_wgrad_kernel[wgrid](g, x, part, B, C, H, W, Ho, Wo, padding, K=K, S=stride, F64=f64, BH=bh, BW=bw, BK=bk,
+    _dw_wgrad_kernel[wgrid](g, x, part, B, C, H, W, Ho, Wo, padding, *g.stride(), *x.stride(), K=K, S=stride, F64=f64, BH=bh, BW=bw, BK=bk,
                          num_warps=4)
     total = part.sum(dim=1)  # the second, fixed-order pass
     # copy=True: views of `total` would alias each other (an op's outputs must not).

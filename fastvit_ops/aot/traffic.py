@@ -127,12 +127,14 @@ def _attn_bwd_kv(l, size):
             progs * q_tiles * 4 * 2.0 * bn * bm * bd)
 
 
-def _gc(reads, writes):
+def _gc(reads, writes, flops):
+    # flops per element: forward similarity (channel means, dot, statistics) 5, apply 5; backward
+    # reductions 6, apply 6; together a little above the op's floor of 20
     def f(l, size):
         C, N = l.ints["C"], l.ints["N"]
         B = _n_programs(l) // max(1, _cdiv(N, l.constexprs["BLOCK_N"]))
         G = l.ints.get("G", 8)
-        return B * N * (C * size * (reads + writes) + 8 * G), B * N * C * 4.0
+        return B * N * (C * size * (reads + writes) + 8 * G), B * N * C * float(flops)
     return f
 
 
@@ -147,7 +149,7 @@ FORMULAS.update({
     "_dw_fwd_kernel": _dw_fwd, "_dw_dgrad_kernel": _dw_dgrad, "_dw_wgrad_kernel": _dw_wgrad,
     "_attn_fwd_kernel": _attn_fwd, "_attn_bwd_single_kernel": _attn_bwd_single,
     "_attn_bwd_q_kernel": _attn_bwd_q, "_attn_bwd_kv_kernel": _attn_bwd_kv,
-    "_fwd_sim_kernel": _gc(1, 0), "_fwd_apply_kernel": _gc(1, 1), "_bwd_reduce_kernel": _gc(2, 0),
-    "_bwd_apply_kernel": _gc(1, 1),
+    "_fwd_sim_kernel": _gc(1, 0, 5), "_fwd_apply_kernel": _gc(1, 1, 5), "_bwd_reduce_kernel": _gc(2, 0, 6),
+    "_bwd_apply_kernel": _gc(1, 1, 6),
     "_cross_mod_fwd_kernel": _elementwise(3, 10), "_cross_mod_bwd_kernel": _elementwise(5, 20),
 })

@@ -8,7 +8,7 @@ import torch
 
 from .. import _availability as avail
 from ..numerics import RuleResult, error_rule
-from ..ops.dispatch import backend, backend_available, backend_names
+from ..ops.dispatch import backend, backend_available, backend_names, get_backend
 from . import Case, load, op_names
 from .implementation import compiled_graphs, fused_implementation
 from .models import peak_memory_mib
@@ -25,6 +25,7 @@ def environment(device) -> Dict[str, str]:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
         "cpu_threads": str(torch.get_num_threads()),
         "extension": "ok" if avail.extension()[0] is not None else "missing",
+        "backend": get_backend(),  # what the "fused" column ran (FASTVIT_OPS_BACKEND / backend())
     }
     if dev.type == "cpu":
         try:

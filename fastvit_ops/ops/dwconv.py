@@ -116,14 +116,15 @@ def _ext_bwd(grad, x, weight, bias, stride, padding, act, residual, need_dx=True
 def _triton_fwd(x, weight, bias, stride, padding, act, residual):
     from fastvit_ops.kernels import dwconv as k
 
-    return k.dwconv_forward(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+    # x is read through its strides (channels_last without a copy)
+    return k.dwconv_forward(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                             stride, padding, act, residual)
 
 
 def _triton_bwd(grad, x, weight, bias, stride, padding, act, residual, need_dx=True, need_dw=True):
     from fastvit_ops.kernels import dwconv as k
 
-    return k.dwconv_backward(grad.contiguous(), x.contiguous(), weight.contiguous(),
+    return k.dwconv_backward(grad, x, weight.contiguous(),
                              None if bias is None else bias.contiguous(), stride, padding, act, residual,
                              need_dx, need_dw)
 

@@ -61,6 +61,39 @@ def test_dwconv_gpu_configs(ci, case):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "strided_view", "grad_channels_last"])
+@pytest.mark.parametrize("stride,act,residual", [(1, 1, True), (2, 2, False)])
+def test_dwconv_reads_any_layout_in_place(layout, stride, act, residual):
+    """x and grad are read through their strides: channels_last comes back channels_last (no
+    NCHW copy in or out), a non-dense view is read where it lies, and the values are those of the
+    NCHW-contiguous call."""
+    k_mod = _kernels("dwconv")
+    base = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    if layout == "strided_view":
+        x = torch.randn(2, 12, 11, 26, dtype=torch.float64)[:, ::2, :, ::2]
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    else:
+        x = base
+    w = torch.randn(6, 1, 5, 5, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    xc = x.contiguous()
+    cfg = k_mod.GPU_CONFIGS[1]
+    y = k_mod.dwconv_forward(x, w, b, stride, 2, act, residual, config=cfg)
+    y_ref = k_mod.dwconv_forward(xc, w, b, stride, 2, act, residual, config=cfg)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    dy = torch.randn_like(y_ref)
+    if layout != "strided_view":
+        dy = dy.to(memory_format=torch.channels_last)
+    got = k_mod.dwconv_backward(dy, x, w, b, stride, 2, act, residual, config=cfg)
+    want = k_mod.dwconv_backward(dy.contiguous(), xc, w, b, stride, 2, act, residual, config=cfg)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
 def test_dwconv_k31_gpu_tile():
     k_mod = _kernels("dwconv")
     x = torch.randn(1, 2, 34, 40, dtype=torch.float64)
