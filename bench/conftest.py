@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from fastvit_ops.benchmarks.implementation import compiled_graphs, describe, fresh_compile, recording
 from fastvit_ops.benchmarks.shapes import default_batch
 
 
@@ -30,6 +31,31 @@ def synchronized(fn, device):
         torch.cuda.synchronize(device)
         return out
     return run
+
+
+def compiled(fn):
+    """``torch.compile(fn)`` from empty dynamo caches, per benchmark (the cases share code objects;
+    past the recompile limit torch.compile would run them eagerly, silently)."""
+    return fresh_compile(fn)
+
+
+def warm_up(benchmark, which: str, run):
+    """Run ``run`` once before timing and record in ``extra_info`` what the column runs: for
+    ``fused``, the implementations our ops chose (``fused_impl``: backend, C++ fast path, oneDNN
+    or our depthwise forward, plain eager PyTorch); for ``compile``, the graphs torch.compile
+    captured (``compiled_graphs``; none means it ran eagerly, which fails the benchmark)."""
+    if which == "fused":
+        with recording() as seen:
+            out = run()
+        benchmark.extra_info["fused_impl"] = describe(seen)
+        return out
+    if which == "compile":
+        box = []
+        graphs = compiled_graphs(lambda: box.append(run()))
+        benchmark.extra_info["compiled_graphs"] = graphs
+        assert graphs > 0, "torch.compile captured no graph: the compile column would time eager code"
+        return box[0]
+    return run()
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import torch
 
 import fastvit_ops  # noqa: F401  (registers the ops)
 from fastvit_ops.benchmarks import dwconv as cases_mod
+from fastvit_ops.benchmarks.implementation import compiled_graphs, fused_implementation
 from fastvit_ops.benchmarks.runner import environment
 from fastvit_ops.benchmarks.timing import median_ms
 
@@ -84,6 +85,7 @@ def _pass_fn(fn, inputs, which):
 def bench_case(case, args, device, dtype_name, k) -> List[Dict]:
     timer = _timer(args, device)
     inputs = case.make_inputs()
+    torch._dynamo.reset()  # every case from empty caches: past the recompile limit compile runs eagerly
     compiled = torch.compile(case.eager, dynamic=False)
     with torch.no_grad():
         err = (case.fused(*inputs).double() - case.eager(*inputs).double()).abs().max().item()
@@ -92,6 +94,10 @@ def bench_case(case, args, device, dtype_name, k) -> List[Dict]:
     for which in args.passes:
         slow = torch.device(device).type == "cpu" and which != "fwd" and k >= 21  # PyTorch's CPU backward
         times = {}
+        # What the columns run: the fused one's implementation (our kernel or, under auto on a CPU,
+        # oneDNN's forward where it timed faster), and the graphs torch.compile captured.
+        fused_impl = fused_implementation(_pass_fn(case.fused, inputs, which))
+        graphs = None if args.no_compile else compiled_graphs(_pass_fn(compiled, inputs, which))
         for name, fn in (("fused", case.fused), ("eager", case.eager), ("compile", compiled)):
             if name == "compile" and args.no_compile:
                 continue
@@ -103,7 +109,7 @@ def bench_case(case, args, device, dtype_name, k) -> List[Dict]:
                "speedup_vs_compile": times["compile"] / times["fused"] if "compile" in times else None,
                "fused_GFLOPs": flops / (times["fused"] * 1e-3) / 1e9,
                "eager_GFLOPs": flops / (times["eager"] * 1e-3) / 1e9,
-               "forward_max_error": err}
+               "forward_max_error": err, "fused_impl": fused_impl, "compiled_graphs": graphs}
         if which == "fwd" and peak is not None:
             floor_ms = max(case.bytes / (peak["GBps"] * 1e9), case.flops / (peak["TFLOPs"][dtype_name] * 1e12)) * 1e3
             row.update({"fused_GBps": case.bytes / (times["fused"] * 1e-3) / 1e9,

@@ -10,12 +10,11 @@ import contextlib
 import pytest
 import torch
 
-from conftest import bench_batch, bench_device, synchronized
+from conftest import bench_batch, bench_device, compiled, synchronized, warm_up
 from fastvit_ops.benchmarks import attention as cases
 from fastvit_ops.benchmarks.timing import forward_backward_fn, forward_fn
 
 CASES = cases.bench_cases(bench_batch(), bench_device())
-_compiled = {}
 
 if bench_device().type == "cuda":
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -31,9 +30,7 @@ def impl(case, which):
     if which == "fused":
         return case.fused, contextlib.nullcontext
     if which == "compile":
-        if case.shape not in _compiled:
-            _compiled[case.shape] = torch.compile(case.eager)
-        return _compiled[case.shape], contextlib.nullcontext
+        return compiled(case.eager), contextlib.nullcontext
     backend = SDPA_BACKENDS[which]
     return case.sdpa, (contextlib.nullcontext if backend is None else (lambda: sdpa_kernel([backend])))
 
@@ -49,7 +46,7 @@ def test_downsampled_attention(benchmark, case, pass_, which, device):
     fn = synchronized(make(fn_, inputs), device)
     with ctx():
         try:
-            fn()  # warm up past compiles before timing
+            warm_up(benchmark, which, fn)  # past compiles; records what the column runs
         except RuntimeError as e:  # an SDPA backend that refuses this shape / dtype
             if which.startswith("sdpa"):
                 pytest.skip(f"{which} does not accept this shape: {str(e).splitlines()[0]}")

@@ -3,14 +3,12 @@
 Baselines come from ``fastvit_ops.benchmarks.cross_modulation`` (the same ones the CLI times).
 """
 import pytest
-import torch
 
-from conftest import bench_batch, bench_device, synchronized
+from conftest import bench_batch, bench_device, compiled, synchronized, warm_up
 from fastvit_ops.benchmarks import cross_modulation as cases
 from fastvit_ops.benchmarks.timing import forward_backward_fn, forward_fn
 
 CASES = cases.bench_cases(bench_batch(), bench_device())
-_compiled = {}
 
 
 def impl(name):
@@ -18,9 +16,7 @@ def impl(name):
         return cases.eager
     if name == "fused":
         return cases.fused
-    if "compile" not in _compiled:
-        _compiled["compile"] = torch.compile(cases.eager)
-    return _compiled["compile"]
+    return compiled(cases.eager)
 
 
 @pytest.mark.parametrize("which", ["eager", "compile", "fused"])
@@ -31,6 +27,6 @@ def test_cross_modulation(benchmark, case, pass_, which, device):
     inputs = case.make_inputs()
     make = forward_fn if pass_ == "fwd" else forward_backward_fn
     fn = synchronized(make(impl(which), inputs), device)
-    fn()  # warm up past compiles before timing
+    warm_up(benchmark, which, fn)  # past compiles; records what the column runs
     out = benchmark(fn)
     assert out is not None

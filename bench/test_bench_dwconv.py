@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import bench_batch, bench_device, synchronized
+from conftest import bench_batch, bench_device, compiled, synchronized, warm_up
 from fastvit_ops.benchmarks import dwconv as cases_mod
 from fastvit_ops.benchmarks.timing import forward_backward_fn, forward_fn
 
@@ -47,17 +47,12 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case", cases, ids=[c.shape for c in cases])
 
 
-_COMPILED = {}
-
-
 def _impl(case, impl):
     if impl == "fused":
         return case.fused
     if impl == "eager":
         return case.eager
-    if case.shape not in _COMPILED:
-        _COMPILED[case.shape] = torch.compile(case.eager)
-    return _COMPILED[case.shape]
+    return compiled(case.eager)
 
 
 @pytest.mark.parametrize("pass_", PASSES)
@@ -70,7 +65,7 @@ def test_dwconv2d(benchmark, request, case, impl, pass_):
     inputs = case.make_inputs()
     fn = _impl(case, impl)
     run = synchronized(forward_fn(fn, inputs) if pass_ == "fwd" else forward_backward_fn(fn, inputs), DEVICE)
-    out = run()  # warm up past compilation / autotuning
+    out = warm_up(benchmark, impl, run)  # past compilation; records what the column runs
     if pass_ == "fwd":
         ref = case.eager(*inputs).detach()
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

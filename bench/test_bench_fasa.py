@@ -11,7 +11,7 @@ every test runs once on a small shape and checks fused == eager instead of timin
 import pytest
 import torch
 
-from conftest import bench_batch, bench_device, synchronized
+from conftest import bench_batch, bench_device, compiled, synchronized, warm_up
 from fastvit_ops.benchmarks import fasa
 from fastvit_ops.benchmarks.models import peak_memory_mib
 from fastvit_ops.benchmarks.timing import forward_backward_fn, forward_fn
@@ -19,17 +19,10 @@ from fastvit_ops.benchmarks.timing import forward_backward_fn, forward_fn
 DEVICE = bench_device()
 CASES = fasa.bench_cases(bench_batch(), DEVICE)
 SMALL = {c.backward: c for c in fasa.check_cases(DEVICE)}  # an eval and a train case
-_COMPILED = {}
-
-
 def _impl(case, name):
     if name != "compile":
         return case.fused if name == "fused" else case.eager
-    if id(case) not in _COMPILED:
-        torch._dynamo.reset()  # the cases share one code object: stay under the recompile limit
-        _COMPILED.clear()
-        _COMPILED[id(case)] = torch.compile(case.eager)
-    return _COMPILED[id(case)]
+    return compiled(case.eager)
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
@@ -43,8 +36,8 @@ def test_fasa_module(benchmark, case, impl, pass_):
     inputs = case.make_inputs()
     make = forward_fn if pass_ == "fwd" else forward_backward_fn
     run = synchronized(make(_impl(case, impl), inputs), DEVICE)
-    for _ in range(2):  # warm up past torch.compile / Triton JIT and the allocator
-        run()
+    warm_up(benchmark, impl, run)  # past torch.compile / Triton JIT; records what the column runs
+    run()  # and the allocator
     benchmark.group = f"fasa_module {case.shape} {pass_}"
     benchmark.extra_info.update(shape=case.shape, impl=impl, pass_=pass_, torch=torch.__version__,
                                 threads=torch.get_num_threads())

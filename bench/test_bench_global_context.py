@@ -12,13 +12,12 @@ fused == eager instead of timing.
 import pytest
 import torch
 
-from conftest import bench_batch, bench_device
+from conftest import bench_batch, bench_device, compiled, warm_up
 from fastvit_ops.benchmarks import global_context as bgc
 
 DEVICE = bench_device()
 CASES = bgc.bench_cases(bench_batch(), DEVICE)
 SMALL = {c.op: c for c in reversed(bgc.check_cases(DEVICE))}  # first check case of each op
-_COMPILED = {}
 
 
 def _sync():
@@ -31,10 +30,7 @@ def _impl(case, name):
         return case.fused
     if name == "eager":
         return case.eager
-    key = id(case)
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(case.eager)
-    return _COMPILED[key]
+    return compiled(case.eager)
 
 
 def _runner(fn, inputs, mode, dy=None):
@@ -67,8 +63,8 @@ def test_bench(benchmark, case, impl, mode):
     with torch.no_grad():
         dy = torch.randn_like(case.eager(*inputs))
     run = _runner(_impl(case, impl), inputs, mode, dy)
-    for _ in range(2):  # warm up past torch.compile / Triton JIT and the allocator
-        run()
+    warm_up(benchmark, impl, run)  # past torch.compile / Triton JIT; records what the column runs
+    run()  # and the allocator
     benchmark.group = f"{case.op} {case.shape} {mode}"
     benchmark.extra_info.update(op=case.op, shape=case.shape, impl=impl, mode=mode,
                                 device=torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import bench_batch, bench_device, synchronized
+from conftest import bench_batch, bench_device, compiled, synchronized, warm_up
 from fastvit_ops.benchmarks import models as mb
 
 
@@ -41,9 +41,10 @@ def test_model(benchmark, name, mode, variant, device):
     model = copy.deepcopy(ref if variant.startswith("reference") else fused)
     x = torch.randn(bench_batch(), 3, 224, 224, device=device)
     target = torch.randint(0, 1000, (bench_batch(),), device=device)
-    step = synchronized(mb.make_step(model, mode, x, target, torch.compile(model) if "compile" in variant else None),
+    step = synchronized(mb.make_step(model, mode, x, target, compiled(model) if "compile" in variant else None),
                         device)
-    step()  # compile, warm up
+    which = "compile" if "compile" in variant else "fused" if variant.startswith("fused") else "eager"
+    warm_up(benchmark, which, step)  # compile; records what the column runs
     benchmark.extra_info["peak_mib"] = mb.peak_memory_mib(step, device)
     out = benchmark(step)
     assert torch.isfinite(out).all()

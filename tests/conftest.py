@@ -1,12 +1,14 @@
 """Shared test fixtures: checkpoint key files, seeds, backends."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 # Without a GPU, Triton kernels are proven on the CPU interpreter; it must be set before the first
 # `import triton`, which fastvit_ops does lazily.
@@ -14,9 +16,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastvit_ops  # noqa: E402
+from fastvit_ops import numerics  # noqa: E402
 from fastvit_ops.numerics import error_rule  # noqa: E402
 from fastvit_ops.ops import dispatch  # noqa: E402
 from fastvit_ops.ops.dispatch import backend_available  # noqa: E402
+
+# Property-based tests (hypothesis, tests/ops/test_properties.py), profiles: ``default`` (what a
+# plain ``python -m pytest`` runs: 50 examples per op, about a minute on 2 cores), ``ci`` (500 per
+# op, ~10 CPU-minutes: CI's property job, ``python -m pytest tests/ops/test_properties.py
+# --hypothesis-profile=ci``) and ``thorough`` (5000, for local runs); or FASTVIT_OPS_HYPOTHESIS_PROFILE.
+# Random examples every run (like the seeds below); a failure prints the falsifying example (its
+# tensors come from a drawn seed, so the printed call rebuilds them) and a ``@reproduce_failure``
+# blob that replays it exactly.
+settings.register_profile("ci", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=5000)
+settings.register_profile("default", parent=settings.get_profile("ci"), max_examples=50)
+settings.load_profile(os.environ.get("FASTVIT_OPS_HYPOTHESIS_PROFILE", "default"))
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -70,21 +86,57 @@ def randomize_(module: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     return module
 
 
-def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor,
-                      floor: str = "element") -> None:
-    """The error rule of docs/numerics.md (``fastvit_ops.numerics.error_rule``): |fused − exact| ≤
-    max(2·max|eager − exact|, atol + rtol·|exact|). ``exact`` is the float64 reference; ``eager`` the
-    eager PyTorch layer in the same dtype as ``fused`` (or several evaluations of it on different
-    layouts: the largest error counts). ``floor="tensor"``: the torch.testing floor at the tensor's
-    scale (see ``error_rule``). Both errors are reported on failure.
+NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+
+
+def randomize_model_(model: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Random weights scaled by fan-in (activations stay O(1) through depth), norm affines around
+    (1, 0), BN statistics away from (0, 1), layer scales in [0.2, 0.6], α around 1, β around 0."""
+    def rnd(t, std, mean=0.0):
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) * std + mean)
+
+    with torch.no_grad():
+        for m in model.modules():
+            for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if not p.is_floating_point():
+                    continue
+                if name == "running_var":
+                    p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) + 0.5)
+                elif name == "running_mean":
+                    rnd(p, 0.2)
+                elif name.startswith("layer_scale"):
+                    p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.4 + 0.2)
+                elif name == "rescale_weight":
+                    rnd(p, 0.3, 1.0)
+                elif name == "rescale_bias":
+                    rnd(p, 0.3)
+                elif name == "weight" and isinstance(m, NORMS):
+                    rnd(p, 0.2, 1.0)
+                elif name == "bias":
+                    rnd(p, 0.1)
+                elif p.dim() >= 2:
+                    rnd(p, 1.0 / math.sqrt(p[0].numel()))
+                else:
+                    rnd(p, 0.2)
+    return model
+
+
+def assert_error_rule(name: str, fused: torch.Tensor, eager, exact: torch.Tensor) -> None:
+    """The error rule of docs/numerics.md (``fastvit_ops.numerics.error_rule``): the largest and the RMS error
+    of ``fused`` against ``exact`` at most 2× eager's, or a few ulp of the tensor's scale.
+    ``exact`` is the float64 reference; ``eager`` the eager PyTorch layer in the same dtype as
+    ``fused`` (or several evaluations of it on different layouts: the largest error counts). Both
+    errors are reported on failure.
     """
     assert fused.shape == exact.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
     for e in [eager] if isinstance(eager, torch.Tensor) else eager:
         assert fused.dtype == e.dtype, f"{name}: dtype {fused.dtype} != eager {e.dtype}"
     assert torch.isfinite(fused).all(), f"{name}: non-finite values"
-    r = error_rule(fused, eager, exact, floor=floor)
-    assert r.ok, (f"{name} ({fused.dtype}): max error {r.fused_error:.3g} exceeds the rule at "
-                  f"{r.bad} elements; eager max error {r.eager_error:.3g}")
+    r = error_rule(fused, eager, exact)
+    assert r.ok, (f"{name} ({fused.dtype}, shape {tuple(fused.shape)}) exceeds the rule: max error {r.fused_error:.3g} "
+                  f"(eager {r.eager_error:.3g}, {r.bad} elements over), RMS error {r.fused_rms:.3g} "
+                  f"(eager {r.eager_rms:.3g}); floor {numerics.floor(fused.dtype, exact):.3g}")
+
 
 # The released models' state_dict listings (keys and shapes), see tests/data/checkpoints/README.md.
 CHECKPOINTS = Path(__file__).resolve().parent / "data" / "checkpoints"

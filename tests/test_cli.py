@@ -9,6 +9,7 @@ import torch
 
 from fastvit_ops.__main__ import main
 from fastvit_ops.benchmarks import cross_modulation as cm_cases
+from properties import KNOWN_DEFECTS
 
 
 def test_info(capsys):
@@ -36,10 +37,16 @@ def test_explain_says_what_runs_and_why(capsys):
 
 
 def test_check_passes(capsys, tmp_path):
+    # Two ops, every backend here: the whole command pools 4-16 instances per case on the Triton
+    # interpreter too (over 7 CPU-minutes); the other ops' cases run in their own op tests.
     path = tmp_path / "check.json"
-    assert main(["check", "--json", str(path)]) == 0
+    code = main(["check", "--ops", "sigmoid_cross_modulation,global_context", "--json", str(path)])
     rows = json.loads(path.read_text())["checks"]
-    assert rows and all(r["ok"] for r in rows)
+    # Rows of a kernel with a known defect (tests/ops/test_known_defects.py reproduces each under
+    # a strict xfail) may fail; every other row must pass, and then check exits 0.
+    failed = [r for r in rows if not r["ok"]]
+    assert rows and not [r for r in failed if (r["op"], r["backend"]) not in KNOWN_DEFECTS], failed
+    assert code == (1 if failed else 0)
     assert {r["backend"] for r in rows} >= {"reference"}
 
 

@@ -1,4 +1,6 @@
 """fastvit_ops.convert / revert: layers swapped for fused drop-ins, weights and outputs kept."""
+import collections
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,42 @@ from fastvit_ops import models
 from fastvit_ops.convert import convert, revert
 from fastvit_ops.reference import fat as ref_fat
 from conftest import randomize_
+from fastvit_ops.convert import _pairs
+from fastvit_ops.nn.dwconv import DepthwiseConv2d as FusedDW
+
+
+def _fused_counts(model):
+    """{reference class name: count} of the fused drop-ins (and fused depthwise convs) in ``model``."""
+    pairs = _pairs()
+    by_fused = {f: r.__name__ for r, f in pairs.items()}
+    return dict(collections.Counter(by_fused.get(type(m), "DepthwiseConv2d") for m in model.modules()
+                                    if type(m) in by_fused or isinstance(m, FusedDW)))
+
+
+def _convertible_counts(model):
+    """{class name: count} of what ``convert`` would swap in ``model``: reference layers and depthwise
+    ``nn.Conv2d`` layers the fused conv runs."""
+    pairs = _pairs()
+    counts = collections.Counter()
+    for m in model.modules():
+        if type(m) in pairs:
+            counts[type(m).__name__] += 1
+        elif isinstance(m, nn.Conv2d) and not isinstance(m, FusedDW):
+            try:
+                FusedDW.from_conv(m)
+            except ValueError:
+                continue
+            counts["DepthwiseConv2d"] += 1
+    return dict(counts)
+
+
+def test_report_check_sees_a_layer_left_unconverted():
+    """Negative control: one reference layer put back makes the counts disagree."""
+    fused = convert(models.create("fat_b0", reference=True).eval())
+    blk = fused.layers[0].blocks[0]
+    blk.ffn = revert(blk.ffn)
+    assert fused.fastvit_ops_report != _fused_counts(fused)
+    assert _convertible_counts(fused)
 
 
 @pytest.mark.parametrize("name", ["fat_b0", "fcvit_tiny", "cvt_13"])
@@ -19,9 +57,11 @@ def test_convert_keeps_outputs_and_state(name):
     fused_types = tuple({*fastvit_ops.nn.FAT_LAYERS.values(), *fastvit_ops.nn.FCVIT_LAYERS.values(),
                          *fastvit_ops.nn.CVT_LAYERS.values()})
     assert not any(isinstance(m, fused_types) for m in ref.modules()), "inplace=False leaves the input alone"
-    report = fused.fastvit_ops_report
-    assert sum(report.values()) == sum(isinstance(m, fused_types) or type(m).__name__ == "DepthwiseConv2d"
-                                       for m in fused.modules()) or report
+    # The report counts exactly the fused modules now in the model, by the reference class each
+    # replaced, and nothing convertible is left behind.
+    assert fused.fastvit_ops_report == _fused_counts(fused)
+    assert fused.fastvit_ops_report == _convertible_counts(ref)
+    assert not _convertible_counts(fused)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)

@@ -218,6 +218,26 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
                  const std::optional<at::Tensor>& b2, const at::Tensor& alpha,
                  const at::Tensor& beta, int64_t groups, double eps, bool residual,
                  const Mlp* saved) {
+  if (x_.scalar_type() == at::kFloat) {
+    // fp32: the whole backward in double from the fp32 tensors, each gradient rounded once. The
+    // gradients of alpha, beta and the MLP are sums over B*H*W terms that cancel; in fp32 their error
+    // is a coin toss against eager's (up to 500x it at groups = 1), so g and the statistics the
+    // forward saved in fp32 are recomputed in double too (as the reference and Triton glue do).
+    const auto wide = [](const std::optional<at::Tensor>& t) {
+      return t.has_value() ? std::optional<at::Tensor>(t->to(at::kDouble)) : std::nullopt;
+    };
+    const at::Tensor xd = x_.to(at::kDouble), ad = alpha.to(at::kDouble), bd = beta.to(at::kDouble);
+    const auto fwd = gc_forward_impl(xd, std::nullopt, std::nullopt, std::nullopt, std::nullopt, ad, bd, groups,
+                                     eps, false, nullptr);
+    auto r = gc_backward_impl(grad_.to(at::kDouble), xd, std::get<1>(fwd), std::get<2>(fwd), wide(w1), wide(b1),
+                              wide(w2), wide(b2), ad, bd, groups, eps, residual, nullptr);
+    const bool m = w1.has_value();
+    return {std::get<0>(r).to(at::kFloat), std::get<1>(r).to(alpha.scalar_type()),
+            std::get<2>(r).to(beta.scalar_type()), m ? std::get<3>(r).to(w1->scalar_type()) : std::get<3>(r),
+            m ? std::get<4>(r).to(b1->scalar_type()) : std::get<4>(r),
+            m ? std::get<5>(r).to(w2->scalar_type()) : std::get<5>(r),
+            m ? std::get<6>(r).to(b2->scalar_type()) : std::get<6>(r)};
+  }
   const at::Tensor x = x_.contiguous();
   const at::Tensor grad = grad_.contiguous();
   const Dims k = dims_of(x, groups, "_gc_backward");

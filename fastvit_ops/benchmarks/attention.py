@@ -41,6 +41,22 @@ def fasa_eager(h):
     return run
 
 
+def fasa_eager_variants(h):
+    """FASA's eager branch with the scale applied to the logits, or folded into k, instead of q:
+    equally valid roundings of the logits (flash-attention's tests' "reorder_ops" reference), extra
+    yardsticks for ``check`` (:attr:`Case.eager_variants`)."""
+    def on_logits(q_map, k, v, gate):
+        b, c, hh, ww = q_map.shape
+        g = torch.softmax(_heads(q_map, h) @ k.transpose(-1, -2) * (c // h) ** -0.5, dim=-1) @ v
+        return F.silu(g.transpose(-1, -2).reshape(b, c, hh, ww)) * gate
+
+    def into_k(q_map, k, v, gate):
+        b, c, hh, ww = q_map.shape
+        g = torch.softmax(_heads(q_map, h) @ (k * (c // h) ** -0.5).transpose(-1, -2), dim=-1) @ v
+        return F.silu(g.transpose(-1, -2).reshape(b, c, hh, ww)) * gate
+    return [on_logits, into_k]
+
+
 def fasa_fused(h):
     def run(q_map, k, v, gate):
         return downsampled_attention_nchw(q_map, k, v, h, gate=gate)
@@ -60,6 +76,12 @@ def cvt_eager(scale):
     def run(q, k, v):
         return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
     return run
+
+
+def cvt_eager_variants(scale):
+    """CvT's eager attention with the scale folded into q, or into k (see fasa_eager_variants)."""
+    return [lambda q, k, v: torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1) @ v,
+            lambda q, k, v: torch.softmax(q @ (k * scale).transpose(-1, -2), dim=-1) @ v]
 
 
 def cvt_fused(scale):
@@ -95,6 +117,7 @@ def _fat_case(variant, stage, c, hw, h, batch, device, dtype):
                 flops=4.0 * batch * h * n * FAT_KEYS * d,
                 bytes=(3.0 * batch * c * n + 2.0 * batch * h * FAT_KEYS * d) * size)
     case.sdpa = fasa_sdpa(h)
+    case.eager_variants = fasa_eager_variants(h)
     return case
 
 
@@ -116,6 +139,7 @@ def _cvt_case(stage, c, hw, h, batch, device, dtype):
                 cvt_fused(scale), flops=4.0 * batch * h * n * m * d,
                 bytes=(2.0 * batch * n * c + 2.0 * batch * m * c) * size)
     case.sdpa = cvt_sdpa(scale)
+    case.eager_variants = cvt_eager_variants(scale)
     return case
 
 

@@ -1,7 +1,8 @@
 """Eval-mode BatchNorm folded into the convolution next to it, shared by the fused modules."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+import weakref
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,21 +48,51 @@ def fold_bn_into_next_1x1(bn: nn.modules.batchnorm._BatchNorm, conv: nn.Conv2d) 
     return (w * s.view(1, -1, 1, 1)).to(conv.weight.dtype), (b + w2 @ t).to(conv.weight.dtype)
 
 
+# owner module → {name: (key, folded tensors)}. Beside the module, not in its __dict__: pickling,
+# deepcopy and torch.save of a model carry no folded copies (a copy refolds on its first call).
+_FOLDS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _source_key(t: Optional[Tensor]):
+    """What a fold read from ``t``, compared by :func:`cached_fold`: the tensor object and its
+    storage (weak references, so a freed tensor whose memory or ``id`` a new one reuses cannot
+    match), and its data pointer, version counter, dtype, device, shape and strides."""
+    if t is None:
+        return None
+    return (weakref.ref(t), weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device,
+            tuple(t.shape), t.stride())
+
+
+def _same(key, t: Optional[Tensor]) -> bool:
+    if key is None or t is None:
+        return key is None and t is None
+    return (key[0]() is t and key[1]() is t.untyped_storage()
+            and key[2:] == (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride()))
+
+
 def cached_fold(owner: nn.Module, name: str, sources: Sequence[Optional[Tensor]],
                 compute: Callable[[], Tuple[Tensor, ...]]) -> Tuple[Tensor, ...]:
-    """``compute()`` (folded weights, no autograd graph), cached on ``owner`` until one of
-    ``sources`` changes: the key is each source's storage pointer and version counter, so an
-    optimizer step, ``load_state_dict``, ``.to()`` or any in-place edit refolds on the next call.
-    For inference only (the result is detached); not a registered buffer, so no state_dict entry."""
-    key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    cache = owner.__dict__.setdefault("_fastvit_ops_folds", {})
+    """``compute()`` (folded weights, no autograd graph), cached for ``owner`` until one of
+    ``sources`` changes: another tensor object (``load_state_dict(assign=True)``, a new
+    ``nn.Parameter``, ``.to()``, ``.half()``), new storage (``p.data = t``), an in-place write
+    (version counter: optimizer steps, ``load_state_dict`` copies, BN statistics updated in
+    training), dtype, device, shape or strides. ``name`` carries the fold's hyperparameters (the
+    BN's ``eps``). Not seen: writes through ``p.data`` (``p.data.mul_(2)``), which bypass the
+    version counter; assign a new tensor or write under ``torch.no_grad()`` instead.
+    For inference only (the result is detached); not a buffer, not in the state_dict, not pickled."""
+    cache = _FOLDS.setdefault(owner, {})
     hit = cache.get(name)
-    if hit is not None and hit[0] == key:
+    if hit is not None and len(hit[0]) == len(sources) and all(_same(k, t) for k, t in zip(hit[0], sources)):
         return hit[1]
     with torch.no_grad():
         value = tuple(v.detach() for v in compute())
-    cache[name] = (key, value)
+    cache[name] = (tuple(_source_key(t) for t in sources), value)
     return value
+
+
+def fold_cache(owner: nn.Module) -> Dict[str, Tuple[Tensor, ...]]:
+    """The folds cached for ``owner`` now, by name (for inspection and tests)."""
+    return {name: hit[1] for name, hit in _FOLDS.get(owner, {}).items()}
 
 
 def bn_sources(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[Optional[Tensor], ...]:

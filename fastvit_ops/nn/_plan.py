@@ -53,7 +53,11 @@ def run(module: nn.Module, build: Callable[[nn.Module], Callable[..., Tensor]], 
     cached = module.__dict__.get(_PLAN)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, build(module))
+            # The source tensors are held with the plan: while it lives, no new tensor can take an
+            # old one's id or memory and match the key (a freed parameter's id is reused by Python,
+            # its storage by the allocator, and both start at version 0).
+            sources = tuple(t for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values()))
+            cached = (key, build(module), sources)
         module.__dict__[_PLAN] = cached
     return cached[1](*args)
 

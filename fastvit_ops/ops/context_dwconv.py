@@ -63,17 +63,17 @@ def _(x, sp, c, weight, bias, stride, padding, activation, backend):
 def _setup_context(ctx, inputs, output):
     x, sp, c, weight, bias, stride, padding, activation, backend = inputs
     ctx.save_for_backward(x, sp, c, weight, bias)
-    ctx.args = (stride, padding, activation)
+    ctx.args = (stride, padding, activation, backend)
 
 
 def _backward(ctx, grad):
     x, sp, c, weight, bias = ctx.saved_tensors
-    stride, padding, activation = ctx.args
+    stride, padding, activation, backend = ctx.args
     need = ctx.needs_input_grad
     z = _z(x, sp, c).to(x.dtype)  # recomputed, not stored by the forward
     need_z = need[0] or need[1] or need[2]
     dz, dw, db = _dw_backward(grad.contiguous(), z, weight, bias, stride, padding, activation, False, need_z,
-                              need[3] or need[4], "auto")
+                              need[3] or need[4], backend)
     B, C, H, W = x.shape
     G = sp.shape[1]
     dzg = dz.reshape(B, G, C // G, H, W)

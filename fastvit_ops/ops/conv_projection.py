@@ -79,14 +79,14 @@ def _(x, wq, bq, wk, bk, wv, bv, h, w, cls, stride_q, stride_kv, backend):
 def _setup_context(ctx, inputs, output):
     x, wq, bq, wk, bk, wv, bv, h, w, cls, stride_q, stride_kv, backend = inputs
     ctx.save_for_backward(x, wq, wk, wv)
-    ctx.args = (h, w, cls, stride_q, stride_kv)
+    ctx.args = (h, w, cls, stride_q, stride_kv, backend)
 
 
 def _backward(ctx, gq, gk, gv):
     from .dwconv import _op_backward as dw_backward  # the depthwise conv's dgrad / wgrad kernels
 
     x, wq, wk, wv = ctx.saved_tensors
-    h, w, cls, stride_q, stride_kv = ctx.args
+    h, w, cls, stride_q, stride_kv, backend = ctx.args
     img = _to_image(x, cls, h, w)
     p = wq.shape[-1] // 2
     need_x = ctx.needs_input_grad[0]
@@ -94,7 +94,7 @@ def _backward(ctx, gq, gk, gv):
     grads, dimg = [], None
     for g, wt, s in ((gq, wq, stride_q), (gk, wk, stride_kv), (gv, wv, stride_kv)):
         g_img = _to_image(g, cls, _out_hw(h, s), _out_hw(w, s))
-        dx, dw, db = dw_backward(g_img, img, wt, None, s, p, 0, False, need_x, need_w, "auto")
+        dx, dw, db = dw_backward(g_img, img, wt, None, s, p, 0, False, need_x, need_w, backend)
         grads += [dw, db]
         dimg = dx if dimg is None else dimg + dx
     dx = None

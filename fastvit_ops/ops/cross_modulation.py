@@ -85,6 +85,8 @@ BACKWARD = dispatch.KernelTable(OP, "backward")
 # ---- custom ops ----------------------------------------------------------------------------------
 @torch.library.custom_op("fastvit_ops::sigmoid_cross_modulation", mutates_args=())
 def _op(local: Tensor, global_: Tensor, mode: str, backend: str) -> Tensor:
+    if local.numel() == 0:  # nothing to compute (the kernels' layout checks reject empty tensors' strides)
+        return empty_like_layout(local)
     return dispatch.run_kernel(OP, "forward", backend, local, global_, mode)
 
 
@@ -95,6 +97,8 @@ def _(local, global_, mode, backend):
 
 @torch.library.custom_op("fastvit_ops::sigmoid_cross_modulation_backward", mutates_args=())
 def _op_backward(grad: Tensor, local: Tensor, global_: Tensor, mode: str, backend: str) -> Tuple[Tensor, Tensor]:
+    if local.numel() == 0:
+        return empty_like_layout(local), empty_like_layout(local)
     return dispatch.run_kernel(OP, "backward", backend, grad, local, global_, mode)
 
 

@@ -188,7 +188,7 @@ def _ref_bwd_apply(x, grad, shat, dsp, coef, gs, bias):
     t = coef[:, :, 0:1] * dsp + coef[:, :, 1:2] + coef[:, :, 2:3] * shat  # dS, (B, G, N)
     dx = gs.view(B, G, d, 1) * t.unsqueeze(2) + bias.view(B, G, d, 1)
     if grad is not None:
-        dx = dx + grad.to(dx.dtype).reshape(B, G, d, -1)
+        dx = dx + grad.to(dx.dtype).reshape(B, G, d, H * W)
     return dx.reshape(B, C, H, W).to(x.dtype)
 
 
@@ -236,6 +236,10 @@ def _glue_forward(kernels, x, mlp, alpha, beta, groups, eps, residual):
 
 
 def _glue_backward(kernels, grad, x, g, stats, mlp, alpha, beta, groups, eps, residual):
+    if x.dtype == torch.float32:
+        # fp32: the whole backward in float64 from the fp32 tensors (see _wide_backward).
+        return _wide_backward(lambda *a: _glue_backward(kernels, *a), kernels[0], grad, x, mlp, alpha, beta,
+                              groups, eps, residual)
     _, reduce_, apply_ = kernels
     B, C, H, W = x.shape
     G, N = groups, H * W
@@ -268,6 +272,24 @@ def _glue_backward(kernels, grad, x, g, stats, mlp, alpha, beta, groups, eps, re
     dx = apply_(xd, grad if residual else None, shat, dsp, coef, (s * g).contiguous(),
                 (dg / N).contiguous())
     return (dx, Q.sum(0).to(alpha.dtype), P.sum(0).to(beta.dtype)) + mlp_grads
+
+
+def _wide_backward(backward, forward, grad, x, mlp, alpha, beta, groups, eps, residual):
+    """The backward of fp32 ``x`` computed in float64 from the fp32 tensors, each gradient rounded
+    once. The gradients of α, β and the MLP are sums over B·H·W terms that cancel (terms ~10³×
+    the result are common): in fp32, the error of such a sum is a coin toss against eager's, which
+    is sometimes nearly exact by luck, and it measured up to 500× eager's (α at groups = 1). The
+    channel means and statistics the forward saved in fp32 are recomputed in float64 (an error of
+    one fp32 rounding in them moves every term)."""
+    wide = torch.float64
+    xw = x.to(wide).contiguous()  # the pass-level kernels walk NCHW rows
+    al, be = alpha.to(wide), beta.to(wide)
+    g = xw.mean(dim=(2, 3))
+    stats = forward(xw, g, None, al, be, groups, float(eps), False)[1]
+    mlpw = tuple(t.to(wide) for t in mlp) if mlp is not None else None
+    grads = backward(grad.to(wide), xw, g, stats, mlpw, al, be, groups, eps, residual)
+    like = (x, alpha, beta) + (tuple(mlp) if mlp is not None else ())
+    return tuple(t.to(ref.dtype) for t, ref in zip(grads, like))
 
 
 def _ext_forward(x, mlp, alpha, beta, groups, eps, residual):

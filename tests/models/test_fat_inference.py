@@ -32,6 +32,14 @@ def _exact(ref, x):
         return copy.deepcopy(ref).double()(x.double())
 
 
+def _eager(ref, x):
+    """The reference in fp32 three equally valid ways (NCHW and channels_last input: other
+    convolution algorithms; the batch reversed): the error rule's yardstick, the largest error
+    counting. Over a whole block one eager run's largest error is one element's luck."""
+    with torch.no_grad():
+        return [ref(x), ref(x.contiguous(memory_format=torch.channels_last)), ref(x.flip(0)).flip(0)]
+
+
 class Wrapped(torch.nn.Module):
     """A user's layer the inference plan does not recognise: it must call it as it is."""
 
@@ -66,13 +74,14 @@ def test_block_inference_path_matches_reference(cfg, size):
         y_ref, y = ref(x), fused(x)
     assert fused.__dict__["_fastvit_ops_plan"][1] is not None, "the inference plan was not used"
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
-    assert_error_rule(f"FATBlock{cfg}", y, y_ref, exact)
+    eager = _eager(ref, x)
+    assert_error_rule(f"FATBlock{cfg}", y, eager, exact)
     # Every part replaced by a module the plan does not recognise: the same path calls them as
     # they are (what a user's modified block runs) and gives the same result.
     _wrap_every_part(fused)
     with torch.no_grad():
         y2 = fused(x)
-    assert_error_rule(f"FATBlock{cfg} with opaque parts", y2, y_ref, exact)
+    assert_error_rule(f"FATBlock{cfg} with opaque parts", y2, eager, exact)
 
 
 def test_swapped_part_rebuilds_the_plan():
@@ -186,7 +195,7 @@ def test_converted_fat_b0_inference_runs_channels_last():
         feats = conv.layers[0](conv.patch_embed(x))
         y_ref, y = ref(x), conv(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
-    assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x), floor="tensor")
+    assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x))
 
 
 def test_inference_mode_then_no_grad_then_training_graph():
@@ -206,7 +215,7 @@ def test_inference_mode_then_no_grad_then_training_graph():
     assert all(p.grad is not None for p in conv.parameters() if p.requires_grad)
     exact = _exact(ref, x)
     for name, y in (("inference_mode", a), ("no_grad", b), ("grad", c.detach())):
-        assert_error_rule(f"converted fat_b0 under {name}", y, y_ref, exact, floor="tensor")
+        assert_error_rule(f"converted fat_b0 under {name}", y, y_ref, exact)
 
 
 def _reference_and_converted(name="fat_b0"):
