@@ -14,7 +14,7 @@ from conftest import assert_error_rule, randomize_
 from fastvit_ops import models
 from fastvit_ops.nn import _bn
 from fastvit_ops.nn import fat as fused_fat
-from fastvit_ops.nn import fat_inference
+from fastvit_ops.nn import _plan, fat_inference
 from fastvit_ops.reference import fat as ref_fat
 
 MODELS = ["fat_b0", "fcvit_tiny", "cvt_13"]
@@ -97,8 +97,8 @@ def _folds(module):
     """The cached inference state in ``module``: BN folds (``_bn.cached_fold``) and FAT inference
     plans (``nn.fat_inference``, which fold the BNs of the blocks they run)."""
     found = {f"{id(m)} {name}": hit for m in module.modules() for name, hit in _bn.fold_cache(m).items()}
-    found.update({f"{id(m)} plan": m.__dict__[fat_inference._PLAN] for m in module.modules()
-                  if fat_inference._PLAN in m.__dict__})
+    found.update({f"{id(m)} plan": m.__dict__[_plan._PLAN] for m in module.modules()
+                  if _plan._PLAN in m.__dict__})
     return found
 
 

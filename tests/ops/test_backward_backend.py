@@ -21,14 +21,14 @@ BACKENDS = [p for p in backends_for("cpu") if p.id in ("reference", "triton")]
 @pytest.fixture
 def resolve_log(monkeypatch):
     log = []
-    real = dispatch.resolve
+    real = dispatch.resolve_backend
 
-    def spy(op, requested, device, impls, *args, **kwargs):
-        name, fn = real(op, requested, device, impls, *args, **kwargs)
+    def spy(op, requested, device, dev=None):
+        name = real(op, requested, device, dev)
         log.append((op, requested, name))
-        return name, fn
+        return name
 
-    monkeypatch.setattr(dispatch, "resolve", spy)
+    monkeypatch.setattr(dispatch, "resolve_backend", spy)
     return log
 
 
