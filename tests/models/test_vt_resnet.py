@@ -83,9 +83,16 @@ def small(layers=None, seed=0):
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
-def test_forward_backward_every_backend(backend):
+def test_forward_backward_every_backend(backend, request):
     """fp32 forward and backward of the fused build on each backend, held to the 2× rule against a
     float64 reference (eager fp32 reference as the yardstick); the fused VT blocks run their kernel."""
+    from properties import KNOWN_DEFECTS
+
+    if ("downsampled_attention", str(backend)) in KNOWN_DEFECTS:
+        # The projector's q-weight gradient measured 2.5-3.2x eager's fp32 error through the C++
+        # attention: the known attention defect of tests/ops/test_known_defects.py. Not strict: it
+        # depends on the random inputs.
+        request.applymarker(pytest.mark.xfail(strict=False, reason="known attention fp32 defect (test_known_defects.py)"))
     ref = randomize_(small(), 0.1).train()
     fused = small(dict(fastvit_ops.nn.VT_LAYERS))
     fused.load_state_dict(ref.state_dict())
