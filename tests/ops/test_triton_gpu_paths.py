@@ -195,8 +195,15 @@ def test_attention_grids_fit_cuda_limits():
         for dtype in (torch.float32, torch.bfloat16):
             bn, bm, bd, warps, _ = kern.blocks(n, m, d, dtype, gpu=True)
             assert b * h * -(-n // bn) <= kern.MAX_GRID_X
-            split = kern.bwd_split(b * h * -(-m // bm), -(-n // bn), 132)
-            assert 1 <= split <= min(-(-n // bn), kern.MAX_GRID_Y)
+            q_tiles, kv_programs = -(-n // bn), b * h * -(-m // bm)
+            assert kv_programs <= kern.MAX_GRID_X
+            split = kern.bwd_split(kv_programs, q_tiles, 132)
+            # The split keeps the key-side kernel's grid within axis 1's limit, never splits finer
+            # than the query tiles, and gives 132 SMs at least ~4 programs each when there are tiles.
+            assert split <= kern.MAX_GRID_Y and split <= q_tiles
+            assert kv_programs * split >= min(4 * 132, kv_programs * q_tiles)
+    # A few key-side programs (one head, one sample) are split over the query tiles to fill the SMs.
+    assert kern.bwd_split(1, 98, 132) == 98 and kern.bwd_split(1, 98, 8) == 32
 
 
 # ---- 64-bit offsets --------------------------------------------------------------------------------
