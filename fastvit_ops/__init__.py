@@ -70,10 +70,8 @@ from . import _autocast  # noqa: E402
 
 _autocast.register()
 
-# torch.onnx.export lowers each fused custom op to its reference composition (fastvit_ops/export.py).
+# fastvit_ops.export.onnx_export lowers each fused custom op to its reference composition for ONNX.
 from . import export  # noqa: E402
-
-export.register_decompositions()
 
 # With timm installed, every model is registered in timm's registry as ``fastvit_ops_<name>`` once
 # timm is imported (see fastvit_ops/timm_models.py).

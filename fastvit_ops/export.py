@@ -2,12 +2,15 @@
 
 ``torch.export.export(convert(model), (x,))`` keeps every fused op as a ``fastvit_ops::*`` custom op
 (traced through its fake kernel), so the exported program and an AOTInductor package built from it
-run our kernels. ``torch.onnx.export(convert(model), (x,))`` (the default, dynamo-based exporter)
-needs standard ONNX operators instead: this module registers, for every forward custom op, a
-decomposition into the op's reference composition (plain ATen: ``conv2d``, ``matmul``,
-``softmax``, ``mean``, …) in ``torch._decomp``'s global table, which the ONNX exporter applies
-before translating the graph. ``torch.compile``/Inductor and ``torch.export``'s default
-``run_decompositions()`` use their own tables, so they keep the custom ops.
+run our kernels. ONNX needs standard operators instead: :func:`onnx_export` (``torch.onnx.export``
+with the same arguments) lowers every forward custom op to its reference composition (plain ATen:
+``conv2d``, ``matmul``, ``softmax``, ``mean``, …) by putting :data:`DECOMPOSITIONS` in
+``torch._decomp``'s global table, which the ONNX exporter reads, for the length of the export only.
+
+They must not stay there: with a decomposition in that table, Inductor refuses to fall back to the
+custom op whenever the ``CI`` environment variable is set (``make_fallback``'s "a decomposition
+exists" assertion), which broke ``torch.compile`` and AOTInductor of every fused op on CI machines
+(GitHub Actions sets ``CI=true``).
 
 The decompositions compute every output of the op (the softmax statistics and channel means some
 ops return for their backward included), with the math of the ``reference`` backend, so an ONNX
@@ -15,13 +18,14 @@ model matches the PyTorch one to rounding. Registered on ``import fastvit_ops``.
 """
 from __future__ import annotations
 
-from typing import Dict
+import contextlib
+from typing import Dict, Iterator
 
 import torch
 
 from .ops import attention, context_dwconv, conv_projection, cross_modulation, dwconv, global_context
 
-__all__ = ["DECOMPOSITIONS", "register_decompositions"]
+__all__ = ["DECOMPOSITIONS", "onnx_decompositions", "onnx_export"]
 
 
 def _dwconv2d(x, weight, bias, stride, padding, activation, residual, backend):
@@ -101,9 +105,40 @@ DECOMPOSITIONS: Dict[str, object] = {
 }
 
 
-def register_decompositions() -> None:
-    """Put :data:`DECOMPOSITIONS` in ``torch._decomp.decomposition_table`` (idempotent)."""
-    for name, fn in DECOMPOSITIONS.items():
-        op = getattr(torch.ops.fastvit_ops, name).default
-        if op not in torch._decomp.decomposition_table:
-            torch._decomp.register_decomposition(op)(fn)
+@contextlib.contextmanager
+def onnx_decompositions() -> Iterator[None]:
+    """Within the block, ``torch._decomp.decomposition_table`` holds :data:`DECOMPOSITIONS` (entries
+    already there are left alone), so ``torch.onnx.export`` lowers the fused ops to standard
+    operators; on exit the table is as it was. Not thread-safe: the table is process-global, and
+    ``torch.compile``/AOTInductor in another thread during the block would see the entries.
+    """
+    table = torch._decomp.decomposition_table
+    added = []
+    try:
+        for name, fn in DECOMPOSITIONS.items():
+            op = getattr(torch.ops.fastvit_ops, name).default
+            if op not in table:
+                table[op] = fn
+                added.append(op)
+        yield
+    finally:
+        for op in added:
+            table.pop(op, None)
+
+
+def onnx_export(model, args=(), f=None, **kwargs):
+    """``torch.onnx.export(model, args, f, **kwargs)`` with the fused ops lowered to standard ONNX
+    operators (their reference composition, the same math as the ``reference`` backend).
+
+    ``model``: a module (converted or not) or a ``torch.export.ExportedProgram``; ``args`` its
+    example inputs (e.g. one ``(B, 3, H, W)`` float32 NCHW image batch). Keyword arguments go to
+    ``torch.onnx.export`` unchanged; the dynamo exporter (its default) is the one supported, since
+    the TorchScript one cannot see through the eager C++ fast paths. Returns its ``ONNXProgram``.
+    Needs ``onnx``, ``onnxscript`` (and ``onnxruntime`` to run the result): the ``export`` extra.
+    Raises ``ValueError`` for ``dynamo=False``.
+    """
+    if kwargs.get("dynamo", True) is False:
+        raise ValueError("onnx_export: dynamo=False (the TorchScript exporter) is not supported; "
+                         "expected the default dynamo exporter")
+    with onnx_decompositions():
+        return torch.onnx.export(model, args, f, **kwargs)

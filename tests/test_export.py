@@ -1,5 +1,5 @@
 """Export of converted models (fastvit_ops/export.py): torch.export keeps the fused custom ops and
-its program runs; AOTInductor compiles a small model; torch.onnx.export lowers every fused op to
+its program runs; AOTInductor compiles a small model; fastvit_ops.export.onnx_export lowers every fused op to
 standard ONNX operators and onnxruntime matches PyTorch by the 2x rule of docs/numerics.md. The ONNX tests
 skip without onnx / onnxruntime / onnxscript."""
 from __future__ import annotations
@@ -91,7 +91,10 @@ def test_decomposition_matches_the_op(i):
     name, args = _op_samples()[i]
     assert set(export.DECOMPOSITIONS) >= {name}
     op = getattr(torch.ops.fastvit_ops, name).default
-    assert torch._decomp.decomposition_table[op] is export.DECOMPOSITIONS[name]
+    assert op not in torch._decomp.decomposition_table
+    with export.onnx_decompositions():
+        assert torch._decomp.decomposition_table[op] is export.DECOMPOSITIONS[name]
+    assert op not in torch._decomp.decomposition_table
     to64 = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
     want = op(*to64, "reference")
     got = export.DECOMPOSITIONS[name](*to64, "reference")
@@ -107,14 +110,37 @@ def test_decomposition_matches_the_op(i):
 
 
 def test_decompositions_stay_out_of_inductor_and_export_defaults():
-    """Only the ONNX exporter (which reads torch._decomp's global table) lowers the ops: torch.compile
-    and torch.export's default run_decompositions keep the fused kernels."""
+    """Only onnx_export lowers the ops: torch.compile, torch.export's default run_decompositions and
+    torch._decomp's global table (outside onnx_export) keep the fused kernels."""
     from torch._inductor.decomposition import select_decomp_table
 
     for name in export.DECOMPOSITIONS:
         op = getattr(torch.ops.fastvit_ops, name).default
         assert op not in select_decomp_table()
         assert op not in torch.export.default_decompositions()
+        assert op not in torch._decomp.decomposition_table
+
+
+def test_compile_with_the_ci_variable_set(monkeypatch):
+    """With ``CI`` set (GitHub Actions sets CI=true), Inductor asserts when it falls back to an op
+    that has a global decomposition: importing fastvit_ops once registered them there, and
+    torch.compile of every fused op failed on CI machines."""
+    monkeypatch.setenv("CI", "1")
+    torch._dynamo.reset()
+    x = torch.randn(1, 4, 9, 9, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    f = torch.compile(lambda x, w: fastvit_ops.dwconv2d(x, w, padding=1).sin(), fullgraph=True)
+    got = f(x, w)
+    got.sum().backward()
+    want = torch.nn.functional.conv2d(x.detach().double(), w.detach().double(), padding=1, groups=4).sin()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and w.grad is not None
+    torch._dynamo.reset()
+
+
+def test_onnx_export_rejects_the_torchscript_exporter():
+    with pytest.raises(ValueError, match="dynamo=False"):
+        export.onnx_export(torch.nn.Identity(), (torch.randn(1),), dynamo=False)
 
 
 def _run_onnx(program, x, path):
@@ -131,9 +157,9 @@ def _run_onnx(program, x, path):
 @requires_onnx
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
-    """torch.onnx.export of the exported program (the module path below traces the same program)."""
+    """onnx_export of the exported program (the module path below traces the same program)."""
     ref, exact, ep = exported(name)
-    program = torch.onnx.export(ep, dynamo=True)
+    program = export.onnx_export(ep)
     assert "Conv" in {n.op_type for n in program.model_proto.graph.node}
     x = torch.randn(2, 3, 64, 64)
     y = _run_onnx(program, x, os.path.join(tmp_path, f"{name}.onnx"))
@@ -143,9 +169,12 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
 
 @requires_onnx
 def test_onnx_export_of_the_module(tmp_path):
-    """``torch.onnx.export(convert(model), (x,))`` straight from the module (the README's usage)."""
+    """``onnx_export(convert(model), (x,))`` straight from the module (the README's usage); the
+    global decomposition table is as before afterwards."""
     ref, conv, exact = build("fat_b0")
-    program = torch.onnx.export(conv, (torch.randn(1, 3, 64, 64),), dynamo=True)
+    before = dict(torch._decomp.decomposition_table)
+    program = export.onnx_export(conv, (torch.randn(1, 3, 64, 64),))
+    assert dict(torch._decomp.decomposition_table) == before
     x = torch.randn(1, 3, 64, 64)
     y = _run_onnx(program, x, os.path.join(tmp_path, "fat_b0.onnx"))
     with torch.no_grad():
