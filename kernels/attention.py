@@ -28,6 +28,8 @@ import triton.language as tl
 
 from fastvit_ops._availability import interpreting
 
+from .activations import sigmoid_c
+
 LOG2E = 1.4426950408889634
 MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535
 
@@ -113,8 +115,8 @@ def _attn_fwd_kernel(Q, K, V, G, O, LSE,
 @triton.jit
 def _gate_grads(do, o, g, ACC: tl.constexpr):
     """(dgate, dO before the gate) from dout, the pre-gate O and the gate: out = SiLU(O)·gate."""
-    sg = 1.0 / (1.0 + tl.exp(-o))
-    return do * o * sg, do * g * sg * (1.0 + o * (1.0 - sg))
+    sg, cg = sigmoid_c(o)  # σ and 1 − σ (activations.py)
+    return do * o * sg, do * g * sg * (1.0 + o * cg)
 
 
 @triton.jit

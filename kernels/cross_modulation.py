@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .activations import sigmoid_c
+
 
 @triton.jit
 def _sigmoid(x):
@@ -47,16 +49,16 @@ def _cross_mod_bwd_kernel(grad_ptr, l_ptr, g_ptr, dl_ptr, dg_ptr, n, FULL: tl.co
     dy = _load(grad_ptr, offs, mask, F64)
     l = _load(l_ptr, offs, mask, F64)
     g = _load(g_ptr, offs, mask, F64)
-    sl = _sigmoid(l)
+    sl, cl = sigmoid_c(l)  # σ and 1 − σ (activations.py)
     a = l * sl
-    da = sl * (1.0 + l * (1.0 - sl))  # d SiLU(l) / dl
+    da = sl * (1.0 + l * cl)  # d SiLU(l) / dl
     if FULL:
-        sa = _sigmoid(a)
-        da = da * sa * (1.0 + a * (1.0 - sa))
+        sa, ca = sigmoid_c(a)
+        da = da * sa * (1.0 + a * ca)
         a = a * sa
-    sg = _sigmoid(g)
+    sg, cg = sigmoid_c(g)
     b = g * sg
-    db = sg * (1.0 + g * (1.0 - sg))
+    db = sg * (1.0 + g * cg)
     tl.store(dl_ptr + offs, (dy * b * da).to(dl_ptr.dtype.element_ty), mask=mask)
     tl.store(dg_ptr + offs, (dy * a * db).to(dg_ptr.dtype.element_ty), mask=mask)
 

@@ -27,6 +27,8 @@ import triton.language as tl
 
 from fastvit_ops._availability import interpreting
 
+from .activations import silu_grad
+
 # CUDA's launch-grid limits for axes 0 and 1.
 MAX_GRID_X, MAX_GRID_Y = 2**31 - 1, 65535
 
@@ -43,8 +45,7 @@ def _act(y, ACT: tl.constexpr):
 @triton.jit
 def _act_grad(y, ACT: tl.constexpr):
     if ACT == 1:
-        s = 1.0 / (1.0 + tl.exp(-y))
-        d = s * (1.0 + y * (1.0 - s))
+        d = silu_grad(y)
     else:
         d = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476)) + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
     return d

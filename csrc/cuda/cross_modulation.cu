@@ -15,6 +15,15 @@ template <> struct Acc<double> { using type = double; };
 template <typename A>
 __device__ __forceinline__ A sigm(A x) { return A(1) / (A(1) + exp(-x)); }
 
+// σ(x) and 1 − σ(x): the complement from e = exp(−x) for x ≥ 0 (1 − σ rounded cancels, and
+// SiLU' multiplies that error by x); for x < 0, σ < ½ and 1 − σ is exact enough (e·σ = inf·0 there).
+template <typename A>
+__device__ __forceinline__ void sigm_c(A x, A& s, A& c) {
+  const A e = exp(-x);
+  s = A(1) / (A(1) + e);
+  c = x >= A(0) ? e * s : A(1) - s;
+}
+
 template <typename T, bool kFull>
 __global__ void forward_kernel(const T* __restrict__ l, const T* __restrict__ g, T* __restrict__ out, int64_t n) {
   using A = typename Acc<T>::type;
@@ -32,17 +41,19 @@ __global__ void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
   using A = typename Acc<T>::type;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     A d = static_cast<A>(dy[i]), lv = static_cast<A>(l[i]), gv = static_cast<A>(g[i]);
-    A sl = sigm(lv);
+    A sl, cl, sg, cg;
+    sigm_c(lv, sl, cl);
+    sigm_c(gv, sg, cg);
     A a = lv * sl;
-    A da = sl * (A(1) + lv * (A(1) - sl));
+    A da = sl * (A(1) + lv * cl);
     if (kFull) {
-      A sa = sigm(a);
-      da = da * sa * (A(1) + a * (A(1) - sa));
+      A sa, ca;
+      sigm_c(a, sa, ca);
+      da = da * sa * (A(1) + a * ca);
       a = a * sa;
     }
-    A sg = sigm(gv);
     dl[i] = static_cast<T>(d * gv * sg * da);
-    dg[i] = static_cast<T>(d * a * sg * (A(1) + gv * (A(1) - sg)));
+    dg[i] = static_cast<T>(d * a * sg * (A(1) + gv * cg));
   }
 }
 

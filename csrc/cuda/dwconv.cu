@@ -35,8 +35,9 @@ __device__ __forceinline__ A act_fwd(A y, int act) {
 template <typename A>
 __device__ __forceinline__ A act_grad(A y, int act) {
   if (act == 1) {
-    const A s = A(1) / (A(1) + exp(-y));
-    return s * (A(1) + y * (A(1) - s));
+    // 1 − σ from e = exp(−y) for y ≥ 0, where 1 − σ rounded cancels (cross_modulation.cu sigm_c).
+    const A e = exp(-y), s = A(1) / (A(1) + e);
+    return s * (A(1) + y * (y >= A(0) ? e * s : A(1) - s));
   }
   if (act == 2) {
     return A(0.5) * (A(1) + erf(y * A(0.70710678118654752))) + y * exp(A(-0.5) * y * y) * A(0.39894228040143268);

@@ -200,9 +200,11 @@ void gate_bwd_f32(const float* __restrict Y, float* __restrict G, float* __restr
   constexpr int64_t W = fVec::size();
   const fVec one(1.0f);
   for (int64_t i = 0; i < n; i += W) {  // n = D·NT, a multiple of W
-    const fVec o = fVec::loadu(Y + i), s = sigmoid(o), go = fVec::loadu(dY + i), gv = fVec::loadu(G + i);
+    const fVec o = fVec::loadu(Y + i), go = fVec::loadu(dY + i), gv = fVec::loadu(G + i);
+    fVec s, c;  // σ(o) and 1 − σ(o) (vec.h sigmoid_c)
+    sigmoid_c(o, s, c);
     (go * o * s).store(G + i);
-    (go * gv * s * vfma(o, one - s, one)).store(dY + i);
+    (go * gv * s * vfma(o, c, one)).store(dY + i);
   }
 }
 

@@ -34,17 +34,18 @@ void backward_f32(const float* dy, const float* l, const float* g, float* dl, fl
   for (int64_t i = 0; i < n; i += W) {
     const int64_t m = std::min(W, n - i);
     const fVec dv = fVec::loadu(dy + i, m), lv = fVec::loadu(l + i, m), gv = fVec::loadu(g + i, m);
-    fVec sl, sg;
-    sigmoid2(lv, gv, sl, sg);
+    fVec sl, sg, cl, cg;  // σ and 1 − σ, the latter without cancellation (vec.h sigmoid_c)
+    sigmoid2_c(lv, gv, sl, sg, cl, cg);
     fVec a = lv * sl;
-    fVec da = sl * vfma(lv, one - sl, one);  // SiLU'(l)
+    fVec da = sl * vfma(lv, cl, one);  // SiLU'(l)
     if (full) {
-      const fVec sa = sigmoid(a);
-      da = da * sa * vfma(a, one - sa, one);
+      fVec sa, ca;
+      sigmoid_c(a, sa, ca);
+      da = da * sa * vfma(a, ca, one);
       a = a * sa;
     }
     (dv * gv * sg * da).store(dl + i, m);
-    (dv * a * sg * vfma(gv, one - sg, one)).store(dg + i, m);
+    (dv * a * sg * vfma(gv, cg, one)).store(dg + i, m);
   }
 }
 

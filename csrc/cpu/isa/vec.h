@@ -181,6 +181,18 @@ FASTVIT_INLINE fVec sigmoid(fVec x) {
   return num / (one + e);
 }
 
+// σ(x) and its complement c = 1 − σ(x) = σ(−x), both from e = exp(-|x|): c = e/(1+e) for x ≥ 0.
+// Derivatives need c, and 1 − σ rounded cancels: at x = 8, σ's half-ulp is 1e-4 of c, which
+// SiLU'(x) = σ(1 + x·c) multiplies by x (eager's own form, and an outlier of ~8 ulp with our σ).
+FASTVIT_INLINE void sigmoid_c(fVec x, fVec& s, fVec& c) {
+  const fVec one(1.0f);
+  const fVec e = exp_nonpos(fVec(0.0f) - vabs(x));
+  const fVec inv = one / (one + e);
+  const fMask pos = vge(x, fVec(0.0f));
+  s = vselect(pos, one, e) * inv;
+  c = vselect(pos, e, one) * inv;
+}
+
 // σ(a) and σ(b) with one division (the divider is the bottleneck of these loops): with
 // e = exp(-|x|) and n = (x ≥ 0 ? 1 : e), σ(x) = n / (1 + e); both share 1 / ((1 + ea)(1 + eb)).
 FASTVIT_INLINE void sigmoid2(fVec a, fVec b, fVec& sa, fVec& sb) {
@@ -190,6 +202,20 @@ FASTVIT_INLINE void sigmoid2(fVec a, fVec b, fVec& sa, fVec& sb) {
   const fVec inv = one / (da * db);
   sa = vselect(vge(a, zero), one, ea) * db * inv;
   sb = vselect(vge(b, zero), one, eb) * da * inv;
+}
+
+// sigmoid2 with the complements ca = 1 − σ(a), cb = 1 − σ(b) (see sigmoid_c).
+FASTVIT_INLINE void sigmoid2_c(fVec a, fVec b, fVec& sa, fVec& sb, fVec& ca, fVec& cb) {
+  const fVec one(1.0f), zero(0.0f);
+  const fVec ea = exp_nonpos(zero - vabs(a)), eb = exp_nonpos(zero - vabs(b));
+  const fVec da = one + ea, db = one + eb;
+  const fVec inv = one / (da * db);
+  const fVec ia = db * inv, ib = da * inv;
+  const fMask pa = vge(a, zero), pb = vge(b, zero);
+  sa = vselect(pa, one, ea) * ia;
+  ca = vselect(pa, ea, one) * ia;
+  sb = vselect(pb, one, eb) * ib;
+  cb = vselect(pb, eb, one) * ib;
 }
 
 // erf(z) = sign(z)·(1 − P(t)·t·exp(−z²)) with t = 1/(1 + 0.3275911|z|): Abramowitz & Stegun
@@ -225,8 +251,9 @@ FASTVIT_INLINE void silu2(fVec& a, fVec& b) {
 
 // SiLU'(x) = σ(x)(1 + x(1 − σ(x))).
 FASTVIT_INLINE fVec silu_grad(fVec x) {
-  const fVec s = sigmoid(x), one(1.0f);
-  return s * vfma(x, one - s, one);
+  fVec s, c;
+  sigmoid_c(x, s, c);
+  return s * vfma(x, c, fVec(1.0f));
 }
 
 // GELU'(x) = Φ(x) + x·φ(x).
