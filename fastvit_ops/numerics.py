@@ -18,6 +18,13 @@ import torch
 ULPS = 4.0
 #: How much larger than eager's error the fused error may be.
 FACTOR = 2.0
+#: The factor for results compounded through a whole block or model (every parameter gradient of
+#: a block, a network's logits), where each element carries the rounding of every layer after it
+#: and a few ill-conditioned elements dominate: there two equally accurate evaluations differ by
+#: more than 2x in their largest error (and their RMS error) in a few runs in a hundred, measured
+#: on FCViT blocks (over 300 runs the worst of 38 gradients: max-error ratio p99 2.9, worst 3.0;
+#: RMS ratio worst 2.2). The single-op rule stays FACTOR; a wrong kernel is off by far more.
+COMPOUNDED_FACTOR = 4.0
 
 
 class RuleResult(NamedTuple):
@@ -39,18 +46,19 @@ def floor(dtype: torch.dtype, exact: torch.Tensor) -> float:
 
 
 def error_rule(fused: torch.Tensor, eager: Union[torch.Tensor, Sequence[torch.Tensor]],
-               exact: torch.Tensor) -> RuleResult:
+               exact: torch.Tensor, factor: float = FACTOR) -> RuleResult:
     """Check ``fused`` against ``exact`` with eager's error as the yardstick:
 
-    * ``max|fused − exact| ≤ max(FACTOR·max|eager − exact|, f)`` and
-    * ``rms(fused − exact) ≤ max(FACTOR·rms(eager − exact), f)``,
+    * ``max|fused − exact| ≤ max(factor·max|eager − exact|, f)`` and
+    * ``rms(fused − exact) ≤ max(factor·rms(eager − exact), f)``,
 
     ``f = ULPS·eps(dtype)·max|exact|`` (:func:`floor`). The RMS condition catches a result that is
     worse nearly everywhere while eager's largest error sits at one outlier element.
 
     ``fused`` and ``eager``: the same shape and dtype (fp16/bf16/fp32/fp64); ``exact``: the float64
-    result of the same (already rounded) inputs. ``eager`` may be several equally valid eager
-    evaluations (the same layer on differently laid-out inputs, so a different summation order):
+    result of the same (already rounded) inputs. ``factor``: :data:`FACTOR` for one op,
+    :data:`COMPOUNDED_FACTOR` for results of a whole block or model. ``eager`` may be several
+    equally valid eager evaluations (the same layer on differently laid-out inputs, so a different summation order):
     eager's errors are then the largest of theirs, a steadier yardstick where one rounding (of
     large attention logits, say) dominates. Eager's errors are taken where eager's result is
     finite. Non-finite fused values always fail. Raises
@@ -78,7 +86,7 @@ def error_rule(fused: torch.Tensor, eager: Union[torch.Tensor, Sequence[torch.Te
     rms_e = max((err.square().mean().sqrt().item() if err.numel() else 0.0) for err in errs_e)
     rms_f = err_f.square().mean().sqrt().item()
     f = floor(fused.dtype, exact)
-    allowed = max(FACTOR * max_e, f)
+    allowed = max(factor * max_e, f)
     bad = int((~(err_f <= allowed)).sum())  # NaN fails
-    ok = bad == 0 and rms_f <= max(FACTOR * rms_e, f) and bool(torch.isfinite(fused).all())
+    ok = bad == 0 and rms_f <= max(factor * rms_e, f) and bool(torch.isfinite(fused).all())
     return RuleResult(ok, err_f.max().item(), max_e, bad, rms_f, rms_e)

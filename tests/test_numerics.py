@@ -134,3 +134,13 @@ def test_floor_is_at_least_the_subnormal_spacing():
     zero = torch.zeros(2, dtype=torch.float16)  # the correctly rounded fp16 result
     assert error_rule(zero, zero, exact).ok
     assert not error_rule(torch.full((2,), 1e-6, dtype=torch.float16), zero, exact).ok
+
+
+def test_compounded_factor_allows_3x_and_fails_8x():
+    """``factor``: whole-block results may be COMPOUNDED_FACTOR (4x) off eager's error, not more;
+    the one-op default still fails at 3x."""
+    eager, exact = _conv_case(torch.float32)
+    three, eight = _worse(eager, exact, 3.0), _worse(eager, exact, 8.0)
+    assert not error_rule(three, eager, exact).ok
+    assert error_rule(three, eager, exact, numerics.COMPOUNDED_FACTOR).ok
+    assert not error_rule(eight, eager, exact, numerics.COMPOUNDED_FACTOR).ok

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastvit_ops
-from conftest import assert_error_rule, randomize_
+from fastvit_ops import numerics
+from conftest import assert_error_rule, assert_pooled_rule, randomize_
 from fastvit_ops.nn import fcvit as fused_fcvit
 from fastvit_ops.nn import fcvit_inference
 from fastvit_ops.reference import fcvit as ref_fcvit
@@ -109,17 +110,34 @@ def test_plan_rebuilt_on_parameter_changes_and_dropped_when_pickling():
 
 
 def test_grad_and_training_take_the_differentiable_path():
+    """In eval mode with grad on, no plan runs and every parameter gradient follows eager's. Each
+    gradient is judged over 4 inputs together, against eager run four equally valid ways (NCHW and
+    channels_last inputs, the batch in either order: other summation orders of every weight
+    gradient), as test_random_weights does. With one eager run the largest error is the ratio of
+    two independent roundings of the worst-conditioned element, a toss-up: one seed in four had
+    one element of a 8-element α/β or bias gradient at 2.2-3.5x eager's (RMS ratios stay ~1), and
+    pooled the ratios still reach 3x: the factor is numerics.COMPOUNDED_FACTOR."""
     ref, fused = _pair()
-    x = torch.randn(2, 32, 8, 8)
-    y = fused(x)  # eval, grad on, parameters require grad
-    assert not _plan_built(fused) and y.requires_grad
-    y.square().sum().backward()
-    ref(x).square().sum().backward()
     exact = copy.deepcopy(ref).double()
-    exact.zero_grad()
-    exact(x.double()).square().sum().backward()
-    for (n, a), b, e in zip(fused.named_parameters(), ref.parameters(), exact.parameters()):
-        assert_error_rule(f"grad {n}", a.grad, b.grad, e.grad)
+    names = [n for n, _ in fused.named_parameters()]
+    pools = {n: [] for n in names}
+
+    def grads(model, x, flip=False):
+        model.zero_grad()
+        y = model(x.flip(0) if flip else x)
+        y.square().sum().backward()
+        return y, [p.grad.clone() for p in model.parameters()]
+    for _ in range(4):
+        x = torch.randn(2, 32, 8, 8)
+        y, g_fused = grads(fused, x)  # eval, grad on, parameters require grad
+        assert not _plan_built(fused) and y.requires_grad
+        g_eager = [grads(ref, xi, flip)[1] for xi in (x, x.contiguous(memory_format=torch.channels_last))
+                   for flip in (False, True)]
+        g_exact = grads(exact, x.double())[1]
+        for i, n in enumerate(names):
+            pools[n].append((g_fused[i], [g[i] for g in g_eager], g_exact[i]))
+    for n, items in pools.items():
+        assert_pooled_rule(f"grad {n} (4 inputs)", items, numerics.COMPOUNDED_FACTOR)
 
 
 @pytest.mark.parametrize("train", [False, True])
