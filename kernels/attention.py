@@ -68,32 +68,54 @@ def _probs(q, k, row_max, row_log, qk_scale, mask_n, mask_m, IEEE: tl.constexpr,
 
 
 @triton.jit
+def _tile(pid, n_tiles, H, L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program ``pid`` of a (batch·head, tile) grid → (bh, b, h, offsets along L (queries or keys)
+    and along D, their masks, the 2-D mask of the tile)."""
+    bh = pid // n_tiles
+    offs = (pid % n_tiles) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs < L
+    mask_d = offs_d < D
+    return bh, bh // H, bh % H, offs, offs_d, mask, mask_d, mask[:, None] & mask_d[None, :]
+
+
+@triton.jit
+def _span(start, L, mask_d, BLOCK_L: tl.constexpr):
+    """Rows start … start + BLOCK_L of L: (offsets, their mask, the 2-D mask with D)."""
+    offs = start + tl.arange(0, BLOCK_L)
+    mask = offs < L
+    return offs, mask, mask[:, None] & mask_d[None, :]
+
+
+@triton.jit
+def _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv):
+    return (_rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv),
+            _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv))
+
+
+@triton.jit
+def _row_stats(LSE, bh, N, offs_n, mask_n):
+    """The forward's (row max of the raw scores, log2 of the row sum) of queries ``offs_n``."""
+    stat = LSE + (bh * N + offs_n) * 2
+    return tl.load(stat, mask=mask_n, other=0.0), tl.load(stat + 1, mask=mask_n, other=0.0)
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, G, O, LSE,
                      sqb, sqh, sqn, sqd, skb, skh, skm, skd, svb, svh, svm, svd,
                      sgb, sgh, sgn, sgd, sob, soh, son, sod,
                      H, N, M, D, qk_scale,
                      HAS_GATE: tl.constexpr, IEEE: tl.constexpr, F64: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    n_qt = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    bh = pid // n_qt
-    b = bh // H
-    h = bh % H
-    offs_n = (pid % n_qt) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
-    mask_q = mask_n[:, None] & mask_d[None, :]
+    bh, b, h, offs_n, offs_d, mask_n, mask_d, mask_q = _tile(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK_N),
+                                                             H, N, D, BLOCK_N, BLOCK_D)
     q = _rows(Q, b, h, sqb, sqh, offs_n, sqn, offs_d, sqd, mask_q)
     m_i = tl.full((BLOCK_N,), float("-inf"), ACC)
     l_i = tl.zeros((BLOCK_N,), ACC)
     acc = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        mask_kv = mask_m[:, None] & mask_d[None, :]
-        k = _rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv)
-        v = _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv)
+        offs_m, mask_m, mask_kv = _span(start, M, mask_d, BLOCK_M)
+        k, v = _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv)
         # Raw dot products; the scale multiplies (s − max), so large logits keep their precision.
         s = tl.where(mask_m[None, :], _mm(q, tl.trans(k), IEEE, F64).to(ACC), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -134,23 +156,16 @@ def _attn_bwd_single_kernel(DO, Q, K, V, G, LSE, DQ, DG, DKP, DVP,
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m = tl.arange(0, BLOCK_M)
     mask_d = offs_d < D
-    mask_m = offs_m < M
-    mask_kv = mask_m[:, None] & mask_d[None, :]
-    k = _rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv)
-    v = _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv)
+    offs_m, mask_m, mask_kv = _span(0, M, mask_d, BLOCK_M)
+    k, v = _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv)
     dk = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     dv = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for t in range(s, tl.cdiv(N, BLOCK_N), split):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask_q = mask_n[:, None] & mask_d[None, :]
+        offs_n, mask_n, mask_q = _span(t * BLOCK_N, N, mask_d, BLOCK_N)
         q = _rows(Q, b, h, sqb, sqh, offs_n, sqn, offs_d, sqd, mask_q)
         do = _rows(DO, b, h, sdb, sdh, offs_n, sdn, offs_d, sdd, mask_q).to(ACC)
-        stat = LSE + (bh * N + offs_n) * 2
-        row_max = tl.load(stat, mask=mask_n, other=0.0)
-        row_log = tl.load(stat + 1, mask=mask_n, other=0.0)
+        row_max, row_log = _row_stats(LSE, bh, N, offs_n, mask_n)
         p = _probs(q, k, row_max, row_log, qk_scale, mask_n, mask_m, IEEE, F64, ACC)
         if HAS_GATE:
             o = _mm(p.to(v.dtype), v, IEEE, F64).to(ACC)
@@ -177,29 +192,16 @@ def _attn_bwd_q_kernel(DO, Q, K, V, G, LSE, DQ, DG, DO2, DELTA,
                        HAS_GATE: tl.constexpr, IEEE: tl.constexpr, F64: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Query side, several key tiles: [pre-gate O → dgate, dO'], D = Σ P ⊙ dP, then dq."""
-    n_qt = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0).to(tl.int64)
-    bh = pid // n_qt
-    b = bh // H
-    h = bh % H
-    offs_n = (pid % n_qt) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < N
-    mask_d = offs_d < D
-    mask_q = mask_n[:, None] & mask_d[None, :]
+    bh, b, h, offs_n, offs_d, mask_n, mask_d, mask_q = _tile(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK_N),
+                                                             H, N, D, BLOCK_N, BLOCK_D)
     q = _rows(Q, b, h, sqb, sqh, offs_n, sqn, offs_d, sqd, mask_q)
     do = _rows(DO, b, h, sdb, sdh, offs_n, sdn, offs_d, sdd, mask_q).to(ACC)
-    stat = LSE + (bh * N + offs_n) * 2
-    row_max = tl.load(stat, mask=mask_n, other=0.0)
-    row_log = tl.load(stat + 1, mask=mask_n, other=0.0)
+    row_max, row_log = _row_stats(LSE, bh, N, offs_n, mask_n)
     if HAS_GATE:
         o = tl.zeros((BLOCK_N, BLOCK_D), ACC)
         for start in range(0, M, BLOCK_M):
-            offs_m = start + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < M
-            mask_kv = mask_m[:, None] & mask_d[None, :]
-            k = _rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv)
-            v = _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv)
+            offs_m, mask_m, mask_kv = _span(start, M, mask_d, BLOCK_M)
+            k, v = _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv)
             p = _probs(q, k, row_max, row_log, qk_scale, mask_n, mask_m, IEEE, F64, ACC)
             o += _mm(p.to(v.dtype), v, IEEE, F64).to(ACC)
         g = _rows(G, b, h, sgb, sgh, offs_n, sgn, offs_d, sgd, mask_q).to(ACC)
@@ -209,21 +211,15 @@ def _attn_bwd_q_kernel(DO, Q, K, V, G, LSE, DQ, DG, DO2, DELTA,
     do_in = do.to(q.dtype)
     delta = tl.zeros((BLOCK_N,), ACC)
     for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        mask_kv = mask_m[:, None] & mask_d[None, :]
-        k = _rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv)
-        v = _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv)
+        offs_m, mask_m, mask_kv = _span(start, M, mask_d, BLOCK_M)
+        k, v = _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv)
         p = _probs(q, k, row_max, row_log, qk_scale, mask_n, mask_m, IEEE, F64, ACC)
         delta += tl.sum(p * _mm(do_in, tl.trans(v), IEEE, F64).to(ACC), 1)
     tl.store(DELTA + bh * N + offs_n, delta, mask=mask_n)
     dq = tl.zeros((BLOCK_N, BLOCK_D), ACC)
     for start in range(0, M, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        mask_kv = mask_m[:, None] & mask_d[None, :]
-        k = _rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv)
-        v = _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv)
+        offs_m, mask_m, mask_kv = _span(start, M, mask_d, BLOCK_M)
+        k, v = _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv)
         p = _probs(q, k, row_max, row_log, qk_scale, mask_n, mask_m, IEEE, F64, ACC)
         dp = _mm(do_in, tl.trans(v), IEEE, F64).to(ACC)
         ds = p * (dp - delta[:, None]) * scale
@@ -240,34 +236,22 @@ def _attn_bwd_kv_kernel(DO, Q, K, V, LSE, DO2, DELTA, DKP, DVP,
     """Key side, several key tiles: program (bh·key tile, s) accumulates dK, dV of its key tile
     over query tiles s, s + SPLIT, ... (dO' from DO2 when gated, D from the query side)."""
     n_kt = tl.cdiv(M, BLOCK_M)
-    pid = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     split = tl.num_programs(1)
-    bh = pid // n_kt
-    b = bh // H
-    h = bh % H
-    offs_m = (pid % n_kt) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < M
-    mask_d = offs_d < D
-    mask_kv = mask_m[:, None] & mask_d[None, :]
-    k = _rows(K, b, h, skb, skh, offs_m, skm, offs_d, skd, mask_kv)
-    v = _rows(V, b, h, svb, svh, offs_m, svm, offs_d, svd, mask_kv)
+    bh, b, h, offs_m, offs_d, mask_m, mask_d, mask_kv = _tile(tl.program_id(0).to(tl.int64), n_kt, H, M, D,
+                                                             BLOCK_M, BLOCK_D)
+    k, v = _keys_values(K, V, b, h, skb, skh, skm, skd, svb, svh, svm, svd, offs_m, offs_d, mask_kv)
     dk = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     dv = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     for t in range(s, tl.cdiv(N, BLOCK_N), split):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask_q = mask_n[:, None] & mask_d[None, :]
+        offs_n, mask_n, mask_q = _span(t * BLOCK_N, N, mask_d, BLOCK_N)
         q = _rows(Q, b, h, sqb, sqh, offs_n, sqn, offs_d, sqd, mask_q)
         if HAS_GATE:
             do = tl.load(DO2 + (bh * N + offs_n[:, None]) * D + offs_d[None, :], mask=mask_q, other=0.0)
         else:
             do = _rows(DO, b, h, sdb, sdh, offs_n, sdn, offs_d, sdd, mask_q).to(ACC)
         do_in = do.to(q.dtype)
-        stat = LSE + (bh * N + offs_n) * 2
-        row_max = tl.load(stat, mask=mask_n, other=0.0)
-        row_log = tl.load(stat + 1, mask=mask_n, other=0.0)
+        row_max, row_log = _row_stats(LSE, bh, N, offs_n, mask_n)
         delta = tl.load(DELTA + bh * N + offs_n, mask=mask_n, other=0.0)
         p = _probs(q, k, row_max, row_log, qk_scale, mask_n, mask_m, IEEE, F64, ACC)
         dv += _mm(tl.trans(p.to(do_in.dtype)), do_in, IEEE, F64).to(ACC)
