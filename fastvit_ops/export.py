@@ -54,7 +54,8 @@ def _similarity(x, alpha, beta, groups, eps):
     """S' (B, G, N), the channel means g (B, C) and the statistics (B, 2) the backward reads, in the
     accumulation dtype: the released code's math (``global_context.reference``), which exports to
     far fewer ONNX nodes than the reference backend's two-level statistics. The kernels keep the
-    mean of ``D = S − T_0`` (S shifted by group 0's ``T_0 = d^-1/2 Σ_e g_e²``) and σ of S."""
+    mean of ``D = S − T̄`` (S shifted by the groups' mean self-similarity ``T̄ = mean_γ d^-1/2 Σ_e g_γe²``)
+    and σ of S."""
     B, C, H, W = x.shape
     G, d = groups, C // groups
     xa = x.to(global_context._acc(x.dtype))
@@ -65,8 +66,8 @@ def _similarity(x, alpha, beta, groups, eps):
     mean = s.mean(dim=(1, 2), keepdim=True)
     std = ((s - mean).square().sum(dim=(1, 2), keepdim=True) / (s.shape[1] * s.shape[2] - 1)).sqrt()
     sp = (s - mean) / (std + eps) * alpha.to(s.dtype).view(1, G, 1) + beta.to(s.dtype).view(1, G, 1)
-    t0 = (g[:, :d] * g[:, :d]).sum(-1, keepdim=True) * d ** -0.5
-    return sp, g, torch.cat([mean.view(B, 1) - t0, std.view(B, 1)], 1)
+    tbar = (g * g).sum(-1, keepdim=True) * (d ** -0.5 / G)
+    return sp, g, torch.cat([mean.view(B, 1) - tbar, std.view(B, 1)], 1)
 
 
 def _token_global_similarity(x, alpha, beta, groups, eps, backend):

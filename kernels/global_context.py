@@ -5,7 +5,7 @@ on a (sample, token block) grid and loops over the G groups, loading a (d, BLOCK
 group; math in fp32 (fp64 for fp64 inputs). Cross-block sums go through small per-block partial
 buffers (no atomics: deterministic), reduced by the next kernel or by torch.
 
-* forward: ``_fwd_sim_kernel`` writes D = S − T_0 (B, G, N) and per-block shifted sums;
+* forward: ``_fwd_sim_kernel`` writes D = S − T̄ (B, G, N) and per-block shifted sums;
   ``_fwd_apply_kernel`` reduces them to (mean, σ) and writes ``[x] + S'·c`` or ``S'``.
 * backward: ``_bwd_reduce_kernel`` writes Ŝ, dS' and per-block channel/group sums;
   ``_bwd_apply_kernel`` writes ``dx = [dy] + gs·(a1·dS' + a0 + a2·Ŝ) + bias``.
@@ -15,13 +15,14 @@ import triton
 import triton.language as tl
 
 from fastvit_ops import _availability
+from fastvit_ops.ops.global_context import group_offsets
 
 
 @triton.jit
-def _similarity_tile(x_ptr, g_ptr, b, gamma, offs_n, mask_n, C, N, d, s, g0,
+def _similarity_tile(x_ptr, g_ptr, off_ptr, b, gamma, offs_n, mask_n, C, N, G, d, s,
                      BLOCK_D: tl.constexpr, F64: tl.constexpr):
-    """D[γ, offs_n] = s·Σ_e (x − g)·g + s·Σ_e (g − g0)(g + g0) for one group (g0: group 0's
-    means; the difference T_γ − T_0 is formed without cancellation); also x − g (masked to 0)."""
+    """D[γ, offs_n] = s·Σ_e (x − g)·g + (T_γ − T̄) for one group (the offsets T_γ − T̄, (B, G),
+    from ops/global_context.py group_offsets); also x − g (masked to 0)."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
     ch = gamma * d + offs_d
@@ -34,26 +35,18 @@ def _similarity_tile(x_ptr, g_ptr, b, gamma, offs_n, mask_n, C, N, d, s, g0,
     else:
         xt = xt.to(tl.float32)
     xc = tl.where(mask, xt - gg[:, None], 0.0)
-    dt = s * tl.sum((gg - g0) * (gg + g0), 0)
-    dval = s * tl.sum(xc * gg[:, None], 0) + dt
+    dval = s * tl.sum(xc * gg[:, None], 0) + tl.load(off_ptr + b * G + gamma)
     return dval, xc, xt, gg, rows, mask
 
 
 @triton.jit
-def _group0_means(g_ptr, b, C, d, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(g_ptr + b * C + offs_d, mask=offs_d < d, other=0.0)
-
-
-@triton.jit
-def _fwd_sim_kernel(x_ptr, g_ptr, dbuf_ptr, part_ptr, C, N, G, d, s, nblk,
+def _fwd_sim_kernel(x_ptr, g_ptr, off_ptr, dbuf_ptr, part_ptr, C, N, G, d, s, nblk,
                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, F64: tl.constexpr):
     b = tl.program_id(0) // nblk  # a 1-D grid over (sample, token block): no 65,535 cap on either
     blk = tl.program_id(0) % nblk
-    g0 = _group0_means(g_ptr, b, C, d, BLOCK_D)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    cnt_t = tl.sum(mask_n.to(tl.int32), 0).to(g0.dtype)
+    cnt_t = tl.sum(mask_n.to(tl.int32), 0).to(tl.float64 if F64 else tl.float32)
     # This block's (count, mean, M2 = Σ(D − mean)²) over its tokens of every group: each tile
     # two-pass in registers (shifted by its first value: exact for constant input), merged into
     # the running moments exactly (Chan et al.). No one-pass Σ D² − (Σ D)²/n cancellation.
@@ -61,8 +54,8 @@ def _fwd_sim_kernel(x_ptr, g_ptr, dbuf_ptr, part_ptr, C, N, G, d, s, nblk,
     mean = cnt_t * 0.0
     m2 = cnt_t * 0.0
     for gamma in range(G):
-        dval, _xc, _xt, _gg, _rows, _m = _similarity_tile(x_ptr, g_ptr, b, gamma, offs_n, mask_n, C,
-                                                          N, d, s, g0, BLOCK_D, F64)
+        dval, _xc, _xt, _gg, _rows, _m = _similarity_tile(x_ptr, g_ptr, off_ptr, b, gamma, offs_n, mask_n,
+                                                          C, N, G, d, s, BLOCK_D, F64)
         tl.store(dbuf_ptr + (b * G + gamma).to(tl.int64) * N + offs_n, dval, mask=mask_n)
         k = tl.sum(tl.where(offs_n == blk * BLOCK_N, dval, 0.0), 0)
         t = tl.where(mask_n, dval - k, 0.0)
@@ -91,17 +84,15 @@ def _fwd_apply_kernel(x_ptr, dbuf_ptr, part_ptr, c_ptr, alpha_ptr, beta_ptr, out
     offs_p = tl.arange(0, BLOCK_P)
     pmask = offs_p < nblk
     pbase = (b * nblk + offs_p) * 3
-    # Merge the blocks' moments exactly, shifted by block 0's mean (constant input: σ = 0 exactly).
+    # Merge the blocks' moments exactly, without a shift: D is centred (constant input: D = 0).
     cnt_p = tl.load(part_ptr + pbase, mask=pmask, other=0.0)
     mean_p = tl.load(part_ptr + pbase + 1, mask=pmask, other=0.0)
     m2_p = tl.load(part_ptr + pbase + 2, mask=pmask, other=0.0)
-    k = tl.load(part_ptr + b * nblk * 3 + 1)
     n = G * N
-    u = tl.where(pmask, mean_p - k, 0.0)
-    um = tl.sum(cnt_p * u, 0) / n
-    e = tl.where(pmask, u - um, 0.0)
+    um = tl.sum(cnt_p * mean_p, 0) / n
+    e = tl.where(pmask, mean_p - um, 0.0)
     var = (tl.sum(m2_p, 0) + tl.sum(cnt_p * e * e, 0)) / (n - 1)  # NaN (n = 1) like torch.std
-    mean = k + um
+    mean = um
     sigma = tl.sqrt(var)
     r = 1.0 / (sigma + eps)
     if blk == 0:
@@ -134,13 +125,12 @@ def _fwd_apply_kernel(x_ptr, dbuf_ptr, part_ptr, c_ptr, alpha_ptr, beta_ptr, out
 
 
 @triton.jit
-def _bwd_reduce_kernel(grad_ptr, x_ptr, g_ptr, c_ptr, alpha_ptr, beta_ptr, stats_ptr, shat_ptr,
+def _bwd_reduce_kernel(grad_ptr, x_ptr, g_ptr, off_ptr, c_ptr, alpha_ptr, beta_ptr, stats_ptr, shat_ptr,
                        dsp_ptr, pchan_ptr, pgrp_ptr, C, N, G, d, s, nblk, eps,
                        HAS_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        F64: tl.constexpr):
     b = tl.program_id(0) // nblk  # a 1-D grid over (sample, token block): no 65,535 cap on either
     blk = tl.program_id(0) % nblk
-    g0 = _group0_means(g_ptr, b, C, d, BLOCK_D)
     mean = tl.load(stats_ptr + 2 * b)
     r = 1.0 / (tl.load(stats_ptr + 2 * b + 1) + eps)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,8 +140,8 @@ def _bwd_reduce_kernel(grad_ptr, x_ptr, g_ptr, c_ptr, alpha_ptr, beta_ptr, stats
     cbase = (b * nblk + blk).to(tl.int64) * 3 * C
     gbase = (b * nblk + blk) * 3 * G
     for gamma in range(G):
-        dval, xc, _xt, _gg, rows, mask = _similarity_tile(x_ptr, g_ptr, b, gamma, offs_n, mask_n,
-                                                          C, N, d, s, g0, BLOCK_D, F64)
+        dval, xc, _xt, _gg, rows, mask = _similarity_tile(x_ptr, g_ptr, off_ptr, b, gamma, offs_n, mask_n,
+                                                          C, N, G, d, s, BLOCK_D, F64)
         shat = tl.where(mask_n, (dval - mean) * r, 0.0)
         ch = gamma * d + offs_d
         if HAS_C:
@@ -259,7 +249,8 @@ def gc_forward(x, g, c, alpha, beta, groups: int, eps: float, residual: bool):
     part = torch.empty((B, nblk, 3), dtype=acc, device=x.device)
     f64 = acc == torch.float64
     s = d ** -0.5
-    _fwd_sim_kernel[_grid(B, nblk)](x, g, dbuf, part, C, N, G, d, s, nblk, BLOCK_D=block_d,
+    off = group_offsets(g.view(B, G, d), s).contiguous()
+    _fwd_sim_kernel[_grid(B, nblk)](x, g, off, dbuf, part, C, N, G, d, s, nblk, BLOCK_D=block_d,
                                BLOCK_N=block_n, F64=f64)
     _fwd_apply_kernel[_grid(B, nblk)](x, dbuf, part, c if c is not None else g, alpha, beta, out, stats,
                                  C, N, G, d, nblk, eps, HAS_C=c is not None, RESIDUAL=residual,
@@ -284,7 +275,8 @@ def gc_backward_reduce(grad, x, g, c, alpha, beta, stats, groups: int, eps: floa
     pchan = (torch.empty if c is not None else torch.zeros)((B, nblk, 3, C), dtype=acc,
                                                            device=x.device)
     pgrp = torch.empty((B, nblk, 3, G), dtype=acc, device=x.device)
-    _bwd_reduce_kernel[_grid(B, nblk)](grad, x, g, c if c is not None else g, alpha, beta, stats, shat,
+    off = group_offsets(g.view(B, G, d), d ** -0.5).contiguous()
+    _bwd_reduce_kernel[_grid(B, nblk)](grad, x, g, off, c if c is not None else g, alpha, beta, stats, shat,
                                   dsp, pchan, pgrp, C, N, G, d, d ** -0.5, nblk, eps,
                                   HAS_C=c is not None, BLOCK_D=block_d, BLOCK_N=block_n,
                                   F64=acc == torch.float64)

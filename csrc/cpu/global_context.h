@@ -8,7 +8,8 @@
 // half/bf16 rows are staged to fp32 one row at a time.
 //
 // Per sample b (s = d^-1/2, T_γ = s·Σ_e g², n = G·N):
-//   D[γ,i] = s·Σ_e (x[γd+e,i] − g_e)·g_e + s·Σ_e (g_γe − g_0e)(g_γe + g_0e)   (= S − T_0)
+//   D[γ,i] = s·Σ_e (x[γd+e,i] − g_e)·g_e + (s/G)·Σ_κ Σ_e (g_γe − g_κe)(g_γe + g_κe)   (= S − T̄,
+//   T̄ = mean_γ T_γ = S's mean: D is centred, no offset larger than S's spread)
 //   per group two-pass mean_γ, M2_γ = Σ(D − mean_γ)²; merged exactly: mean = mean of mean_γ,
 //   σ² = (Σ M2_γ + N·Σ(mean_γ − mean)²)/(n−1)
 //   S' = α_γ·(D − mean)/(σ + eps) + β_γ;  out = [x] + S'·c   (or S' itself when c is None)
@@ -117,14 +118,18 @@ template <typename T, typename A>
 void similarity_rows(const T* x_b, const A* g_b, const Dims& k, int64_t gamma, A* dg,
                      std::vector<A>& buf) {
   const A s = A(1) / std::sqrt(static_cast<A>(k.d));
-  // T_γ − T_0 = s·Σ_e (g_γe − g_0e)(g_γe + g_0e): the difference is formed first, so no
-  // cancellation between the two large self-similarities; exactly 0 for a constant input.
+  // T_γ − T̄ = (s/G)·Σ_κ Σ_e (g_γe − g_κe)(g_γe + g_κe): each difference is formed first, so no
+  // cancellation between the large self-similarities; exactly 0 for a constant input. The mean
+  // T̄ (S's own mean) rather than one group's T_0 as the shift: where group 0's means stand out,
+  // S − T_0 carried an offset many times S's spread and 10× eager's rounding into Ŝ.
   A dt = 0;
-  for (int64_t e = 0; e < k.d; ++e) {
-    const A a = g_b[gamma * k.d + e], b = g_b[e];
-    dt += (a - b) * (a + b);
+  for (int64_t kappa = 0; kappa < k.G; ++kappa) {
+    for (int64_t e = 0; e < k.d; ++e) {
+      const A a = g_b[gamma * k.d + e], b = g_b[kappa * k.d + e];
+      dt += (a - b) * (a + b);
+    }
   }
-  const A offset = s * dt;
+  const A offset = s * dt / static_cast<A>(k.G);
   for (int64_t i = 0; i < k.N; ++i) dg[i] = offset;
   for (int64_t e = 0; e < k.d; ++e) {
     const int64_t ch = gamma * k.d + e;
@@ -134,22 +139,22 @@ void similarity_rows(const T* x_b, const A* g_b, const Dims& k, int64_t gamma, A
 }
 
 // Per-sample statistics from its groups' two-pass moments q = (mean_γ, M2_γ)·G, merged exactly
-// (Chan et al.), shifted by group 0's mean; fixed order over groups, so deterministic.
+// (Chan et al.) without a shift: D is centred already (a shift by group 0's mean put that group's
+// offset into every Ŝ); fixed order over groups, so deterministic.
 // st = (mean, σ) with the unbiased σ (NaN at G·N = 1, like torch.std).
 template <typename A>
 void merge_stats(const A* q, const Dims& k, A* st) {
-  const A k0 = q[0];
   A um = 0;
-  for (int64_t gamma = 0; gamma < k.G; ++gamma) um += q[2 * gamma] - k0;
+  for (int64_t gamma = 0; gamma < k.G; ++gamma) um += q[2 * gamma];
   um /= static_cast<A>(k.G);
   A m2 = 0, spread = 0;
   for (int64_t gamma = 0; gamma < k.G; ++gamma) {
-    const A u = (q[2 * gamma] - k0) - um;
+    const A u = q[2 * gamma] - um;
     m2 += q[2 * gamma + 1];
     spread += u * u;
   }
   m2 += static_cast<A>(k.N) * spread;
-  st[0] = k0 + um;
+  st[0] = um;
   st[1] = std::sqrt(m2 / static_cast<A>(k.G * k.N - 1));
 }
 

@@ -9,11 +9,14 @@ Two public functions:
 Algorithm (per sample b; every backend computes exactly this, in fp32 — fp64 for fp64 inputs):
 
 * pass 1: ``g = mean_i x`` (the channel means);  tiny MLP ``c = fc2(maxout(fc1(g)))`` in torch.
-* pass 2: the similarity *relative to group 0's self-similarity*, formed from centered inputs,
-  ``D[γ,i] = s·Σ_e (x[γd+e,i] − g[γd+e])·g[γd+e] + (T_γ − T_0)``,  ``T_γ = s·Σ_e g[γd+e]²``,
-  with ``T_γ − T_0 = s·Σ_e (g[γd+e] − g[e])·(g[γd+e] + g[e])``. D equals ``S − T_0`` exactly in
-  real arithmetic but never forms the large ``|S|`` or ``T_γ`` (no catastrophic cancellation when
-  ``|mean(x)| ≫ std(x)``). Its mean and unbiased std over (G, N)
+* pass 2: the similarity *relative to the mean self-similarity* ``T̄ = mean_γ T_γ``, formed from
+  centered inputs, ``D[γ,i] = s·Σ_e (x[γd+e,i] − g[γd+e])·g[γd+e] + (T_γ − T̄)``,
+  ``T_γ = s·Σ_e g[γd+e]²``, with
+  ``T_γ − T̄ = (s/G)·Σ_κ Σ_e (g[γd+e] − g[κd+e])·(g[γd+e] + g[κd+e])`` (:func:`group_offsets`).
+  D equals ``S − T̄`` exactly in real arithmetic, and ``T̄`` is S's mean (Σ_i (x − g) = 0), so D is
+  centred: it never forms the large ``|S|`` or ``T_γ`` (no catastrophic cancellation when
+  ``|mean(x)| ≫ std(x)``), nor an offset larger than S's spread (a shift by one group's ``T_γ``,
+  as before, cost 10× eager's error where that group's means stood out). Its mean and unbiased std over (G, N)
   are two-pass per group (``mean_γ``, ``M2_γ = Σ(D−mean_γ)²``, each shifted by one of its own
   values) merged exactly across groups (Chan et al.), as accurate as ``torch.std_mean``; a constant
   input gives exactly σ = 0 and ``Ŝ = 0`` → ``S' = β`` (the reference's finite result).
@@ -119,6 +122,14 @@ def reference(x: Tensor, rescale_weight: Tensor, rescale_bias: Tensor, groups: i
 
 
 # ---- reference backend: the same algorithm in torch ops (the readable spec of the kernels) ------
+def group_offsets(ga: Tensor, s: float) -> Tensor:
+    """``T_γ − T̄`` (B, G) from the group means ``ga`` (B, G, d): each pairwise difference of self-
+    similarities formed as ``Σ_e (a − b)(a + b)`` before it is summed (no cancellation between the
+    large ``T``s; exactly 0 for a constant input), averaged over κ in a fixed order."""
+    a, b = ga.unsqueeze(2), ga.unsqueeze(1)
+    return ((a - b) * (a + b)).sum(-1).mean(-1) * s
+
+
 def _ref_forward(x, g, c, alpha, beta, groups, eps, residual):
     B, C, H, W = x.shape
     G, N = groups, H * W
@@ -127,20 +138,20 @@ def _ref_forward(x, g, c, alpha, beta, groups, eps, residual):
     s = d ** -0.5
     xa = x.to(acc).reshape(B, G, d, N)
     ga = g.view(B, G, d)
-    dT = s * ((ga - ga[:, :1]) * (ga + ga[:, :1])).sum(-1)  # T_γ − T_0 without cancellation
-    D = s * torch.einsum("bgdn,bgd->bgn", xa - ga.unsqueeze(-1), ga) + dT.unsqueeze(-1)
+    D = s * torch.einsum("bgdn,bgd->bgn", xa - ga.unsqueeze(-1), ga) + group_offsets(ga, s).unsqueeze(-1)
     # Two-level two-pass statistics, as the kernels form them: per group (mean_γ, M2_γ =
     # Σ (D − mean_γ)²), then merged exactly (Chan et al.). A one-pass Σ D² − (Σ D)²/n loses digits
-    # to cancellation when the mean is large next to σ, and σ scales every gradient. Each level is
-    # shifted by one of its own values, so a constant input gives exactly σ = 0, Ŝ = 0, S' = β.
+    # to cancellation when the mean is large next to σ, and σ scales every gradient. Within a group
+    # the pass is shifted by one of its values (D_γ sits near its offset T_γ − T̄); across groups
+    # not at all, D being centred already (a shift by one group's mean put that group's offset
+    # into every Ŝ). A constant input gives D = 0 exactly: σ = 0, Ŝ = 0, S' = β.
     t = D - D[:, :, :1]
     tm = t.mean(-1, keepdim=True)
     m2_g = ((t - tm) ** 2).sum(-1)
     mean_g = D[:, :, 0] + tm.squeeze(-1)
-    u = mean_g - mean_g[:, :1]
-    um = u.mean(1, keepdim=True)
-    mean = mean_g[:, 0] + um.squeeze(1)
-    m2 = m2_g.sum(1) + N * ((u - um) ** 2).sum(1)
+    um = mean_g.mean(1, keepdim=True)
+    mean = um.squeeze(1)
+    m2 = m2_g.sum(1) + N * ((mean_g - um) ** 2).sum(1)
     sigma = (m2 / (n - 1)).sqrt()
     shat = (D - mean.view(B, 1, 1)) / (sigma.view(B, 1, 1) + eps)
     sp = alpha.view(1, G, 1) * shat + beta.view(1, G, 1)
@@ -162,8 +173,7 @@ def _ref_bwd_reduce(grad, x, g, c, alpha, beta, stats, groups, eps):
     s = d ** -0.5
     xt = x.to(acc).reshape(B, G, d, N) - g.view(B, G, d, 1)
     ga = g.view(B, G, d)
-    dT = s * ((ga - ga[:, :1]) * (ga + ga[:, :1])).sum(-1)
-    D = s * torch.einsum("bgdn,bgd->bgn", xt, ga) + dT.unsqueeze(-1)
+    D = s * torch.einsum("bgdn,bgd->bgn", xt, ga) + group_offsets(ga, s).unsqueeze(-1)
     mean, sigma = stats[:, 0], stats[:, 1]
     shat = (D - mean.view(B, 1, 1)) / (sigma.view(B, 1, 1) + eps)
     if c is not None:
