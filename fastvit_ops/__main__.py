@@ -228,7 +228,8 @@ def cmd_bench(args) -> int:
                 model_rows.append(row)
                 if args.verbose:
                     console.print(f"[{time.time() - started:5.0f} s] {name} {mode}: " + ", ".join(
-                        f"{v} {row[v + '_img_s']:.1f} img/s" for v in variants))
+                        f"{v} {row[v + '_img_s']:.1f} img/s" if v + "_img_s" in row else f"{v} failed"
+                        for v in variants))
                 save()
                 p.advance(task)
     gpu = dev.type == "cuda"
@@ -345,10 +346,15 @@ def _model_table(rows, batch, variants) -> None:
     for c in ["model", "mode"] + [_VARIANT_LABEL[v] for v in variants] + ["peak MiB ref / fused", "max logit err"]:
         mt.add_column(c, justify="left" if c in ("model", "mode") else "right")
     for r in rows:
-        cells = [f"{r[v + '_img_s']:.1f} ({r[v + '_speedup']:.2f}×)" for v in variants]
-        mt.add_row(r["model"], r["mode"], *cells, f"{r['reference_peak_mib']:.0f} / {r['fused_peak_mib']:.0f}",
-                   f"{r['max_logit_error']:.1e}")
+        cells = [f"{r[v + '_img_s']:.1f}" + (f" ({r[v + '_speedup']:.2f}×)" if v + "_speedup" in r else "")
+                 if v + "_img_s" in r else "failed" for v in variants]
+        peak = " / ".join(f"{r[k]:.0f}" if k in r else "–" for k in ("reference_peak_mib", "fused_peak_mib"))
+        mt.add_row(r["model"], r["mode"], *cells, peak, f"{r['max_logit_error']:.1e}")
     console.print(mt)
+    for r in rows:
+        for v in variants:
+            if v + "_error" in r:
+                console.print(f"{r['model']} {r['mode']} {_VARIANT_LABEL[v]} failed: {r[v + '_error']}")
 
 
 def _suffixed(path: str, suffix: str) -> str:
@@ -403,7 +409,7 @@ def _plot_models(path, rows, env) -> None:
         width = 0.8 / len(variants)
         for i, v in enumerate(variants):
             ax.bar([j + (i - (len(variants) - 1) / 2) * width for j in range(len(mrows))],
-                   [r[f"{v}_img_s"] for r in mrows], width=width, label=_VARIANT_LABEL[v])
+                   [r.get(f"{v}_img_s", 0.0) for r in mrows], width=width, label=_VARIANT_LABEL[v])
         ax.set_xticks(range(len(mrows)))
         ax.set_xticklabels([r["model"] for r in mrows])
         ax.set_ylabel("images/s")

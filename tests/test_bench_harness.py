@@ -34,3 +34,26 @@ def test_fresh_compile_resets_dynamo(monkeypatch):
     impl.fresh_compile(lambda x: x + 1)
     impl.fresh_compile(lambda x: x + 1)
     assert len(resets) == 2, "each benchmark case compiles from empty dynamo caches"
+
+
+def test_a_variant_that_fails_to_compile_does_not_lose_the_row(monkeypatch):
+    """One variant's compiler crash (torch 2.14.1's Inductor on vt_resnet18's training step with
+    ATen forced to AVX2) is recorded in the row; the other variants are still timed."""
+    from fastvit_ops.benchmarks import models as model_bench
+
+    def tiny():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                   torch.nn.Linear(4, 1000))
+
+    def broken_compile(model):
+        def run(*args):
+            raise RuntimeError("index 4397790291545385479 is out of bounds\nmore")
+        return run
+    monkeypatch.setattr(model_bench, "build", lambda name, device: (tiny(), tiny()))
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    row = model_bench.throughput("tiny", 2, torch.device("cpu"), "train", size=16, rounds=1, max_seconds=1.0)
+    for v in ("reference_compile", "fused_compile"):
+        assert row[f"{v}_error"] == "RuntimeError: index 4397790291545385479 is out of bounds"
+        assert f"{v}_img_s" not in row
+    assert row["reference_img_s"] > 0 and row["fused_img_s"] > 0 and row["fused_speedup"] > 0

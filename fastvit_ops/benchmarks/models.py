@@ -136,9 +136,15 @@ def throughput(name: str, batch: int, device, mode: str = "inference", size: int
         if autocast is not None:
             step = _autocast_step(step, x.device.type, autocast)
         t0 = time.perf_counter()
-        step()  # compiles (when compiled), allocator warm-up
-        step()
-        _sync(device)
+        try:
+            step()  # compiles (when compiled), allocator warm-up
+            step()
+            _sync(device)
+        except Exception as e:  # noqa: BLE001 — one variant's compiler failure must not lose the others
+            # (torch 2.14.1's Inductor crashed compiling vt_resnet18's training step with ATen forced
+            # to AVX2). The row records why; its images/s stay absent.
+            row[f"{v}_error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            continue
         row[f"{v}_warmup_s"] = time.perf_counter() - t0
         row[f"{v}_peak_mib"] = peak_memory_mib(step, device)
         steps[v] = step
