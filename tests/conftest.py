@@ -148,14 +148,14 @@ def assert_pooled_rule(label: str, items, factor: float = numerics.FACTOR) -> No
     is a toss-up deep in a network: over the 8 elements of one block's alpha or bias gradient
     (a cancelling sum amplifies the rounding of the upstream gradient) 2.5x either way was
     measured, and over 512 elements of a 1x1 conv's one outlier element at 2.2x (RMS 1.2x), as the
-    check runner's pooled instances also found. The floor: 4 fp32 ulp of each tensor's scale.
+    check runner's pooled instances also found. The floor: 4 ulp (of the dtype) of each tensor's scale.
     ``factor``: ``numerics.COMPOUNDED_FACTOR`` for gradients of a whole block or model."""
     def pooled(select):
         return torch.cat([(select(it).double() / max(it[2].abs().max().item(), 1e-30)).reshape(-1) for it in items])
     exact = pooled(lambda it: it[2])
     err_f = (pooled(lambda it: it[0]) - exact).abs()
     errs_e = [(pooled(lambda it, k=k: it[1][k]) - exact).abs() for k in range(len(items[0][1]))]
-    floor = 4 * torch.finfo(torch.float32).eps
+    floor = numerics.ULPS * torch.finfo(items[0][0].dtype).eps  # of each tensor's scale (they are scaled to 1)
     max_e, rms_e = max(e.max().item() for e in errs_e), max(e.square().mean().sqrt().item() for e in errs_e)
     max_f, rms_f = err_f.max().item(), err_f.square().mean().sqrt().item()
     assert torch.isfinite(err_f).all(), f"{label}: non-finite values"

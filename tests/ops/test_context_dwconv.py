@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvit_ops
-from conftest import assert_error_rule
+from conftest import assert_error_rule, assert_pooled_rule
 from fastvit_ops.ops.context_dwconv import context_dwconv2d
 
 BACKENDS = ["reference", "cpu"]
@@ -44,23 +44,33 @@ def test_gradcheck_float64(backend, k, stride, act):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision_error_rule(backend, dtype):
-    ins64 = make(2, 8, 4, 13, 11, 11)
-    dy = torch.randn(2, 8, 13, 11, dtype=torch.float64)
-    low = [t.to(dtype) for t in ins64]
-    exact_in = [t.double().requires_grad_() for t in low]
-    exact = eager(*exact_in)
-    egrads = torch.autograd.grad(exact, exact_in, dy)
-    ri = [t.clone().requires_grad_() for t in low]
-    ref = eager(*ri)
-    rgrads = torch.autograd.grad(ref, ri, dy.to(dtype))
-    fi = [t.clone().requires_grad_() for t in low]
-    with fastvit_ops.backend(backend):
-        out = context_dwconv2d(*fi)
-        fgrads = torch.autograd.grad(out, fi, dy.to(dtype))
-    assert out.dtype == dtype
-    assert_error_rule("forward", out, ref, exact)
-    for name, a, r, e in zip(["dx", "dsp", "dc", "dw", "db"], fgrads, rgrads, egrads):
-        assert_error_rule(name, a, r, e)
+    """Forward and every gradient by the 2x rule, judged over 6 random instances together, eager
+    run on NCHW and channels_last inputs as the yardstick: dc (2×8) and db (8) are a handful of
+    long sums each, where the largest error of one instance is a toss-up between two equally good
+    roundings (as tests/properties.py pools its instances and evaluates eager several ways)."""
+    pools = {name: [] for name in ["forward", "dx", "dsp", "dc", "dw", "db"]}
+    for _ in range(6):
+        ins64 = make(2, 8, 4, 13, 11, 11)
+        dy = torch.randn(2, 8, 13, 11, dtype=torch.float64)
+        low = [t.to(dtype) for t in ins64]
+        exact_in = [t.double().requires_grad_() for t in low]
+        exact = eager(*exact_in)
+        egrads = torch.autograd.grad(exact, exact_in, dy)
+        yard = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            ri = [(t.contiguous(memory_format=fmt) if t.dim() == 4 else t.clone()).requires_grad_() for t in low]
+            ref = eager(*ri)
+            yard.append((ref.detach(), torch.autograd.grad(ref, ri, dy.to(dtype).contiguous(memory_format=fmt))))
+        fi = [t.clone().requires_grad_() for t in low]
+        with fastvit_ops.backend(backend):
+            out = context_dwconv2d(*fi)
+            fgrads = torch.autograd.grad(out, fi, dy.to(dtype))
+        assert out.dtype == dtype and all(g.dtype == dtype for g in fgrads)
+        pools["forward"].append((out.detach(), [y for y, _ in yard], exact.detach()))
+        for i, (name, a, e) in enumerate(zip(["dx", "dsp", "dc", "dw", "db"], fgrads, egrads)):
+            pools[name].append((a, [g[i] for _, g in yard], e))
+    for name, items in pools.items():
+        assert_pooled_rule(f"{name} ({dtype}, 6 instances)", items)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
