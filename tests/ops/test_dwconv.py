@@ -761,3 +761,24 @@ def test_cuda_gradcheck_and_layouts(backend):
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, eager(x, w, b, 1, None, "gelu", True))
     torch.testing.assert_close(gx, torch.autograd.grad(eager(x, w, b, 1, None, "gelu", True).sum(), (x,))[0])
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_half_precision_weight_gradient_of_padding_only_taps(backend):
+    """bf16, a 1×1 map, k = 3, stride 2, padding 1: only the centre tap sees data, the other eight
+    weight gradients are exactly 0. torch's CPU bf16 depthwise backward (which the reference
+    backend called) left them uninitialised (garbage or NaN in 49 of 50 calls, found by the
+    conv_projection_qkv property test); every backend must give 0."""
+    C = 5
+    for _ in range(20):
+        junk = [torch.full((n,), float("nan"), dtype=torch.bfloat16) for n in (45, 64, 128, 1024)]
+        del junk  # freed NaN blocks for the allocator to hand out again
+        tokens = torch.randn(1, 2, C).bfloat16()
+        x = tokens[:, 1:].transpose(1, 2).reshape(1, C, 1, 1).requires_grad_()
+        w = torch.randn(C, 1, 3, 3).bfloat16().requires_grad_()
+        with fastvit_ops.backend(backend):
+            y = fastvit_ops.dwconv2d(x, w, None, 2, 1)
+        dy = torch.randn(1, 2, C).bfloat16()[:, 1:].transpose(1, 2).reshape(1, C, 1, 1)  # a token view too
+        (dw,) = torch.autograd.grad(y, w, dy)
+        assert torch.isfinite(dw).all(), dw
+        assert (dw.reshape(C, 9)[:, [0, 1, 2, 3, 5, 6, 7, 8]] == 0).all(), dw
