@@ -84,12 +84,14 @@ def _fwd_apply_kernel(x_ptr, dbuf_ptr, part_ptr, c_ptr, alpha_ptr, beta_ptr, out
     offs_p = tl.arange(0, BLOCK_P)
     pmask = offs_p < nblk
     pbase = (b * nblk + offs_p) * 3
-    # Merge the blocks' moments exactly, without a shift: D is centred (constant input: D = 0).
+    # Merge the blocks' moments exactly, without a shift: D is centred.
     cnt_p = tl.load(part_ptr + pbase, mask=pmask, other=0.0)
     mean_p = tl.load(part_ptr + pbase + 1, mask=pmask, other=0.0)
     m2_p = tl.load(part_ptr + pbase + 2, mask=pmask, other=0.0)
     n = G * N
     um = tl.sum(cnt_p * mean_p, 0) / n
+    # One correction pass: equal block means (a constant input) give exactly that mean, so σ = 0.
+    um = um + tl.sum(tl.where(pmask, cnt_p * (mean_p - um), 0.0), 0) / n
     e = tl.where(pmask, mean_p - um, 0.0)
     var = (tl.sum(m2_p, 0) + tl.sum(cnt_p * e * e, 0)) / (n - 1)  # NaN (n = 1) like torch.std
     mean = um

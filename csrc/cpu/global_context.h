@@ -144,9 +144,12 @@ void similarity_rows(const T* x_b, const A* g_b, const Dims& k, int64_t gamma, A
 // st = (mean, σ) with the unbiased σ (NaN at G·N = 1, like torch.std).
 template <typename A>
 void merge_stats(const A* q, const Dims& k, A* st) {
-  A um = 0;
+  A um = 0, corr = 0;
   for (int64_t gamma = 0; gamma < k.G; ++gamma) um += q[2 * gamma];
   um /= static_cast<A>(k.G);
+  // One correction pass: equal group means (a constant input) give exactly that mean, so σ = 0.
+  for (int64_t gamma = 0; gamma < k.G; ++gamma) corr += q[2 * gamma] - um;
+  um += corr / static_cast<A>(k.G);
   A m2 = 0, spread = 0;
   for (int64_t gamma = 0; gamma < k.G; ++gamma) {
     const A u = q[2 * gamma] - um;

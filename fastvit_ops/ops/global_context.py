@@ -144,12 +144,14 @@ def _ref_forward(x, g, c, alpha, beta, groups, eps, residual):
     # to cancellation when the mean is large next to σ, and σ scales every gradient. Within a group
     # the pass is shifted by one of its values (D_γ sits near its offset T_γ − T̄); across groups
     # not at all, D being centred already (a shift by one group's mean put that group's offset
-    # into every Ŝ). A constant input gives D = 0 exactly: σ = 0, Ŝ = 0, S' = β.
+    # into every Ŝ), but the mean of the group means gets one correction pass, so equal means
+    # (a constant input: D the same everywhere) merge to exactly that mean: σ = 0, Ŝ = 0, S' = β.
     t = D - D[:, :, :1]
     tm = t.mean(-1, keepdim=True)
     m2_g = ((t - tm) ** 2).sum(-1)
     mean_g = D[:, :, 0] + tm.squeeze(-1)
     um = mean_g.mean(1, keepdim=True)
+    um = um + (mean_g - um).mean(1, keepdim=True)  # corrected: exactly m when every mean_γ is m
     mean = um.squeeze(1)
     m2 = m2_g.sum(1) + N * ((mean_g - um) ** 2).sum(1)
     sigma = (m2 / (n - 1)).sqrt()
