@@ -16,6 +16,7 @@ from fastvit_ops.ops import attention as att
 from fastvit_ops.ops import cross_modulation as cm
 from fastvit_ops.ops import dwconv as dw
 from fastvit_ops.ops import global_context as gcm
+from test_conv_projection import eager as projection_eager  # the released forward_conv
 from properties import KNOWN_DEFECTS, LAYOUTS, backends, check_op, dtype_for, keep, lay_out, random, reverse, transpose_hw
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -187,20 +188,6 @@ def test_downsampled_attention_nchw(c):
 
 
 # ---- conv_projection_qkv (reference and cpu kernels) -----------------------------------------------------
-def _projection_eager(x, hw, cls, ws, bs, sq, skv):
-    """The released ``forward_conv`` (split cls, tokens → image, three convs, image → tokens, cat)."""
-    h, w = hw
-    if cls:
-        cls_token, x = torch.split(x, [1, h * w], dim=1)
-    B, _, C = x.shape
-    img = x.transpose(1, 2).reshape(B, C, h, w)
-    outs = []
-    for wt, bt, s in zip(ws, bs, (sq, skv, skv)):
-        t = F.conv2d(img, wt, bt, s, wt.shape[-1] // 2, groups=C).flatten(2).transpose(1, 2)
-        outs.append(torch.cat((cls_token, t), dim=1) if cls else t)
-    return tuple(outs)
-
-
 @st.composite
 def projection_case(draw):
     backend, dtype, seed = draw(setting(has_triton=False))
@@ -225,7 +212,7 @@ def test_conv_projection_qkv(c):
         return fastvit_ops.conv_projection_qkv(x, (h, w), cls, *p, c["sq"], c["skv"])
 
     def eager(x, *p):
-        return _projection_eager(x, (h, w), cls, p[0::2], p[1::2], c["sq"], c["skv"])
+        return tuple(projection_eager(x, (h, w), cls, p[0::2], p[1::2], c["sq"], c["skv"]))
     check_op(f"conv_projection_qkv {c}", fused, eager, make, c["backend"], c["seed"])
 
 
