@@ -7,7 +7,6 @@ Profiles (tests/conftest.py): ``default`` (50 examples per op, in every plain py
 CI), ``ci`` (500: ``--hypothesis-profile=ci``, ~2 minutes on 2 cores), ``thorough`` (5000).
 """
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
