@@ -9,6 +9,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // mode: 0 = "silu" (SiLU(l)·SiLU(g)), 1 = "full" (SiLU(SiLU(l))·SiLU(g)). Inputs share one dense layout.
   m.def("_cross_modulation_forward(Tensor local, Tensor global_, int mode) -> Tensor");
   m.def("_cross_modulation_backward(Tensor grad, Tensor local, Tensor global_, int mode) -> (Tensor, Tensor)");
+  // Eager CPU fast path: the forward under a C++ autograd node whose backward is
+  // _cross_modulation_backward (no Python custom-op overhead per call).
+  m.def("_cross_modulation_autograd(Tensor local, Tensor global_, int mode) -> Tensor");
   // -- depthwise conv (dwconv) schemas below --
   // Depthwise conv (y = act(nn.Conv2d(C, C, k, stride, padding, groups=C)(x)) [+ x]): x (B,C,H,W) any strides, weight (C,1,k,k), k odd ≤ 31, stride 1|2,
   // 0 ≤ padding < k; activation 0 none, 1 SiLU, 2 GELU (exact); residual adds x (stride 1, same size).

@@ -14,7 +14,6 @@ PerDtype<CrossModForward> cross_modulation_forward;
 PerDtype<CrossModBackward> cross_modulation_backward;
 
 namespace {
-
 constexpr int64_t kGrain = 16384;  // elements per task: amortizes the OpenMP fork
 
 void check_inputs(const char* op, std::initializer_list<at::Tensor> ts) {
@@ -28,7 +27,9 @@ void check_inputs(const char* op, std::initializer_list<at::Tensor> ts) {
   }
 }
 
-at::Tensor forward(const at::Tensor& local, const at::Tensor& global, int64_t mode) {
+}  // namespace
+
+at::Tensor cross_modulation_fwd(const at::Tensor& local, const at::Tensor& global, int64_t mode) {
   check_inputs("_cross_modulation_forward", {local, global});
   TORCH_CHECK(mode == 0 || mode == 1, "_cross_modulation_forward: mode must be 0 or 1");
   at::Tensor out = at::empty_like(local);
@@ -46,7 +47,7 @@ at::Tensor forward(const at::Tensor& local, const at::Tensor& global, int64_t mo
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Tensor& local,
+std::tuple<at::Tensor, at::Tensor> cross_modulation_bwd(const at::Tensor& grad, const at::Tensor& local,
                                             const at::Tensor& global, int64_t mode) {
   check_inputs("_cross_modulation_backward", {local, global, grad});
   TORCH_CHECK(mode == 0 || mode == 1, "_cross_modulation_backward: mode must be 0 or 1");
@@ -68,11 +69,9 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad, const at::Te
   return {dlocal, dglobal};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fastvit_ops, CPU, m) {
-  m.impl("_cross_modulation_forward", &forward);
-  m.impl("_cross_modulation_backward", &backward);
+  m.impl("_cross_modulation_forward", &cross_modulation_fwd);
+  m.impl("_cross_modulation_backward", &cross_modulation_bwd);
 }
 
 }  // namespace cpu

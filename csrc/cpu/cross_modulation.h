@@ -2,6 +2,9 @@
 // over n contiguous elements; mode `full` = SiLU(SiLU(l))·SiLU(g), else SiLU(l)·SiLU(g).
 #pragma once
 #include <cstdint>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
 
 #include "cpu/capability.h"
 
@@ -15,6 +18,12 @@ using CrossModBackward = void (*)(const T* dy, const T* l, const T* g, T* dl, T*
 
 extern PerDtype<CrossModForward> cross_modulation_forward;
 extern PerDtype<CrossModBackward> cross_modulation_backward;
+
+// The threaded ops behind _cross_modulation_forward / _backward (inputs of one shape and strides,
+// dense; mode 0 "silu", 1 "full").
+at::Tensor cross_modulation_fwd(const at::Tensor& local, const at::Tensor& global, int64_t mode);
+std::tuple<at::Tensor, at::Tensor> cross_modulation_bwd(const at::Tensor& grad, const at::Tensor& local,
+                                                        const at::Tensor& global, int64_t mode);
 
 }  // namespace cpu
 }  // namespace fastvit_ops

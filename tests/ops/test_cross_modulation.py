@@ -196,10 +196,13 @@ def test_backend_selection_errors_and_env(monkeypatch):
         fastvit_ops.sigmoid_cross_modulation(a, a)
 
 
-def test_dispatch_runs_the_requested_backend(monkeypatch):
+def test_dispatch_runs_the_requested_backend(monkeypatch, without_cpu_rules):
     """The name given to backend() decides which implementation runs (forward and backward)."""
     calls = spy_kernels(monkeypatch, "sigmoid_cross_modulation")
-    l, g = (torch.randn(5, requires_grad=True) for _ in range(2))
+    # Inputs of different strides keep the cpu backend on the custom op (the eager fast path takes
+    # two tensors of one contiguous or channels_last layout)
+    l = torch.randn(2, 3, 4, 5, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
     for name in ("reference",) + (("cpu",) if backend_ok("cpu") else ()):
         calls.clear()
         with fastvit_ops.backend(name):
@@ -208,12 +211,64 @@ def test_dispatch_runs_the_requested_backend(monkeypatch):
     if backend_ok("cpu"):
         calls.clear()
         fastvit_ops.sigmoid_cross_modulation(l, g).sum().backward()
-        from fastvit_ops.ops import cpu_rules, dispatch
+        assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+        # One layout on cpu/auto: the C++ autograd node, no Python table involved, same result
+        # as the custom op
+        l2 = l.detach().clone().requires_grad_()
+        l.grad = None
+        with fastvit_ops.backend("cpu"):
+            want = fastvit_ops.sigmoid_cross_modulation(l, g.contiguous(), "full")
+        want.sum().backward()
+        for name in ("cpu", "auto"):
+            calls.clear()
+            l2.grad = None
+            with fastvit_ops.backend(name):
+                y = fastvit_ops.sigmoid_cross_modulation(l2, g.detach().contiguous(), "full")
+                assert type(y.grad_fn).__name__ == "CppFunction"
+                y.sum().backward()
+            assert calls == []
+            assert torch.equal(y, want) and torch.equal(l2.grad, l.grad)
+        with fastvit_ops.backend("reference"):  # reference is never rerouted
+            assert "CppFunction" not in type(fastvit_ops.sigmoid_cross_modulation(l, g).grad_fn).__name__
 
-        if cpu_rules.eager_wins(dispatch.Call("sigmoid_cross_modulation", "auto", (l, g, "silu")))[0]:
-            assert calls == [], "where the CPU rule says eager is faster, auto runs eager PyTorch"
-        else:
-            assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_cpu_fast_path_matches_custom_op(dtype, mode, without_cpu_rules):
+    """Plain eager CPU calls on one contiguous or channels_last layout take the C++ autograd node
+    (_cross_modulation_autograd); forward and both gradients equal the custom op's, including
+    partial gradients and an incoming gradient of another layout."""
+    shape = (2, 5, 7, 3)
+    for cl, dy_cl in [(False, False), (True, True), (False, True), (True, False)]:
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        l, g = (t.to(dtype).contiguous(memory_format=fmt) for t in inputs(shape, scale=4.0))
+        dy = torch.randn(shape, dtype=dtype).contiguous(
+            memory_format=torch.channels_last if dy_cl else torch.contiguous_format)
+        for grads in ((True, True), (True, False), (False, True)):
+            ins = [t.detach().clone().requires_grad_(r) for t, r in zip((l, g), grads)]
+            y = fastvit_ops.sigmoid_cross_modulation(*ins, mode)
+            assert type(y.grad_fn).__name__ == "CppFunction"
+            assert y.is_contiguous(memory_format=fmt)
+            got = torch.autograd.grad(y, [t for t in ins if t.requires_grad], dy)
+            ins2 = [t.detach().clone().requires_grad_(t.requires_grad) for t in ins]
+            want_y = cm._op(*ins2, mode, "cpu")
+            want = torch.autograd.grad(want_y, [t for t in ins2 if t.requires_grad], dy)
+            torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+            for a, c in zip(got, want):
+                torch.testing.assert_close(a, c, rtol=0, atol=0)
+    with torch.inference_mode():  # below autograd: the forward alone
+        torch.testing.assert_close(fastvit_ops.sigmoid_cross_modulation(l, g, mode), cm._op(l, g, mode, "cpu"),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+def test_eager_cpu_fast_path_refuses_double_backward(without_cpu_rules):
+    l, g = inputs((1, 4, 5, 5), dtype=torch.float32)
+    y = fastvit_ops.sigmoid_cross_modulation(l, g)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), l, create_graph=True)
 
 
 # ---- GPU (run where a CUDA device is lent) ---------------------------------------------------------
