@@ -3,8 +3,8 @@ M = 1 key, C = 1, odd sizes, empty batches), strides (sliced, transposed, channe
 expanded batches), dtypes, every mode / activation / padding / stride, on each backend here
 (Triton under the interpreter at tiny sizes). The checks are in tests/properties.py.
 
-Profiles (tests/conftest.py): ``default`` (50 examples per op, in every plain pytest run and so in
-CI), ``ci`` (500: ``--hypothesis-profile=ci``, ~2 minutes on 2 cores), ``thorough`` (5000).
+Profiles (tests/conftest.py): ``default`` = ``ci`` (500 examples per op, in every plain pytest run
+and so in CI: ~2.5 minutes on 2 cores), ``quick`` (50), ``thorough`` (5000).
 """
 import torch
 from hypothesis import given
