@@ -22,6 +22,7 @@ PerDtype<DwBackwardFn> dwconv_rows_backward;
 PerDtype<DwForwardFn> dwconv_flat_forward;
 PerDtype<DwBackwardFn> dwconv_flat_backward;
 PerDtype<DwForwardFn> dwconv_cblock_forward;
+PerDtype<DwBackwardFn> dwconv_cblock_backward;
 CpuKernel<int (*)()> dwconv_cblock_lanes;
 
 namespace {
@@ -62,22 +63,36 @@ bool cblock_applies(const DwShape& sh, at::ScalarType dtype) {
   return dtype == at::kFloat && sh.k <= 13 && sh.C % dwconv_cblock_lanes.get()() == 0;
 }
 
+// Whether the backward takes the cblock kernel (stride 1, fp32), measured against the per-plane
+// kernels at the FAT-B0 / FCViT-tiny shapes (batch 8, 2 threads, forward+backward vs eager): with
+// 16 lanes (AVX-512) it won on planes up to 14×14 at every k (7×7, k = 3: 0.65x → 0.88x eager;
+// k = 9: 4.5x → 6.6x) and lost 5-10% at 28×28 except at k = 3; with 8 lanes (AVX2, 16 registers)
+// it won at 7×7 (k = 3: 0.83x → 1.03x; k = 9, 11: +10-20%), broke even at k = 3 on 14×14-28×28 and
+// lost 10-25% at k ≥ 5 on 14×14 and up.
+bool cblock_backward_wins(const DwShape& sh) {
+  const int64_t plane = sh.H * sh.W;
+  if (sh.k == 3 && plane <= 28 * 28) return true;
+  return plane <= (dwconv_cblock_lanes.get()() >= 16 ? 14 * 14 : 7 * 7);
+}
+
 bool flat_applies(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
 
 // Which kernel runs a call (without the global-context prologue, which only the rows kernel has).
 // Measured on the 2-core Zen 4 CI machine, batch 8, fp32, each kernel against the others:
 // * cblock, forward: planes up to 56×56 with k ≤ 13 (AVX-512: 1.1–2.5× the per-plane kernels from
-//   7×7 to 56×56 at k = 3–11, both strides, 1.3–1.9× oneDNN);
+//   7×7 to 56×56 at k = 3–11, both strides, 1.3–1.9× oneDNN); backward: cblock_backward_wins;
 // * flat: stride 2 with k ≤ 7 (no de-interleaved row blocks, one register block per plane) and
 //   k = 3, and in the backward also k = 5 on planes ≤ 8 wide, on planes of at most 1024 padded
 //   outputs; at stride 1 with k ≥ 5 its garbage columns (k − 1 per row) cost more than the rows
 //   kernel's spare lanes.
 Path choose(const DwShape& sh, at::ScalarType dtype, bool forward) {
   const Path forced = forced_path();
+  const bool cblock = cblock_applies(sh, dtype) && (forward || sh.s == 1);
   if (forced == Path::kRows) return Path::kRows;
-  if (forced == Path::kCBlock && forward && cblock_applies(sh, dtype)) return Path::kCBlock;
+  if (forced == Path::kCBlock && cblock) return Path::kCBlock;
   if (forced == Path::kFlat && flat_applies(dtype)) return Path::kFlat;
-  if (forward && cblock_applies(sh, dtype) && sh.H * sh.W <= 56 * 56) return Path::kCBlock;
+  if (forward && cblock && sh.H * sh.W <= 56 * 56) return Path::kCBlock;
+  if (!forward && cblock && cblock_backward_wins(sh)) return Path::kCBlock;
   if (flat_applies(dtype)) {
     const int kmax = sh.s == 2 ? 7 : (!forward && sh.Wo <= 8) ? 5 : 3;
     if (sh.k <= kmax && sh.Ho * (sh.Wo + (sh.k - 1) / sh.s) <= 1024) return Path::kFlat;
@@ -256,7 +271,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_backward(const at::Tensor&
                                           need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr,
                                           need_dw ? dw_part.mutable_data_ptr<A>() : nullptr,
                                           db_part.mutable_data_ptr<A>(), static_cast<int>(activation), residual};
-      if (choose(sh, x.scalar_type(), false) == Path::kFlat) {
+      const Path path = choose(sh, x.scalar_type(), false);
+      if (path == Path::kCBlock) {
+        dwconv_cblock_backward.of<scalar_t>().get()(args);
+      } else if (path == Path::kFlat) {
         dwconv_flat_backward.of<scalar_t>().get()(args);
       } else {
         dwconv_rows_backward.of<scalar_t>().get()(args);

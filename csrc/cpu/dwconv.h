@@ -15,7 +15,7 @@
 //          broadcast weight times a contiguous run and a plane's outputs sit in a few registers;
 // * cblock fp32, C a multiple of the vector width, k ≤ 13: the vector lanes are channels
 //          (transposed in and out of a (rows, cols, lanes) tile in L1), every lane useful on
-//          planes narrower than a vector; forward only.
+//          planes narrower than a vector; forward, and the backward at stride 1.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -86,12 +86,14 @@ using DwForwardFn = void (*)(const DwForwardArgs<T>&);
 template <typename T>
 using DwBackwardFn = void (*)(const DwBackwardArgs<T>&);
 
-// Registered for every dtype by the rows kernels, for fp32/fp64 by flat, fp32 by cblock.
+// Registered for every dtype by the rows kernels, for fp32/fp64 by flat, fp32 by cblock (whose
+// backward takes stride 1 only).
 extern PerDtype<DwForwardFn> dwconv_rows_forward;
 extern PerDtype<DwBackwardFn> dwconv_rows_backward;
 extern PerDtype<DwForwardFn> dwconv_flat_forward;
 extern PerDtype<DwBackwardFn> dwconv_flat_backward;
 extern PerDtype<DwForwardFn> dwconv_cblock_forward;
+extern PerDtype<DwBackwardFn> dwconv_cblock_backward;
 // The channel block of the cblock kernel in use: its vector width in fp32 lanes (16, 8 or 4).
 extern CpuKernel<int (*)()> dwconv_cblock_lanes;
 

@@ -195,6 +195,41 @@ def test_forward_float32_small_planes_every_epilogue(channels_last):
                                            msg=f"{(B, C, H, W)} k={k} s={stride} p={p} act={act} res={residual}")
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_backward_float32_small_planes_every_epilogue(layout):
+    """The raw fp32 backward against the fp64 reference on small planes at stride 1: kernels larger
+    than the plane, every epilogue, "same" and other paddings, 1×1 planes, plane sizes that are
+    not multiples of the vector width, partial gradients, and an incoming gradient with other
+    strides. With C a multiple of the vector width and k ≤ 13 this runs the channel-blocked
+    backward (vector lanes = channels); test_each_cpu_path_matches_eager_float64 reruns it on each
+    kernel."""
+    if not backend_ok("cpu"):
+        pytest.skip("the C++ extension is not built")
+    op = torch.ops.fastvit_ops._dwconv2d_backward
+    for (B, C, H, W) in [(2, 32, 7, 9), (1, 16, 1, 1), (2, 48, 5, 3), (1, 16, 14, 13), (1, 16, 23, 17)]:
+        for k in (1, 3, 5, 9, 13):
+            for act, residual, p in [(0, False, k // 2), (1, False, k // 2), (2, True, k // 2), (0, True, k // 2),
+                                     (2, False, 0), (1, False, k - 1)]:
+                if H + 2 * p < k or W + 2 * p < k:
+                    continue
+                x = torch.randn(B, C, H, W) * 2
+                if layout == "channels_last":
+                    x = x.to(memory_format=torch.channels_last)
+                elif layout == "strided":
+                    x = torch.randn(B, C, H, W + 3)[..., 1:W + 1] * 2
+                w, b = torch.randn(C, 1, k, k) / k, torch.randn(C)
+                Ho, Wo = H + 2 * p - k + 1, W + 2 * p - k + 1
+                dy = torch.randn(B, C, Wo, Ho).transpose(2, 3) if layout == "strided" else torch.randn(B, C, Ho, Wo)
+                want = dw._reference_bwd(dy.double(), x.double(), w.double(), b.double(), 1, p, act, residual)
+                label = f"{(B, C, H, W)} k={k} p={p} act={act} res={residual}"
+                for need_dx, need_dw in [(True, True), (True, False), (False, True)]:
+                    got = op(dy, x, w, b, 1, p, act, residual, need_dx, need_dw)
+                    for name, g, r, needed in zip(("dx", "dw", "db"), got, want, (need_dx, need_dw, True)):
+                        if needed:
+                            torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4 * (1 + r.abs().max().item()),
+                                                       msg=f"{name} {label}")
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channels_last_output_and_in_place_forward(channels_last):
     """The C++ forward returns x's layout (the channel-blocked fp32 path writes channels_last
@@ -259,6 +294,7 @@ def test_each_cpu_path_matches_eager_float64(path):
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTVIT_OPS_DWCONV_PATH=path)
     tests = [f"{__file__}::{name}" for name in ("test_matches_eager_float64_many_shapes",
                                                  "test_forward_float32_small_planes_every_epilogue",
+                                                 "test_backward_float32_small_planes_every_epilogue",
                                                  "test_small_planes_match_eager_float64",
                                                  "test_small_planes_gradcheck_cpu",
                                                  "test_small_planes_float32_model_shapes",

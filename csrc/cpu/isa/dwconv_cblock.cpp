@@ -1,11 +1,15 @@
-// Depthwise conv, "cblock" path (see cpu/dwconv.h): fp32 forward with the vector lanes holding
-// channels. On small planes a row is narrower than (or about) one vector, so the per-plane paths
-// leave lanes idle and pay their fixed cost per plane. Here a block of kLanes channels (16 with
-// AVX-512, 8 with AVX2, 4 on the baseline) is transposed into a zero-padded (rows, cols, kLanes)
-// tile that stays in L1, each output pixel is Σ_taps w[tap] · tile[pixel + tap] with every lane
-// useful, kernel rows that only see padding are skipped (at 7×7 with k = 9, over 40% of the taps),
-// and the outputs are transposed back (NCHW output) or stored as they are (channels_last output:
-// the channels of a pixel are contiguous there too). NCHW or channels_last input.
+// Depthwise conv, "cblock" path (see cpu/dwconv.h): fp32, the vector lanes holding channels. On
+// small planes a row is narrower than (or about) one vector, so the per-plane paths leave lanes
+// idle and pay their fixed cost per plane. Here a block of kLanes channels (16 with AVX-512, 8 with
+// AVX2, 4 on the baseline) is transposed into a zero-padded (rows, cols, kLanes) tile that stays in
+// L1, each output pixel is Σ_taps w[tap] · tile[pixel + tap] with every lane useful, kernel rows
+// that only see padding are skipped (at 7×7 with k = 9, over 40% of the taps), and the outputs are
+// transposed back (NCHW output) or stored as they are (channels_last output: the channels of a
+// pixel are contiguous there too). NCHW or channels_last input.
+// The backward (stride 1) works on the same tiles: g = dy · act'(pre) with pre recomputed by the
+// forward's row loop, dbias and every tap's dweight as lane vectors summed over the plane (no
+// horizontal sums, which cost the per-plane kernels most of their time on 7×7 planes), and dx as
+// the forward's row loop over g zero-padded by k − 1 − p with the flipped kernel.
 #include "cpu/isa/dwconv_common.h"
 
 #include <vector>
@@ -125,20 +129,65 @@ std::vector<float> block_weights(const float* w, int64_t C, int64_t kk) {
   return wt;
 }
 
+// Copies kLanes channels (stride sC) of one H × W plane (strides sH, sW) into lanes: dst(i, j) →
+// the kLanes floats of pixel (i, j).
+template <typename Dst>
+void pack_lanes(const float* src, int64_t sC, int64_t sH, int64_t sW, int64_t H, int64_t W, Dst dst) {
+  if (sC == 1) {  // channels_last: the channels of a pixel are contiguous
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) st(dst(i, j), ld(src + i * sH + j * sW));
+  } else if (sW == 1 && sH == W) {  // each channel's plane is one contiguous run: kLanes pixels at a time
+    const int64_t n = H * W;
+    for (int64_t p0 = 0; p0 < n; p0 += kLanes) {
+      const int m = static_cast<int>(std::min<int64_t>(kLanes, n - p0));
+      transpose_block<true>([&](int c) { return src + c * sC + p0; }, kLanes, m,
+                            [&](int q) { return dst((p0 + q) / W, (p0 + q) % W); });
+    }
+  } else {
+    for (int c = 0; c < kLanes; ++c)
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t j = 0; j < W; ++j) dst(i, j)[c] = src[c * sC + i * sH + j * sW];
+  }
+}
+
+// Writes npix lane vectors (pixel-major) to kLanes contiguous NCHW planes of npix floats.
+void unpack_planes(const float* lanes, int64_t npix, float* planes) {
+  for (int64_t p0 = 0; p0 < npix; p0 += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, npix - p0));
+    transpose_block<false>([&](int q) { return lanes + (p0 + q) * kLanes; }, n, kLanes,
+                           [&](int c) { return planes + c * npix + p0; });
+  }
+}
+
+// out (Ho × Wo lane vectors) = bias + the conv of a tile (cols wide) whose rows [lo, hi) hold data:
+// output row oy reads tile rows s·oy + ky, ky in [0, k), those outside [lo, hi) skipped (zeros).
+void conv_tile(const float* tile, int64_t cols, const float* wt, V bv, int k, int s, int64_t lo, int64_t hi,
+               int64_t Ho, int64_t Wo, float* out) {
+  // An output row is split into near-equal register blocks of at most kMaxNB pixels.
+  const int64_t nblocks = (Wo + kMaxNB - 1) / kMaxNB, width = (Wo + nblocks - 1) / nblocks;
+  for (int64_t oy = 0; oy < Ho; ++oy) {
+    const int64_t r0 = oy * s;
+    const int ky0 = static_cast<int>(std::max<int64_t>(0, lo - r0));
+    const int ky1 = static_cast<int>(std::max<int64_t>(ky0, std::min<int64_t>(k, hi - r0)));
+    for (int64_t ox0 = 0; ox0 < Wo; ox0 += width) {
+      const int nb = static_cast<int>(std::min<int64_t>(width, Wo - ox0));
+      float* o = out + (oy * Wo + ox0) * kLanes;
+      if (s == 1 && cblock_row_s1_any(k, nb, tile, cols, wt, bv, r0, ky0, ky1, ox0, o)) continue;
+      cblock_row(nb, tile, cols, wt, bv, k, s, r0, ky0, ky1, ox0, o);
+    }
+  }
+}
+
 // Tasks of (sample, block of kLanes channels). y: NCHW, or channels_last when args.y_cl.
 void cblock_forward(const DwForwardArgs<float>& args) {
   const DwShape& sh = args.sh;
-  const float* x = args.x;
   const int64_t sB = args.xs.b, sC = args.xs.c, sH = args.xs.h, sW = args.xs.w;
   const int k = sh.k, s = sh.s, p = sh.p;
-  const int64_t kk = static_cast<int64_t>(k) * k, nblk = sh.C / kLanes, npix = sh.Ho * sh.Wo, nin = sh.H * sh.W;
+  const int64_t kk = static_cast<int64_t>(k) * k, nblk = sh.C / kLanes, npix = sh.Ho * sh.Wo;
   // Tile extent: padded rows/columns any output or the pack touches.
   const int64_t rows = std::max<int64_t>(s * (sh.Ho - 1) + k, p + sh.H);
   const int64_t cols = std::max<int64_t>(s * (sh.Wo - 1) + k, p + sh.W);
   const std::vector<float> wblk = block_weights(args.w, sh.C, kk);
-  // An output row is split into near-equal register blocks of at most kMaxNB pixels.
-  const int64_t nblocks = (sh.Wo + kMaxNB - 1) / kMaxNB, width = (sh.Wo + nblocks - 1) / nblocks;
-  const bool dense_planes = sW == 1 && sH == sh.W;  // each channel's plane is one contiguous run
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, npix * kk * kLanes));
   at::parallel_for(0, sh.B * nblk, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(rows * cols * kLanes, 0.f), out(npix * kLanes);
@@ -146,34 +195,9 @@ void cblock_forward(const DwForwardArgs<float>& args) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblk, c0 = (task % nblk) * kLanes;
       const float* wt = wblk.data() + (c0 / kLanes) * kk * kLanes;
-      const float* xb = x + b * sB + c0 * sC;
-      if (sC == 1) {  // channels_last: the channels of a pixel are contiguous
-        for (int64_t i = 0; i < sh.H; ++i)
-          for (int64_t j = 0; j < sh.W; ++j) st(tile_at(i, j), ld(xb + i * sH + j * sW));
-      } else if (dense_planes) {  // kLanes pixels of the flattened plane at a time
-        for (int64_t p0 = 0; p0 < nin; p0 += kLanes) {
-          const int n = static_cast<int>(std::min<int64_t>(kLanes, nin - p0));
-          transpose_block<true>([&](int c) { return xb + c * sC + p0; }, kLanes, n,
-                                [&](int q) { return tile_at((p0 + q) / sh.W, (p0 + q) % sh.W); });
-        }
-      } else {
-        for (int c = 0; c < kLanes; ++c)
-          for (int64_t i = 0; i < sh.H; ++i)
-            for (int64_t j = 0; j < sh.W; ++j) tile_at(i, j)[c] = xb[c * sC + i * sH + j * sW];
-      }
-      const V bv = args.bias ? ld(args.bias + c0) : V{};
-      for (int64_t oy = 0; oy < sh.Ho; ++oy) {
-        const int64_t r0 = oy * s;
-        // kernel rows whose input row r0 + ky lies in the plane: p ≤ r0 + ky < p + H
-        const int ky0 = static_cast<int>(std::max<int64_t>(0, p - r0));
-        const int ky1 = static_cast<int>(std::min<int64_t>(k, p + sh.H - r0));
-        for (int64_t ox0 = 0; ox0 < sh.Wo; ox0 += width) {
-          const int nb = static_cast<int>(std::min<int64_t>(width, sh.Wo - ox0));
-          float* o = out.data() + (oy * sh.Wo + ox0) * kLanes;
-          if (s == 1 && cblock_row_s1_any(k, nb, tile.data(), cols, wt, bv, r0, ky0, ky1, ox0, o)) continue;
-          cblock_row(nb, tile.data(), cols, wt, bv, k, s, r0, ky0, ky1, ox0, o);
-        }
-      }
+      pack_lanes(args.x + b * sB + c0 * sC, sC, sH, sW, sh.H, sh.W, tile_at);
+      conv_tile(tile.data(), cols, wt, args.bias ? ld(args.bias + c0) : V{}, k, s, p, p + sh.H, sh.Ho, sh.Wo,
+                out.data());
       if (args.act != kActNone) activate(out.data(), npix * kLanes, args.act);
       if (args.residual)  // stride 1, same padding: x[i, j] sits at tile (i + p, j + p)
         for (int64_t i = 0; i < sh.Ho; ++i)
@@ -186,12 +210,80 @@ void cblock_forward(const DwForwardArgs<float>& args) {
         for (int64_t q = 0; q < npix; ++q) st(yb + q * sh.C, ld(out.data() + q * kLanes));
         continue;
       }
-      float* yb = args.y + (b * sh.C + c0) * npix;
-      for (int64_t p0 = 0; p0 < npix; p0 += kLanes) {
-        const int n = static_cast<int>(std::min<int64_t>(kLanes, npix - p0));
-        transpose_block<false>([&](int q) { return out.data() + (p0 + q) * kLanes; }, n, kLanes,
-                               [&](int c) { return yb + c * npix + p0; });
+      unpack_planes(out.data(), npix, args.y + (b * sh.C + c0) * npix);
+    }
+  });
+}
+
+// Stride 1 only (dwconv.cpp's choice). Tasks of (sample, block of kLanes channels), like the forward.
+void cblock_backward(const DwBackwardArgs<float>& args) {
+  const DwShape& sh = args.sh;
+  const int k = sh.k, p = sh.p, act = args.act;
+  const int64_t kk = static_cast<int64_t>(k) * k, nblk = sh.C / kLanes, npix = sh.Ho * sh.Wo, nin = sh.H * sh.W;
+  const int64_t rows = std::max<int64_t>(sh.Ho - 1 + k, p + sh.H), cols = std::max<int64_t>(sh.Wo - 1 + k, p + sh.W);
+  // dx[i, j] = Σ wflip[ky, kx] · g[i + ky − q, j + kx − q]: g zero-padded by q = k − 1 − p.
+  const int64_t q = k - 1 - p, grows = sh.H + k - 1, gcols = sh.W + k - 1;
+  const std::vector<float> wblk = block_weights(args.w, sh.C, kk), wfblk = block_weights(args.wflip, sh.C, kk);
+  float* dx = args.dx;
+  float* dw_part = args.dw_part;
+  const bool need_x = act != kActNone || dw_part != nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 3 * npix * kk * kLanes));
+  at::parallel_for(0, sh.B * nblk, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(need_x ? rows * cols * kLanes : 0, 0.f), dyt(npix * kLanes),
+        gbuf(act != kActNone ? npix * kLanes : 0), pre(act != kActNone ? npix * kLanes : 0),
+        gt(dx ? grows * gcols * kLanes : 0, 0.f), dxt(dx ? nin * kLanes : 0);
+    alignas(64) float lanes[kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nblk, c0 = (task % nblk) * kLanes, blk = c0 / kLanes;
+      if (need_x)
+        pack_lanes(args.x + b * args.xs.b + c0 * args.xs.c, args.xs.c, args.xs.h, args.xs.w, sh.H, sh.W,
+                   [&](int64_t i, int64_t j) { return tile.data() + ((i + p) * cols + j + p) * kLanes; });
+      pack_lanes(args.dy + b * args.gs.b + c0 * args.gs.c, args.gs.c, args.gs.h, args.gs.w, sh.Ho, sh.Wo,
+                 [&](int64_t i, int64_t j) { return dyt.data() + (i * sh.Wo + j) * kLanes; });
+      float* g = dyt.data();
+      if (act != kActNone) {
+        conv_tile(tile.data(), cols, wblk.data() + blk * kk * kLanes, args.bias ? ld(args.bias + c0) : V{}, k, 1,
+                  p, p + sh.H, sh.Ho, sh.Wo, pre.data());
+        std::copy(dyt.begin(), dyt.end(), gbuf.begin());
+        act_backward(pre.data(), gbuf.data(), npix * kLanes, act);
+        g = gbuf.data();
       }
+      {  // dbias: Σ over the plane, pixels in order
+        V acc = V{};
+        for (int64_t o = 0; o < npix; ++o) acc += ld(g + o * kLanes);
+        st(lanes, acc);
+        for (int c = 0; c < kLanes; ++c) args.db_part[b * sh.C + c0 + c] = lanes[c];
+      }
+      if (dw_part != nullptr) {
+        // dweight[ky, kx] = Σ_{oy, ox} g[oy, ox] · x[oy + ky − p, ox + kx − p] over the outputs whose
+        // tap lands inside the plane (the rest read padding zeros)
+        for (int ky = 0; ky < k; ++ky) {
+          const int64_t oy0 = std::max<int64_t>(0, p - ky), oy1 = std::min<int64_t>(sh.Ho, p + sh.H - ky);
+          for (int kx = 0; kx < k; ++kx) {
+            const int64_t ox0 = std::max<int64_t>(0, p - kx), ox1 = std::min<int64_t>(sh.Wo, p + sh.W - kx);
+            V a0 = V{}, a1 = V{};
+            for (int64_t oy = oy0; oy < oy1; ++oy) {
+              const float* gr = g + oy * sh.Wo * kLanes;
+              const float* xr = tile.data() + ((oy + ky) * cols + kx) * kLanes;
+              int64_t ox = ox0;
+              for (; ox + 1 < ox1; ox += 2) {
+                a0 += ld(gr + ox * kLanes) * ld(xr + ox * kLanes);
+                a1 += ld(gr + (ox + 1) * kLanes) * ld(xr + (ox + 1) * kLanes);
+              }
+              if (ox < ox1) a0 += ld(gr + ox * kLanes) * ld(xr + ox * kLanes);
+            }
+            st(lanes, a0 + a1);
+            for (int c = 0; c < kLanes; ++c) dw_part[(b * sh.C + c0 + c) * kk + ky * k + kx] = lanes[c];
+          }
+        }
+      }
+      if (dx == nullptr) continue;
+      for (int64_t i = 0; i < sh.Ho; ++i)
+        std::copy(g + i * sh.Wo * kLanes, g + (i + 1) * sh.Wo * kLanes, gt.data() + ((i + q) * gcols + q) * kLanes);
+      conv_tile(gt.data(), gcols, wfblk.data() + blk * kk * kLanes, V{}, k, 1, q, q + sh.Ho, sh.H, sh.W, dxt.data());
+      if (args.residual)  // stride 1, same padding: dy[i, j] adds to dx[i, j]
+        for (int64_t o = 0; o < nin; ++o) st(dxt.data() + o * kLanes, ld(dxt.data() + o * kLanes) + ld(dyt.data() + o * kLanes));
+      unpack_planes(dxt.data(), nin, dx + (b * sh.C + c0) * nin);
     }
   });
 }
@@ -201,6 +293,7 @@ int cblock_lanes() { return kLanes; }
 }  // namespace
 
 FASTVIT_REGISTER_CPU_KERNEL(dwconv_cblock_forward.of<float>(), &cblock_forward);
+FASTVIT_REGISTER_CPU_KERNEL(dwconv_cblock_backward.of<float>(), &cblock_backward);
 FASTVIT_REGISTER_CPU_KERNEL(dwconv_cblock_lanes, &cblock_lanes);
 
 FASTVIT_ISA_END
