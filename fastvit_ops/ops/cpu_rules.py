@@ -128,12 +128,14 @@ EAGER: Dict[str, FrozenSet[Tuple[str, str, str]]] = {
                           ("downsampled_attention", "*", "train")}),
     # avx2 (forced on the AVX-512 machine, ATen and oneDNN forced down too): the attention's
     # forward+backward at 49-197 queries 0.55-0.97x (its forward alone wins) and at CvT-13 s2
-    # (d 64, 784 queries) 0.84x (2 threads). The gate lost 0.90-0.97x at FAT-B0 s3/s4 through the
+    # (d 64, 784 queries) 0.84x (2 threads); the depthwise forward at k = 5, stride 2 on a 14·14
+    # plane (FAT-B0 s3 ConvFFN-down) 0.78-0.92x in three runs, oneDNN's no better (0.91x). The gate lost 0.90-0.97x at FAT-B0 s3/s4 through the
     # Python custom op; under its C++ autograd node it wins 1.05-1.12x forward, 1.16-1.21x
     # forward+backward there (2 threads).
     "avx2": frozenset({("downsampled_attention", "d16_short", "train"),
                        ("downsampled_attention", "d64_short", "train"),
-                       ("downsampled_attention", "d64_mid", "train")}),
+                       ("downsampled_attention", "d64_mid", "train"),
+                       ("dwconv2d", "k5_s2_small", "inference")}),
     # avx512: the attention's forward+backward at FAT-B0 s3/s4 (d 16, ≤ 256 queries) 0.41-0.86x,
     # CvT-13 s2 (d 64, 784 queries) 0.88x and s3 (d 64, 197 queries) 0.70x, whose forward alone
     # is 0.94x too (2 threads). (The gate's 0.87-0.98x at FAT-B0 s3/s4 was the custom op's
