@@ -169,7 +169,10 @@ void backward(const AttnBackwardArgs<T>& g) {
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   const int64_t chunks = std::max<int64_t>(1, std::min(tiles, (want + BH - 1) / BH));
   const int64_t per = (tiles + chunks - 1) / chunks;
-  std::vector<A> part(static_cast<size_t>(BH * chunks * 2 * M * D), A(0));
+  // One chunk per head (every FAT-B0 / CvT-13 shape at batch 8): each item writes its head's dK,
+  // dV itself from a per-thread buffer, with no shared partials and no second pass.
+  const bool direct = chunks == 1;
+  std::vector<A> part(direct ? 0 : static_cast<size_t>(BH * chunks * 2 * M * D), A(0));
   const A qk_scale = static_cast<A>(scale * kLog2e);
   const A sc = static_cast<A>(scale);
   const bool q_tok = tokens(Q, D), o_tok = tokens(dO, D), g_tok = has_gate && tokens(G, D),
@@ -177,7 +180,7 @@ void backward(const AttnBackwardArgs<T>& g) {
 
   at::parallel_for(0, BH * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> kraw(M * D), vbuf(M * D), X(D * NT), S(M * NT), dP(M * NT), Y(D * NT),
-        dY(D * NT), Gt(D * NT), Dn(NT), mrow(NT), lrow(NT);
+        dY(D * NT), Gt(D * NT), Dn(NT), mrow(NT), lrow(NT), own(direct ? 2 * M * D : 0);
     int64_t loaded = -1;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bh = it / chunks, c = it % chunks, b = bh / g.H, h = bh % g.H;
@@ -186,8 +189,9 @@ void backward(const AttnBackwardArgs<T>& g) {
         load_kv(V, b, h, M, D, A(1), vbuf.data());
         loaded = bh;
       }
-      A* pdk = part.data() + (it * 2) * M * D;
+      A* pdk = direct ? own.data() : part.data() + (it * 2) * M * D;
       A* pdv = pdk + M * D;
+      if (direct) std::fill(own.begin(), own.end(), A(0));
       for (int64_t t = c * per; t < std::min(tiles, (c + 1) * per); ++t) {
         const int64_t n0 = t * NT, cnt = std::min(NT, g.N - n0);
         gather_any(Q, q_tok, b, h, n0, cnt, D, X.data());
@@ -213,8 +217,18 @@ void backward(const AttnBackwardArgs<T>& g) {
         cols_dot(kraw.data(), dP.data(), Y.data(), M, D);       // dQ = dS K
         scatter_any(Y.data(), cnt, D, dQ, dq_tok, b, h, n0);
       }
+      if (direct) {
+        T* kd = dK.at(b, h);
+        T* vd = dV.at(b, h);
+        for (int64_t j = 0; j < M; ++j)
+          for (int64_t e = 0; e < D; ++e) {
+            kd[j * dK.sn + e * dK.sd] = static_cast<T>(pdk[j * D + e]);
+            vd[j * dV.sn + e * dV.sd] = static_cast<T>(pdv[j * D + e]);
+          }
+      }
     }
   });
+  if (direct) return;
   // Sum the partials per head in a fixed order and write dK, dV in their layouts.
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {

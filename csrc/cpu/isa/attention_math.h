@@ -1,7 +1,7 @@
 // The hot loops of the downsampled attention (isa/attention.cpp), on one tile of NT queries with
 // the query index fastest: S (M × NT) scores, X / Y / dY (D × NT) query-side tiles, K / V (M × D)
-// rows. fp32: the dot-product loops in GCC generic vectors of 8 lanes (accumulators stay in
-// registers; plain arrays got spilled), the softmax and gate in Vectorized<float> with our exp;
+// rows. fp32: the dot-product loops in GCC generic vectors of the capability's width (accumulators
+// stay in registers; plain arrays got spilled), the softmax and gate in Vectorized<float> with our exp;
 // fp64 (the gradcheck path) as plain loops.
 #pragma once
 #include <algorithm>
@@ -15,21 +15,25 @@ namespace {
 
 constexpr int64_t NT = 64;  // queries per tile: 64 fp32 = 8 AVX2 / 4 AVX-512 registers
 
-typedef float v8f __attribute__((vector_size(32)));
-static inline v8f ld8(const float* p) { v8f v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
-static inline void st8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+// The dot-product loops' vector: the capability's full width (16 fp32 lanes with AVX-512, 8
+// otherwise; GCC splits 8 into two SSE2/NEON halves on the baseline). NT is a multiple of 4·VW.
+constexpr int VW = kVecBytes >= 64 ? 16 : 8;
+typedef float vwf __attribute__((vector_size(VW * 4)));
+static inline vwf ldv(const float* p) { vwf v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+static inline void stv(float* p, vwf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+static_assert(NT % (4 * VW) == 0, "a tile is whole blocks of 4 vectors");
 
 // S[j, :] = Σ_e A[j, e] · X[e, :]     (A: M × D row-major, X: D × NT)
-// Register blocking: 4 rows × 16 queries of accumulators, one load of X per (e, 16 queries).
+// Register blocking: 4 rows × 2 vectors of queries of accumulators, one load of X per (e, block).
 void rows_dot_f32(const float* __restrict A, const float* __restrict X, float* __restrict S,
                   int64_t M, int64_t D) {
   int64_t j = 0;
   for (; j + 4 <= M; j += 4) {
     const float* a = A + j * D;
-    for (int64_t c = 0; c < NT; c += 16) {
-      v8f s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
+    for (int64_t c = 0; c < NT; c += 2 * VW) {
+      vwf s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
       for (int64_t e = 0; e < D; ++e) {
-        const v8f x0 = ld8(X + e * NT + c), x1 = ld8(X + e * NT + c + 8);
+        const vwf x0 = ldv(X + e * NT + c), x1 = ldv(X + e * NT + c + VW);
         const float k0 = a[e], k1 = a[D + e], k2 = a[2 * D + e], k3 = a[3 * D + e];
         s00 += k0 * x0; s01 += k0 * x1;
         s10 += k1 * x0; s11 += k1 * x1;
@@ -37,59 +41,64 @@ void rows_dot_f32(const float* __restrict A, const float* __restrict X, float* _
         s30 += k3 * x0; s31 += k3 * x1;
       }
       float* o = S + j * NT + c;
-      st8(o, s00); st8(o + 8, s01);
-      st8(o + NT, s10); st8(o + NT + 8, s11);
-      st8(o + 2 * NT, s20); st8(o + 2 * NT + 8, s21);
-      st8(o + 3 * NT, s30); st8(o + 3 * NT + 8, s31);
+      stv(o, s00); stv(o + VW, s01);
+      stv(o + NT, s10); stv(o + NT + VW, s11);
+      stv(o + 2 * NT, s20); stv(o + 2 * NT + VW, s21);
+      stv(o + 3 * NT, s30); stv(o + 3 * NT + VW, s31);
     }
   }
   for (; j < M; ++j) {
     const float* a = A + j * D;
-    for (int64_t c = 0; c < NT; c += 16) {
-      v8f s0 = {0}, s1 = {0};
+    for (int64_t c = 0; c < NT; c += 2 * VW) {
+      vwf s0 = {0}, s1 = {0};
       for (int64_t e = 0; e < D; ++e) {
-        s0 += a[e] * ld8(X + e * NT + c);
-        s1 += a[e] * ld8(X + e * NT + c + 8);
+        s0 += a[e] * ldv(X + e * NT + c);
+        s1 += a[e] * ldv(X + e * NT + c + VW);
       }
-      st8(S + j * NT + c, s0);
-      st8(S + j * NT + c + 8, s1);
+      stv(S + j * NT + c, s0);
+      stv(S + j * NT + c + VW, s1);
     }
   }
 }
 
-// Y[e, :] = Σ_j A[j, e] · P[j, :]     (A: M × D, P: M × NT, Y: D × NT); 2 outputs × 32 queries.
+// Y[e, :] = Σ_j A[j, e] · P[j, :]     (A: M × D, P: M × NT, Y: D × NT); 2 outputs × 4 vectors.
 void cols_dot_f32(const float* __restrict A, const float* __restrict P, float* __restrict Y,
                   int64_t M, int64_t D) {
   int64_t e = 0;
   for (; e + 2 <= D; e += 2) {
-    for (int64_t c = 0; c < NT; c += 32) {
-      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t c = 0; c < NT; c += 4 * VW) {
+      vwf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
       for (int64_t j = 0; j < M; ++j) {
         const float* p = P + j * NT + c;
-        const v8f p0 = ld8(p), p1 = ld8(p + 8), p2 = ld8(p + 16), p3 = ld8(p + 24);
+        const vwf p0 = ldv(p), p1 = ldv(p + VW), p2 = ldv(p + 2 * VW), p3 = ldv(p + 3 * VW);
         const float u = A[j * D + e], w = A[j * D + e + 1];
         a0 += u * p0; a1 += u * p1; a2 += u * p2; a3 += u * p3;
         b0 += w * p0; b1 += w * p1; b2 += w * p2; b3 += w * p3;
       }
       float* y = Y + e * NT + c;
-      st8(y, a0); st8(y + 8, a1); st8(y + 16, a2); st8(y + 24, a3);
-      st8(y + NT, b0); st8(y + NT + 8, b1); st8(y + NT + 16, b2); st8(y + NT + 24, b3);
+      stv(y, a0); stv(y + VW, a1); stv(y + 2 * VW, a2); stv(y + 3 * VW, a3);
+      stv(y + NT, b0); stv(y + NT + VW, b1); stv(y + NT + 2 * VW, b2); stv(y + NT + 3 * VW, b3);
     }
   }
   for (; e < D; ++e) {
-    for (int64_t c = 0; c < NT; c += 32) {
-      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t c = 0; c < NT; c += 4 * VW) {
+      vwf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
       for (int64_t j = 0; j < M; ++j) {
         const float* p = P + j * NT + c;
         const float u = A[j * D + e];
-        a0 += u * ld8(p); a1 += u * ld8(p + 8); a2 += u * ld8(p + 16); a3 += u * ld8(p + 24);
+        a0 += u * ldv(p); a1 += u * ldv(p + VW); a2 += u * ldv(p + 2 * VW); a3 += u * ldv(p + 3 * VW);
       }
       float* y = Y + e * NT + c;
-      st8(y, a0); st8(y + 8, a1); st8(y + 16, a2); st8(y + 24, a3);
+      stv(y, a0); stv(y + VW, a1); stv(y + 2 * VW, a2); stv(y + 3 * VW, a3);
     }
   }
 }
 
+// outer_acc stays at 8 lanes with every capability: its NT-long dots end in one horizontal sum
+// per output, and at 16 lanes those sums (twice the lanes, half the FMAs before each) made the
+// backward 10-40% slower on AVX-512 (the two loops above gained 25-40% in the forward).
+typedef float v8f __attribute__((vector_size(32)));
+static inline v8f ld8(const float* p) { v8f v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
 static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // R[j, e] += Σ_n P[j, n] · X[e, n]     (P: M × NT, X: D × NT, R: M × D)
