@@ -145,6 +145,30 @@ def test_low_precision_error_rule(backend, dtype, logit_scale):
             assert_error_rule(f"{name} gate={use_gate}", a, [r[i] for r in rgrads], e)
 
 
+@pytest.mark.skipif(dispatch.backend_available("cpu", torch.device("cpu"))[0] is False, reason="needs the C++ extension")
+def test_float32_backward_every_accumulation_path():
+    """The C++ fp32 backward's dK/dV accumulation takes three paths by head dim (full vector width
+    with AVX-512 at d % 16 == 0, 8 lanes at d % 8 == 0, a horizontal-sum path otherwise), row
+    tails (M not a multiple of 8 or 4), one or several query tiles per head, and one chunk per head
+    (each item writes dK/dV) or several (shared partials summed after): every gradient against
+    float64, to fp32 accuracy relative to its scale."""
+    cases = [(2, 4, 49, 49, 16, True), (1, 2, 197, 50, 64, False), (1, 1, 300, 7, 24, True), (3, 3, 65, 9, 8, False),
+             (1, 1, 130, 1, 32, True), (2, 2, 40, 13, 20, True), (1, 1, 70, 49, 16, False)]  # (B, h, N, M, d, gate)
+    for b, h, n, m, d, use_gate in cases:
+        q, k, v, g = (torch.randn(b, h, s, d, dtype=torch.float64) for s in (n, m, m, n))
+        dy = torch.randn(b, h, n, d, dtype=torch.float64)
+        ins64 = [t.clone().requires_grad_() for t in (q, k, v, g)]
+        exact = eager(*ins64[:3], None, ins64[3] if use_gate else None)
+        want = torch.autograd.grad(exact, ins64 if use_gate else ins64[:3], dy)
+        ins = [t.float().requires_grad_() for t in (q, k, v, g)]
+        with fastvit_ops.backend("cpu"):
+            out = att.attention_core(*ins[:3], d ** -0.5, ins[3] if use_gate else None, att.BHND)
+        got = torch.autograd.grad(out, ins if use_gate else ins[:3], dy.float())
+        for name, a, r in zip(("dq", "dk", "dv", "dgate"), got, want):
+            torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4 * r.abs().max().item(),
+                                       msg=f"{name} {(b, h, n, m, d)} gate={use_gate}")
+
+
 # ---- layouts --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_layouts(backend):

@@ -99,6 +99,7 @@ void cols_dot_f32(const float* __restrict A, const float* __restrict P, float* _
 // backward 10-40% slower on AVX-512 (the two loops above gained 25-40% in the forward).
 typedef float v8f __attribute__((vector_size(32)));
 static inline v8f ld8(const float* p) { v8f v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+static inline void st8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
 static inline float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 // R[j, e] += Σ_n P[j, n] · X[e, n]     (P: M × NT, X: D × NT, R: M × D)
@@ -143,6 +144,66 @@ void outer_acc_f32(const float* __restrict P, const float* __restrict X, float* 
       v8f a0 = {0};
       for (int64_t n = 0; n < NT; n += 8) a0 += ld8(p + n) * ld8(x + n);
       R[j * D + e] += hsum8(a0);
+    }
+  }
+}
+
+// R[j, :] += Σ_n P[j, n] · Xt[n, :]     (P: M × NT, Xt: NT × D, R: M × D), D a multiple of 8:
+// outer_acc with the head dim in the vector lanes, so no output needs a horizontal sum (at d = 16
+// those sums cost as much as the FMAs). 4 rows of P × 16 (or 8) columns of R in registers.
+void outer_acc_t_f32(const float* __restrict P, const float* __restrict Xt, float* __restrict R,
+                     int64_t M, int64_t D) {
+  int64_t j = 0;
+  if (VW > 8 && D % VW == 0) {  // full-width columns: 8 rows of P × one vector of R
+    for (; j + 8 <= M; j += 8) {
+      const float* p = P + j * NT;
+      for (int64_t e = 0; e < D; e += VW) {
+        vwf a[8] = {};
+        for (int64_t n = 0; n < NT; ++n) {
+          const vwf x = ldv(Xt + n * D + e);
+#pragma GCC unroll 8
+          for (int r = 0; r < 8; ++r) a[r] += p[r * NT + n] * x;
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) stv(R + (j + r) * D + e, ldv(R + (j + r) * D + e) + a[r]);
+      }
+    }
+  }
+  for (; j + 4 <= M; j += 4) {
+    const float* p = P + j * NT;
+    int64_t e = 0;
+    for (; e + 16 <= D; e += 16) {
+      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+      for (int64_t n = 0; n < NT; ++n) {
+        const v8f x0 = ld8(Xt + n * D + e), x1 = ld8(Xt + n * D + e + 8);
+        const float p0 = p[n], p1 = p[NT + n], p2 = p[2 * NT + n], p3 = p[3 * NT + n];
+        a0 += p0 * x0; a1 += p1 * x0; a2 += p2 * x0; a3 += p3 * x0;
+        b0 += p0 * x1; b1 += p1 * x1; b2 += p2 * x1; b3 += p3 * x1;
+      }
+      float* r = R + j * D + e;
+      st8(r, ld8(r) + a0); st8(r + 8, ld8(r + 8) + b0);
+      st8(r + D, ld8(r + D) + a1); st8(r + D + 8, ld8(r + D + 8) + b1);
+      st8(r + 2 * D, ld8(r + 2 * D) + a2); st8(r + 2 * D + 8, ld8(r + 2 * D + 8) + b2);
+      st8(r + 3 * D, ld8(r + 3 * D) + a3); st8(r + 3 * D + 8, ld8(r + 3 * D + 8) + b3);
+    }
+    for (; e < D; e += 8) {
+      v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      for (int64_t n = 0; n < NT; ++n) {
+        const v8f x0 = ld8(Xt + n * D + e);
+        a0 += p[n] * x0; a1 += p[NT + n] * x0; a2 += p[2 * NT + n] * x0; a3 += p[3 * NT + n] * x0;
+      }
+      float* r = R + j * D + e;
+      st8(r, ld8(r) + a0); st8(r + D, ld8(r + D) + a1);
+      st8(r + 2 * D, ld8(r + 2 * D) + a2); st8(r + 3 * D, ld8(r + 3 * D) + a3);
+    }
+  }
+  for (; j < M; ++j) {
+    const float* p = P + j * NT;
+    for (int64_t e = 0; e < D; e += 8) {
+      v8f a0 = {0};
+      for (int64_t n = 0; n < NT; ++n) a0 += p[n] * ld8(Xt + n * D + e);
+      float* r = R + j * D + e;
+      st8(r, ld8(r) + a0);
     }
   }
 }
