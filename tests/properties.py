@@ -7,7 +7,9 @@ outputs poisoned by nothing: the op allocates them) and checks it:
 
 * float64: against eager float64 PyTorch to 1e-10 (relative to the tensor's scale);
 * fp32 / bf16 / fp16: the rule of docs/numerics.md (:func:`fastvit_ops.numerics.error_rule`) against the
-  float64 result of the same rounded inputs, with eager PyTorch in the same dtype as yardstick.
+  float64 result of the same rounded inputs, with eager PyTorch in the same dtype as yardstick
+  (for bf16/fp16 also eager on fp32 copies rounded back, which counts where the half-precision
+  eager gives no finite result).
 
 Every output and input gradient keeps its shape, dtype and device, and is finite.
 """
@@ -137,6 +139,14 @@ def _run(fused, eager, inputs, backend, seed, variants=()):
         if not any(all(a.stride() == b.stride() for a, b in zip(ev[0], other)) for ev in evaluations):
             evaluations.append((other, ident * len(inputs), ident * len(outs)))
     evaluations = [(ins, eager, maps, maps, outs, outs) for ins, maps, outs in evaluations]
+    if dtype in (torch.float16, torch.bfloat16):
+        # And eager on fp32 copies, rounded back: the same math at the precision our half-type
+        # kernels compute in. It counts where the half-precision eager gives no finite yardstick
+        # (an fp16 large-mean input's statistics overflow, every gradient NaN); elsewhere it is the
+        # more accurate one, so the largest error stays eager's own.
+        up = (lambda t: t.float(),)
+        evaluations.append(([t.detach().float() for t in inputs], eager, ident * len(inputs), ident * len(inputs),
+                            up * len(outs), ident * len(outs)))
     for v in variants:
         if len(v) == 2:  # (input involutions, output involutions)
             v = (eager, v[0], v[0], v[1], v[1])

@@ -225,10 +225,16 @@ def gc_case(draw, mlp):
     W = draw(st.integers(1, 5 if small else 9))
     if G * H * W < 2:  # the unbiased std of one value is undefined (NaN in eager too)
         W += 1
+    kind = draw(st.sampled_from(("randn", "randn", "large_mean", "constant_group", "constant")))
+    if kind == "large_mean" and dtype == torch.float16 and G * H * W == 2:
+        # Two normalised similarities are ±1/√2 whatever x is: x's gradient is an eps-sized residue
+        # of cancelling fp32 terms of size ~300², in fp16's subnormal range. fp16 eager is NaN there,
+        # fp32 eager 0.5% off, ours 1.1-1.3%: two roundings of noise, not a measure of accuracy
+        # (2 of 50 such inputs broke 2x; every larger similarity set passed 50 of 50).
+        W += 1
     return dict(backend=backend, dtype=dtype, seed=seed, B=draw(st.integers(0, 2)), G=G,
                 d=draw(st.integers(1, 3 if small else 4)), H=H, W=W, hidden=draw(st.integers(1, 4)),
-                eps=draw(st.sampled_from((1e-5, 1e-3, 0.0))),
-                kind=draw(st.sampled_from(("randn", "randn", "large_mean", "constant_group", "constant"))),
+                eps=draw(st.sampled_from((1e-5, 1e-3, 0.0))), kind=kind,
                 layout=draw(st.sampled_from(LAYOUTS)), mlp=mlp)
 
 
