@@ -48,6 +48,9 @@ TORCH_LIBRARY_FRAGMENT(fastvit_ops, m) {
   // out = softmax(scale·q kᵀ) v, then SiLU(out)·gate when gate is given.
   m.def("_downsampled_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor(a!) out, Tensor(b!) lse, float scale) -> ()");
   m.def("_downsampled_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!) dgate, float scale) -> ()");
+  // Eager CPU fast path: the forward (output in `layout`: 0 (B, h, N, d), 1 channels-first, 2
+  // tokens) under a C++ autograd node whose backward is _downsampled_attention_backward.
+  m.def("_downsampled_attention_autograd(Tensor q, Tensor k, Tensor v, Tensor? gate, float scale, int layout) -> Tensor");
   // -- CvT convolutional projection --
   // x (B, cls + h·w, C) tokens (fp32/fp64); w* (C,1,k,k) one odd k, "same" padding k/2; b* (C,).
   // Returns q (B, cls + h_q·w_q, C) at stride_q and k, v at stride_kv, contiguous tokens; the cls

@@ -38,8 +38,10 @@ Dims check(const char* op, const at::Tensor& q, const at::Tensor& k, const at::T
   return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
 }
 
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-             const c10::optional<at::Tensor>& gate, at::Tensor out, at::Tensor lse, double scale) {
+}  // namespace
+
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const c10::optional<at::Tensor>& gate, at::Tensor out, at::Tensor lse, double scale) {
   const Dims g = check("_downsampled_attention_forward", q, k, v, gate);
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "_downsampled_attention_forward: out must match q");
@@ -57,9 +59,9 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const c10::optional<at::Tensor>& gate, const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
-              at::Tensor dv, at::Tensor dgate, double scale) {
+void attention_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const c10::optional<at::Tensor>& gate, const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
+                   at::Tensor dv, at::Tensor dgate, double scale) {
   const char* op = "_downsampled_attention_backward";
   const Dims g = check(op, q, k, v, gate);
   TORCH_CHECK(grad.sizes() == q.sizes() && grad.scalar_type() == q.scalar_type(), op, ": grad must match q");
@@ -91,11 +93,9 @@ void backward(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fastvit_ops, CPU, m) {
-  m.impl("_downsampled_attention_forward", &forward);
-  m.impl("_downsampled_attention_backward", &backward);
+  m.impl("_downsampled_attention_forward", &attention_fwd);
+  m.impl("_downsampled_attention_backward", &attention_bwd);
 }
 
 }  // namespace cpu

@@ -3,6 +3,7 @@
 // strides; lse (B, h, N, 2) contiguous in the accumulation type (fp32; fp64 for fp64): per query
 // the max of q·k (unscaled) and log2 Σ 2^((q·k − max)·scale·log2 e).
 #pragma once
+#include <ATen/core/Tensor.h>
 #include <cstdint>
 #include <type_traits>
 
@@ -45,6 +46,14 @@ using AttnBackwardFn = void (*)(const AttnBackwardArgs<T>&);
 
 extern PerDtype<AttnForwardFn> attention_forward;
 extern PerDtype<AttnBackwardFn> attention_backward;
+
+// The ops behind _downsampled_attention_forward / _backward (argument checks, dtype dispatch),
+// for the C++ autograd node (attention_autograd.cpp).
+void attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const c10::optional<at::Tensor>& gate, at::Tensor out, at::Tensor lse, double scale);
+void attention_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const c10::optional<at::Tensor>& gate, const at::Tensor& lse, at::Tensor dq, at::Tensor dk,
+                   at::Tensor dv, at::Tensor dgate, double scale);
 
 }  // namespace cpu
 }  // namespace fastvit_ops

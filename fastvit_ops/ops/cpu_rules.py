@@ -127,24 +127,22 @@ EAGER: Dict[str, FrozenSet[Tuple[str, str, str]]] = {
                           ("downsampled_attention", "*", "inference"),
                           ("downsampled_attention", "*", "train")}),
     # avx2 (forced on the AVX-512 machine, ATen and oneDNN forced down too): the attention's
-    # forward+backward at 49-197 queries 0.55-0.97x (its forward alone wins) and at CvT-13 s2
-    # (d 64, 784 queries) 0.84x (2 threads); the depthwise forward at k = 5, stride 2 on a 14·14
-    # plane (FAT-B0 s3 ConvFFN-down) 0.78-0.92x in three runs, oneDNN's no better (0.91x). The gate lost 0.90-0.97x at FAT-B0 s3/s4 through the
-    # Python custom op; under its C++ autograd node it wins 1.05-1.12x forward, 1.16-1.21x
-    # forward+backward there (2 threads).
+    # forward+backward at 49-197 queries 0.80-0.86x even through its C++ autograd node (its
+    # forward alone wins; CvT-13 s2's, 0.84x through the custom op, is 1.04x through the node);
+    # the depthwise forward at k = 5, stride 2 on a 14·14 plane (FAT-B0 s3 ConvFFN-down)
+    # 0.78-0.92x in three runs, oneDNN's no better (0.91x). The gate lost 0.90-0.97x at FAT-B0
+    # s3/s4 through the Python custom op; under its C++ autograd node it wins 1.05-1.12x forward,
+    # 1.16-1.21x forward+backward there (2 threads).
     "avx2": frozenset({("downsampled_attention", "d16_short", "train"),
                        ("downsampled_attention", "d64_short", "train"),
-                       ("downsampled_attention", "d64_mid", "train"),
                        ("dwconv2d", "k5_s2_small", "inference")}),
-    # avx512: the attention's forward+backward at ≤ 256 queries with d = 64 (CvT-13 s3) 0.95x
-    # against eager's 0.96x through the same entry (2 threads). With the full-width dot loops and
-    # the lane-wise dK/dV, FAT-B0 s3/s4 (d 16) went from 0.80-0.87x to 0.92-0.99x, ahead of eager
-    # run through our entry (0.89-0.92x), so ours runs them; CvT-13 s2's 0.88x and s3's forward
-    # 0.94x became 1.49x and 1.35x. (The gate's 0.87-0.98x at FAT-B0 s3/s4 was the custom op's
-    # overhead: its C++ autograd node wins 1.14-1.34x there. The k = 3 depthwise conv's
-    # forward+backward on 7·7-14·14 planes, 0.63-0.93x with the per-plane backward, is 1.03-1.15x
-    # with the channel-blocked one.)
-    "avx512": frozenset({("downsampled_attention", "d64_short", "train")}),
+    # avx512: nothing. The attention's forward+backward at ≤ 256 queries (FAT-B0 s3/s4, CvT-13
+    # s3), 0.41-0.88x before the full-width dot loops, the lane-wise dK/dV and the C++ autograd
+    # node, is 1.09-1.22x eager with them (2 threads); the gate's 0.87-0.98x at FAT-B0 s3/s4 was
+    # the custom op's overhead (its C++ autograd node wins 1.14-1.34x there); the k = 3 depthwise
+    # conv's forward+backward on 7·7-14·14 planes, 0.63-0.93x with the per-plane backward, is
+    # 1.03-1.15x with the channel-blocked one.
+    "avx512": frozenset(),
 }
 
 

@@ -315,15 +315,21 @@ def test_dispatch_runs_the_requested_backend(monkeypatch, without_cpu_rules):
     calls = spy_kernels(monkeypatch, "downsampled_attention")
     q, k, v = rand(1, 1, 5, 16, dtype=torch.float32), rand(1, 1, 3, 16, dtype=torch.float32), rand(1, 1, 3, 16, dtype=torch.float32)
     have_cpu = fastvit_ops.backend_available("cpu", torch.device("cpu"))[0]
-    for name in ("reference",) + (("cpu",) if have_cpu else ()):
-        calls.clear()
-        with fastvit_ops.backend(name):
-            downsampled_attention(q, k, v).sum().backward()
-        assert calls == [("fwd", name), ("bwd", name)]
-    if have_cpu:
-        calls.clear()
+    with fastvit_ops.backend("reference"):
         downsampled_attention(q, k, v).sum().backward()
-        assert calls == [("fwd", "cpu"), ("bwd", "cpu")], "auto picks the C++ kernel on CPU"
+    assert calls == [("fwd", "reference"), ("bwd", "reference")]
+    if have_cpu:
+        # the custom op on backend "cpu" (what torch.compile, opcheck and tensor subclasses get)
+        calls.clear()
+        att._custom_op(q, k, v, None, 0.25, att.BHND, "cpu").sum().backward()
+        assert calls == [("fwd", "cpu"), ("bwd", "cpu")]
+        calls.clear()
+        with dispatch.recording() as log:
+            y = downsampled_attention(q, k, v)
+        y.sum().backward()
+        # auto on CPU: the C++ autograd node (our kernels, no Python table involved)
+        assert [c.impl.name for c in log if c.stage == "call"] == ["cpu_autograd"] and calls == []
+        assert type(y.grad_fn).__name__ == "CppFunction"
 
 
 @pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
@@ -354,11 +360,68 @@ def test_no_grad_cpu_path_equals_custom_op_every_layout(d, monkeypatch, without_
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         exact = att.reference(q.double(), k.double(), v.double(), 0.3, g.double())
         torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
-    # a graph to record: the custom op (differentiable)
+    # a graph to record: the C++ autograd node (differentiable)
     q = cases[2][1].clone().requires_grad_()
     with dispatch.recording() as log:
         att.attention_core(q, k, v, 0.3, cases[2][2], att.TOKENS).sum().backward()
-    assert [c.impl.name for c in log if c.stage == "call"] == ["custom_op"] and q.grad is not None
+    assert [c.impl.name for c in log if c.stage == "call"] == ["cpu_autograd"] and q.grad is not None
+
+
+@pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_autograd_node_equals_custom_op(dtype, without_cpu_rules):
+    """Plain eager CPU calls that record a graph take the C++ autograd node
+    (_downsampled_attention_autograd): output (values and strides) and every gradient equal the
+    custom op's, for each output layout, with and without the gate, partial gradients and an
+    incoming gradient of other strides; empty query sets and inference mode included."""
+    B, h, d, M = 2, 3, 16, 7
+    c = h * d
+    q_map, g_map = torch.randn(B, c, 9, 11, dtype=dtype), torch.randn(B, c, 9, 11, dtype=dtype)
+    k, v = torch.randn(B, h, M, d, dtype=dtype), torch.randn(B, h, M, d, dtype=dtype)
+    N = 99
+    views = {
+        att.BHND: lambda t: t,
+        att.CHANNELS_FIRST: lambda t: t.reshape(B, h, d, N).transpose(2, 3),
+        att.TOKENS: lambda t: t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+                              .reshape(B, N, h, d).transpose(1, 2),
+    }
+    for layout, view in views.items():
+        qs = torch.randn(B, h, N, d, dtype=dtype) if layout == att.BHND else view(q_map)
+        gs = torch.randn(B, h, N, d, dtype=dtype) if layout == att.BHND else view(g_map)
+        for use_gate, need_k in [(True, True), (False, True), (True, False)]:
+            ins = [qs.clone().requires_grad_(), k.clone().requires_grad_(need_k), v.clone().requires_grad_(),
+                   gs.clone().requires_grad_() if use_gate else None]
+            y = att.attention_core(*ins[:3], 0.25, ins[3], layout)
+            assert type(y.grad_fn).__name__ == "CppFunction"
+            dy = torch.randn(B, h, d, N, dtype=dtype).transpose(2, 3)  # strides unlike the output's
+            leaves = [t for t in ins if t is not None and t.requires_grad]
+            got = torch.autograd.grad(y, leaves, dy)
+            ins2 = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in ins]
+            want_y = att._custom_op(*ins2[:3], ins2[3], 0.25, layout, "cpu")
+            want = torch.autograd.grad(want_y, [t for t in ins2 if t is not None and t.requires_grad], dy)
+            assert y.stride() == want_y.stride()
+            torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+            for a, b in zip(got, want):
+                assert a.stride() == b.stride()
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    q0 = torch.randn(B, h, 0, d, dtype=dtype, requires_grad=True)
+    k0 = k.clone().requires_grad_()
+    y0 = att.attention_core(q0, k0, v, 0.25, None, att.BHND)
+    assert y0.shape == (B, h, 0, d)
+    (gk,) = torch.autograd.grad(y0.sum(), [k0], allow_unused=True)
+    assert gk is None or not gk.any()
+    with torch.inference_mode():  # below autograd: the forward alone
+        torch.testing.assert_close(torch.ops.fastvit_ops._downsampled_attention_autograd(qs, k, v, gs, 0.25, att.TOKENS),
+                                   att._custom_op(qs, k, v, gs, 0.25, att.TOKENS, "cpu"), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not fastvit_ops.backend_available("cpu", torch.device("cpu"))[0], reason="needs the C++ extension")
+def test_cpu_autograd_node_refuses_double_backward(without_cpu_rules):
+    q, k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for n in (5, 3, 3))
+    y = downsampled_attention(q, k, v)
+    assert type(y.grad_fn).__name__ == "CppFunction"
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), q, create_graph=True)
 
 
 # ---- GPU (run where a CUDA device is lent) ----------------------------------------------------------------
