@@ -50,9 +50,8 @@ def dwconv_forward(shape, channels_last: bool, dtype: torch.dtype, kernel_size: 
     ``shape`` is x's (B, C, H, W); ``activation`` 0 / 1 / 2 (none / SiLU / GELU). The backward is
     always ours (3-25× oneDNN's at every measured shape).
     """
-    if _deterministic():
-        return "cpu"
-    if dtype != torch.float32 or len(shape) != 4:
+    table = DWCONV_ONEDNN.get(capability())
+    if not table or dtype != torch.float32 or len(shape) != 4 or _deterministic():
         return "cpu"
     n = shape[0] * shape[1] * shape[2] * shape[3]
     # "small": a plane of at most 14·14 in a call of 64k-256k elements. Below that oneDNN's fixed
@@ -60,7 +59,7 @@ def dwconv_forward(shape, channels_last: bool, dtype: torch.dtype, kernel_size: 
     # at (8, 256, 14, 14) and (8, 1280, 7, 7).
     small = shape[2] * shape[3] <= 196 and 64 * 1024 <= n <= 256 * 1024
     key = (kernel_size, stride, "small" if small else "large")
-    return "onednn" if key in DWCONV_ONEDNN.get(capability(), ()) else "cpu"
+    return "onednn" if key in table else "cpu"
 
 
 #: capability -> {(k, stride, plane class)} where oneDNN's fp32 forward (with our epilogue after it)
@@ -146,6 +145,19 @@ EAGER: Dict[str, FrozenSet[Tuple[str, str, str]]] = {
 }
 
 
+_RULED: Dict[str, Tuple[FrozenSet, FrozenSet[str]]] = {}
+
+
+def _ruled_ops(cap: str) -> FrozenSet[str]:
+    """The ops :data:`EAGER` names on ``cap``, recomputed whenever that entry is another object
+    (the tables are frozensets: replacing one is the only way to change it)."""
+    table = EAGER.get(cap, frozenset())
+    known = _RULED.get(cap)
+    if known is None or known[0] is not table:
+        known = _RULED[cap] = (table, frozenset(op for op, _, _ in table))
+    return known[1]
+
+
 def _stage(call: "dispatch.Call") -> str:
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                        for t in (*call.args, *call.tensors)):
@@ -161,6 +173,8 @@ def eager_wins(call: "dispatch.Call") -> "dispatch.Reason":
     classify = CLASSIFY.get(call.op)
     if classify is None:
         return False, "no measured loss of ours for this op"
+    if call.op not in _ruled_ops(capability()):  # this runs on every call: skip the classifying
+        return False, f"ours measured at least as fast as eager on {capability()} for every {call.op} call (cpu_rules.EAGER)"
     ok, why = dispatch.plain_cpu(call)
     if not ok:
         return False, why
