@@ -12,7 +12,7 @@ import torch
 
 import fastvit_ops
 from conftest import assert_error_rule, randomize_
-from fastvit_ops import export, models
+from fastvit_ops import export, models, numerics
 from fastvit_ops.ops import attention, dwconv
 
 MODELS = ["fat_b0", "fcvit_tiny", "cvt_13", "vt_resnet18"]
@@ -164,7 +164,9 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     y = _run_onnx(program, x, os.path.join(tmp_path, f"{name}.onnx"))
     with torch.no_grad():
-        assert_error_rule(f"{name} in onnxruntime", y, ref(x), exact(x.double()))
+        # a whole model's logits from another runtime's kernels: a compounded result (docs/numerics.md;
+        # vt_resnet18 once measured 2.2x eager's largest error, RMS 1.4x)
+        assert_error_rule(f"{name} in onnxruntime", y, ref(x), exact(x.double()), numerics.COMPOUNDED_FACTOR)
 
 
 @requires_onnx
@@ -178,7 +180,7 @@ def test_onnx_export_of_the_module(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     y = _run_onnx(program, x, os.path.join(tmp_path, "fat_b0.onnx"))
     with torch.no_grad():
-        assert_error_rule("fat_b0 module → ONNX", y, ref(x), exact(x.double()))
+        assert_error_rule("fat_b0 module → ONNX", y, ref(x), exact(x.double()), numerics.COMPOUNDED_FACTOR)
 
 
 class _EveryOp(torch.nn.Module):

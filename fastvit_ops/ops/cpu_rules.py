@@ -173,11 +173,11 @@ def eager_wins(call: "dispatch.Call") -> "dispatch.Reason":
     classify = CLASSIFY.get(call.op)
     if classify is None:
         return False, "no measured loss of ours for this op"
-    if call.op not in _ruled_ops(capability()):  # this runs on every call: skip the classifying
-        return False, f"ours measured at least as fast as eager on {capability()} for every {call.op} call (cpu_rules.EAGER)"
-    ok, why = dispatch.plain_cpu(call)
+    ok, why = dispatch.plain_cpu(call)  # first: under torch.compile nothing below may be traced
     if not ok:
         return False, why
+    if call.op not in _ruled_ops(capability()):  # this runs on every call: skip the classifying
+        return False, f"ours measured at least as fast as eager on {capability()} for every {call.op} call (cpu_rules.EAGER)"
     cap, key = capability(), (call.op, classify(call.args), _stage(call))
     table = EAGER.get(cap, ())
     if key in table or (key[0], "*", key[2]) in table:
