@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fastvit_ops
-from conftest import assert_error_rule, randomize_
+from fastvit_ops import numerics
+from conftest import assert_error_rule, assert_pooled_rule, randomize_
 from fastvit_ops.nn import fat as fused_fat
 from fastvit_ops.nn import fat_inference
 from fastvit_ops.ops import dispatch
@@ -159,8 +160,14 @@ def test_block_with_grad_takes_the_differentiable_path():
     assert y.requires_grad and y.is_contiguous()
     y.square().sum().backward()
     ref(x).square().sum().backward()
-    for (n, a), b in zip(fused.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=n)
+    exact = copy.deepcopy(ref).double()
+    exact.zero_grad()
+    exact(x.double()).square().sum().backward()
+    # A whole block's parameter gradients, pooled and judged by the compounded rule against float64
+    # (a fixed 1e-4 tolerance failed once in CI on cpe.weight, where both fp32 sums carry rounding).
+    items = [(a.grad, [b.grad], e.grad) for (_, a), b, e in zip(fused.named_parameters(), ref.parameters(),
+                                                                 exact.parameters())]
+    assert_pooled_rule("FAT block parameter gradients", items, numerics.COMPOUNDED_FACTOR)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -192,7 +192,10 @@ def test_constant_input_sigma_zero(backend, dtype):
         # out = β·c: at x = 1000 the MLP's c cancels (terms ~10³, c ~ 1), so fp32 roundings of the
         # same sums differ by ~1e-5 relative between torch's addmm and ours; judged by the rule.
         exact = copy.deepcopy(gc).double()(x.detach().double())
-        assert_error_rule("out", out, ref, exact)
+        if dtype == torch.float64:  # eager is the float64 reference itself: 1e-10, as the property tests
+            torch.testing.assert_close(out, exact, rtol=1e-10, atol=1e-10)
+        else:
+            assert_error_rule("out", out, ref, exact)
         dy = torch.randn_like(ref)
         got = torch.autograd.grad(out, [x] + params(gc), dy)
         want = torch.autograd.grad(ref, [x] + params(gc), dy)
