@@ -70,7 +70,7 @@ def cmd_info(args) -> int:
     table.add_column("value")
     from . import __version__
     table.add_row("fastvit_ops", __version__)
-    isa_keys = ("cpu_capability", "cpu_isa", "aten_cpu_capability", "onednn_max_cpu_isa")
+    isa_keys = ("cpu_capability", "cpu_isa", "aten_cpu_capability", "onednn_max_cpu_isa", "inductor_vec_isa")
     for k, v in env.items():
         if k not in isa_keys:
             table.add_row(k, v)
@@ -82,6 +82,8 @@ def cmd_info(args) -> int:
         table.add_row("CPU kernels built", ", ".join(cap["built"]))
     table.add_row("ATen CPU capability", torch.backends.cpu.get_cpu_capability())
     table.add_row("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA", "") or "(unset: the CPU's best)")
+    if "inductor_vec_isa" in env:
+        table.add_row("torch.compile C++ SIMD (follows ATEN_CPU_CAPABILITY)", env["inductor_vec_isa"])
     console.print(table)
     bt = Table(title=f"backends on {dev}")
     bt.add_column("backend")

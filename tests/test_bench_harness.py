@@ -57,3 +57,26 @@ def test_a_variant_that_fails_to_compile_does_not_lose_the_row(monkeypatch):
         assert row[f"{v}_error"] == "RuntimeError: index 4397790291545385479 is out of bounds"
         assert f"{v}_img_s" not in row
     assert row["reference_img_s"] > 0 and row["fused_img_s"] > 0 and row["fused_speedup"] > 0
+
+
+def test_compile_caches_are_kept_per_simd_level(tmp_path):
+    """Inductor's FX graph cache key omits the vector ISA, so an ATEN_CPU_CAPABILITY=avx2 run on an
+    AVX-512 machine would reuse AVX-512 kernels: each SIMD level gets a cache folder of its own."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from fastvit_ops.benchmarks.implementation import isolate_inductor_cache as f, inductor_vec_isa as v;"
+            "a = f(); b = f(); assert a == b, (a, b); print(v()); print(a)")
+    env = {k: val for k, val in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    dirs = {}
+    for cap in ("default", "avx2", None):
+        e = dict(env) if cap is None else dict(env, ATEN_CPU_CAPABILITY=cap)
+        out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True)
+        isa, path = out.stdout.strip().splitlines()[-2:]
+        assert os.path.dirname(path) == str(tmp_path) and path.endswith("vec_" + isa.replace(" ", "_")), (isa, path)
+        dirs[cap] = path
+    assert dirs["default"] != dirs[None]  # the scalar build never shares the vector builds' kernels
+    if torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2"):
+        assert dirs["avx2"] != dirs[None]

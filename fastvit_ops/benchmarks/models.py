@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from .implementation import isolate_inductor_cache
 from .timing import _sync, interleaved_median_ms, max_error
 
 MODELS = ("fat_b0", "fat_b1", "fat_b2", "fat_b3", "fcvit_tiny", "fcvit_b12", "cvt_13", "vt_resnet18", "vt_resnet34")
@@ -129,6 +130,8 @@ def throughput(name: str, batch: int, device, mode: str = "inference", size: int
     steps = {}
     row = {"model": name, "mode": mode, "batch": batch, "size": size, "max_logit_error": err,
            "autocast": str(autocast).replace("torch.", "") if autocast is not None else None}
+    if any(v.endswith("compile") for v in variants):
+        isolate_inductor_cache()
     for v in variants:
         base = ref if v.startswith("reference") else fused
         model = copy.deepcopy(base)  # each variant trains its own weights

@@ -11,7 +11,7 @@ from .. import _availability as avail
 from ..numerics import RuleResult, error_rule
 from ..ops.dispatch import backend, backend_available, backend_names, get_backend
 from . import Case, load, op_names
-from .implementation import compiled_graphs, fused_implementation
+from .implementation import compiled_graphs, fused_implementation, inductor_vec_isa
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
 
@@ -43,6 +43,7 @@ def environment(device) -> Dict[str, str]:
         info["cpu_isa"] = cap["cpu"] if cap else "unknown"
         info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "") or "default"
+        info["inductor_vec_isa"] = inductor_vec_isa()  # what the torch.compile column generates
         try:
             with open("/proc/cpuinfo") as f:
                 for line in f:
