@@ -80,3 +80,18 @@ def test_compile_caches_are_kept_per_simd_level(tmp_path):
     assert dirs["default"] != dirs[None]  # the scalar build never shares the vector builds' kernels
     if torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2"):
         assert dirs["avx2"] != dirs[None]
+
+
+def test_interleaved_rounds_rotate_the_order():
+    """No function always runs right after the same one (a cache-sweeping eager call would hand
+    its successor cold inputs in every round)."""
+    from fastvit_ops.benchmarks.timing import interleaved_median_ms
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("eager", "fused", "compile")}
+    interleaved_median_ms(fns, "cpu", warmup=0, reps=12, max_seconds=60)
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 12 and all(sorted(r) == sorted(fns) for r in rounds)
+    after_eager = {r[r.index("eager") + 1] for r in rounds if r.index("eager") < 2}
+    assert after_eager == {"fused", "compile"}
+    assert {r[0] for r in rounds} == set(fns)

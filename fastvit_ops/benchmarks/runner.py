@@ -11,7 +11,7 @@ from .. import _availability as avail
 from ..numerics import RuleResult, error_rule
 from ..ops.dispatch import backend, backend_available, backend_names, get_backend
 from . import Case, load, op_names
-from .implementation import compiled_graphs, fused_implementation, inductor_vec_isa
+from .implementation import compiled_graphs, fused_implementation, inductor_vec_isa, isolate_inductor_cache
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
 
@@ -203,6 +203,8 @@ def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_se
     (whose row also holds ``eager_peak_mib`` / ``fused_peak_mib``: the step's peak memory)."""
     # Fresh dynamo caches per case: cases of one op share their eager functions' code objects, and
     # past the recompile limit torch.compile silently falls back to eager.
+    if compile_:
+        isolate_inductor_cache()  # forced-AVX2 runs must not reuse AVX-512 kernels, nor the reverse
     torch._dynamo.reset()
     inputs = case.make_inputs()
     eager_out = case.eager(*inputs)

@@ -1,6 +1,8 @@
 """Timing helpers: medians of wall time, CUDA-synchronized, after warm-up past JIT compiles."""
 from __future__ import annotations
 
+import itertools
+import random
 import statistics
 import time
 from typing import Callable, Dict, Sequence
@@ -41,18 +43,24 @@ def interleaved_median_ms(fns: Dict[str, Callable[[], object]], device, warmup: 
 
     Every round times one call of each function in turn, so a slow spell of a shared or
     frequency-scaling machine lands on all of them alike instead of on whichever was being
-    timed (one after the other, ratios on the 2-core CI VM moved by ±40% between runs). Runs
-    ``warmup`` calls of each first, then up to ``reps`` rounds, stopping once ``max_seconds``
-    have passed (at least 3 rounds).
+    timed (one after the other, ratios on the 2-core CI VM moved by ±40% between runs). The rounds
+    go through the orders of the functions (a fixed shuffle of all permutations): a function that sweeps the caches
+    (eager PyTorch's temporaries) would otherwise always hand a cold L2/L3 to the same
+    successor, which is then timed on inputs fetched from DRAM in every round (at FAT-B0 s1 the
+    fused gate's fwd+bwd measured 1.42 ms right after eager's, 1.09 ms otherwise, on AVX2).
+    Runs ``warmup`` calls of each first, then up to ``reps`` rounds, stopping once
+    ``max_seconds`` have passed (at least 3 rounds).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     times: Dict[str, list] = {name: [] for name in fns}
+    orders = list(itertools.permutations(fns.items()))
+    random.Random(0).shuffle(orders)  # fixed: the same rounds in every run
     start = time.perf_counter()
     for i in range(reps):
-        for name, fn in fns.items():
+        for name, fn in orders[i % len(orders)]:
             t0 = time.perf_counter()
             fn()
             _sync(device)
