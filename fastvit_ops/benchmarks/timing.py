@@ -37,6 +37,14 @@ def median_ms(fn: Callable[[], object], device, warmup: int = 3, reps: int = 20,
     return statistics.median(times)
 
 
+def round_orders(fns: Dict[str, Callable[[], object]]) -> list:
+    """The order of ``fns``' items in each timing round: every permutation once, in a fixed
+    shuffle, so no function always follows the same one (see :func:`interleaved_median_ms`)."""
+    orders = list(itertools.permutations(fns.items()))
+    random.Random(0).shuffle(orders)
+    return orders
+
+
 def interleaved_median_ms(fns: Dict[str, Callable[[], object]], device, warmup: int = 3, reps: int = 20,
                           max_seconds: float = 6.0) -> Dict[str, float]:
     """Median wall time (ms) of each ``fns[name]()``, timed in interleaved rounds.
@@ -56,8 +64,7 @@ def interleaved_median_ms(fns: Dict[str, Callable[[], object]], device, warmup: 
             fn()
     _sync(device)
     times: Dict[str, list] = {name: [] for name in fns}
-    orders = list(itertools.permutations(fns.items()))
-    random.Random(0).shuffle(orders)  # fixed: the same rounds in every run
+    orders = round_orders(fns)
     start = time.perf_counter()
     for i in range(reps):
         for name, fn in orders[i % len(orders)]:
