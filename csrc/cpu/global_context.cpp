@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Te
   TORCH_CHECK(x_.device().is_cpu(), op, ": x must be a CPU tensor");
   const at::Tensor x = x_.contiguous();
   const Dims k = dims_of(x, groups, op);
-  const auto acc = acc_type(x);
+  const auto acc = g_.scalar_type() == at::kDouble ? at::kDouble : acc_type(x);  // double: the fp32 backward's recompute
   check_acc(op, "g", g_, acc, {k.B, k.C});
   check_acc(op, "alpha", alpha_, acc, {k.G});
   check_acc(op, "beta", beta_, acc, {k.G});
@@ -56,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Te
   at::Tensor dbuf = at::empty({k.B, k.G, k.N}, x.options().dtype(acc));
   at::Tensor part = at::empty({k.B, k.G, 2}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gc_forward", [&] {
-    using A = typename AccOf<scalar_t>::type;
+  with_acc<scalar_t>(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const A* g = g_.const_data_ptr<A>();
     const A* alpha = alpha_.const_data_ptr<A>();
@@ -88,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Te
       }
     });
   });
+  });
   return {out, stats};
 }
 
@@ -100,13 +102,15 @@ at::Tensor channel_means(const at::Tensor& x, at::ScalarType acc) {
   at::Tensor g = at::empty({B, C}, x.options().dtype(acc));
   if (g.numel() == 0) return g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gc_channel_means", [&] {
-    using A = typename AccOf<scalar_t>::type;
+  with_acc<scalar_t>(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     A* gp = g.mutable_data_ptr<A>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) gp[t] = static_cast<A>(plane_mean(xp + t * N, N));
     });
+  });
   });
   return g;
 }
@@ -119,13 +123,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_samples(const at::Tens
                                                                   const at::Tensor& alpha_, const at::Tensor& beta_,
                                                                   int64_t groups, double eps, bool residual) {
   const Dims k = dims_of(x, groups, "_gc_forward");
-  const auto acc_opts = x.options().dtype(acc_type(x));
+  const auto acc = alpha_.scalar_type();  // the caller's accumulation dtype
+  const auto acc_opts = x.options().dtype(acc);
   const bool has_c = mlp != nullptr;
   at::Tensor g = at::empty({k.B, k.C}, acc_opts);
   at::Tensor stats = at::empty({k.B, 2}, acc_opts);
   at::Tensor out = has_c ? at::empty_like(x) : at::empty({k.B, k.G, x.size(2), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gc_forward_samples", [&] {
-    using A = typename AccOf<scalar_t>::type;
+  with_acc<scalar_t>(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const A* alpha = alpha_.const_data_ptr<A>();
     const A* beta = beta_.const_data_ptr<A>();
@@ -155,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_samples(const at::Tens
       }
     });
   });
+  });
   return {out, g, stats};
 }
 
@@ -169,9 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     const at::Tensor& x_, const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const at::Tensor& alpha, const at::Tensor& beta, int64_t groups, double eps, bool residual,
-    Mlp* mlp_out) {
+    Mlp* mlp_out, at::ScalarType acc_) {
   const at::Tensor x = x_.contiguous();
-  const auto acc = acc_type(x);
+  const auto acc = acc_ == at::ScalarType::Undefined ? acc_type(x) : acc_;
   if (per_sample(x)) {
     Mlp mlp;
     if (w1.has_value()) mlp = make_mlp(x.size(0), x.size(1), x.options().dtype(acc), *w1, *b1, *w2, *b2);

@@ -76,6 +76,17 @@ inline double dot_acc(const double* a, const double* b, int64_t n) { return dot_
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
+// body(A{}) with A the accumulation type of a pass over T: double where `acc` is kDouble (the fp32
+// backward, see gc_backward_impl), else AccOf<T>.
+template <typename T, typename F>
+void with_acc(at::ScalarType acc, F&& body) {
+  if (acc == at::kDouble) {
+    body(double{});
+  } else {
+    body(typename AccOf<T>::type{});
+  }
+}
+
 // A row of T as a row of A: the row itself when T == A, else converted into `buf`.
 template <typename T, typename A>
 const A* load_row(const T* src, std::vector<A>& buf, int64_t n) {
@@ -223,17 +234,20 @@ void mlp_weight_grads(const A* dc, int64_t ldc, const A* du, const A* g, const A
                       int64_t h, A* dw1, A* db1, A* dw2, A* db2);
 
 // ---- the passes (global_context.cpp, global_context_backward.cpp) --------------------------------
-// The whole forward; `mlp_out` (when given) receives the MLP's activations for the backward.
+// The whole forward; `mlp_out` (when given) receives the MLP's activations for the backward. `acc`:
+// the accumulation dtype (Undefined: acc_type(x)); g, the statistics and the MLP come out in it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, const at::Tensor& alpha,
-    const at::Tensor& beta, int64_t groups, double eps, bool residual, Mlp* mlp_out);
-// The whole backward; `saved` (when given) holds the forward's MLP activations.
+    const at::Tensor& beta, int64_t groups, double eps, bool residual, Mlp* mlp_out,
+    at::ScalarType acc = at::ScalarType::Undefined);
+// The whole backward; `saved` (when given) holds the forward's MLP activations. `acc` as above (g,
+// stats, alpha, beta and the MLP weights in it); Undefined: fp32 runs in double (see the .cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& g, const at::Tensor& stats,
     const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
     const std::optional<at::Tensor>& b2, const at::Tensor& alpha, const at::Tensor& beta, int64_t groups, double eps,
-    bool residual, const Mlp* saved);
+    bool residual, const Mlp* saved, at::ScalarType acc = at::ScalarType::Undefined);
 // Whether the one-task-per-sample paths run: enough samples to keep every thread busy.
 bool per_sample(const at::Tensor& x);
 

@@ -112,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_reduce(
   const at::Tensor x = x_.contiguous();
   const at::Tensor grad = grad_.contiguous();
   const Dims k = dims_of(x, groups, op);
-  const auto acc = acc_type(x);
+  const auto acc = g_.scalar_type() == at::kDouble ? at::kDouble : acc_type(x);  // double: fp32's wide backward
   check_acc(op, "g", g_, acc, {k.B, k.C});
   check_acc(op, "alpha", alpha_, acc, {k.G});
   check_acc(op, "beta", beta_, acc, {k.G});
@@ -132,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_reduce(
   at::Tensor grp = at::zeros({k.B, 3, k.G}, opts);
   if (x.numel() == 0 || k.N == 0) return {shat, dsp, chan, grp};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gc_bwd_reduce", [&] {
-    using A = typename AccOf<scalar_t>::type;
+  with_acc<scalar_t>(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const A* g = g_.const_data_ptr<A>();
@@ -154,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_reduce(
       }
     });
   });
+  });
   return {shat, dsp, chan, grp};
 }
 
@@ -172,7 +174,7 @@ at::Tensor gc_backward_apply(const at::Tensor& x_, const std::optional<at::Tenso
   const int64_t G = shat_.size(1);
   TORCH_CHECK(G > 0 && C % G == 0, op, ": G must divide C");
   const int64_t d = C / G;
-  const auto acc = acc_type(x_);
+  const auto acc = shat_.scalar_type() == at::kDouble ? at::kDouble : acc_type(x_);
   check_acc(op, "shat", shat_, acc, {B, G, N});
   check_acc(op, "dsp", dsp_, acc, {B, G, N});
   check_acc(op, "coef", coef_, acc, {B, G, 3});
@@ -188,7 +190,8 @@ at::Tensor gc_backward_apply(const at::Tensor& x_, const std::optional<at::Tenso
   at::Tensor dx = at::empty(x_.sizes(), x_.options().memory_format(at::MemoryFormat::Contiguous));
   if (dx.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "gc_bwd_apply", [&] {
-    using A = typename AccOf<scalar_t>::type;
+  with_acc<scalar_t>(acc, [&](auto acc_tag) {
+    using A = decltype(acc_tag);
     const scalar_t* gp = has_dy ? grad.const_data_ptr<scalar_t>() : nullptr;
     const A* sh = shat_.const_data_ptr<A>();
     const A* ds = dsp_.const_data_ptr<A>();
@@ -206,6 +209,7 @@ at::Tensor gc_backward_apply(const at::Tensor& x_, const std::optional<at::Tenso
       }
     });
   });
+  });
   return dx;
 }
 
@@ -217,22 +221,24 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
                  const std::optional<at::Tensor>& b2, const at::Tensor& alpha,
                  const at::Tensor& beta, int64_t groups, double eps, bool residual,
-                 const Mlp* saved) {
-  if (x_.scalar_type() == at::kFloat) {
-    // fp32: the whole backward in double from the fp32 tensors, each gradient rounded once. The
-    // gradients of alpha, beta and the MLP are sums over B*H*W terms that cancel; in fp32 their error
-    // is a coin toss against eager's (up to 500x it at groups = 1), so g and the statistics the
-    // forward saved in fp32 are recomputed in double too (as the reference and Triton glue do).
+                 const Mlp* saved, at::ScalarType acc_) {
+  if (x_.scalar_type() == at::kFloat && acc_ == at::ScalarType::Undefined) {
+    // fp32: the whole backward accumulates in double, each gradient rounded once. The gradients of
+    // alpha, beta and the MLP are sums over B*H*W terms that cancel; in fp32 their error is a coin
+    // toss against eager's (up to 500x it at groups = 1), so g and the statistics the forward saved
+    // in fp32 are recomputed in double too (as the reference and Triton glue do). x and dy stay
+    // fp32 (each row is widened in a staging buffer as it is read): widening the whole tensors
+    // first cost 1 ms of copies per call at FCViT-tiny s1 (8, 32, 56, 56), a quarter of the call.
     const auto wide = [](const std::optional<at::Tensor>& t) {
       return t.has_value() ? std::optional<at::Tensor>(t->to(at::kDouble)) : std::nullopt;
     };
-    const at::Tensor xd = x_.to(at::kDouble), ad = alpha.to(at::kDouble), bd = beta.to(at::kDouble);
-    const auto fwd = gc_forward_impl(xd, std::nullopt, std::nullopt, std::nullopt, std::nullopt, ad, bd, groups,
-                                     eps, false, nullptr);
-    auto r = gc_backward_impl(grad_.to(at::kDouble), xd, std::get<1>(fwd), std::get<2>(fwd), wide(w1), wide(b1),
-                              wide(w2), wide(b2), ad, bd, groups, eps, residual, nullptr);
+    const at::Tensor ad = alpha.to(at::kDouble), bd = beta.to(at::kDouble);
+    const auto fwd = gc_forward_impl(x_, std::nullopt, std::nullopt, std::nullopt, std::nullopt, ad, bd, groups,
+                                     eps, false, nullptr, at::kDouble);
+    auto r = gc_backward_impl(grad_, x_, std::get<1>(fwd), std::get<2>(fwd), wide(w1), wide(b1), wide(w2),
+                              wide(b2), ad, bd, groups, eps, residual, nullptr, at::kDouble);
     const bool m = w1.has_value();
-    return {std::get<0>(r).to(at::kFloat), std::get<1>(r).to(alpha.scalar_type()),
+    return {std::get<0>(r), std::get<1>(r).to(alpha.scalar_type()),
             std::get<2>(r).to(beta.scalar_type()), m ? std::get<3>(r).to(w1->scalar_type()) : std::get<3>(r),
             m ? std::get<4>(r).to(b1->scalar_type()) : std::get<4>(r),
             m ? std::get<5>(r).to(w2->scalar_type()) : std::get<5>(r),
@@ -241,7 +247,7 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
   const at::Tensor x = x_.contiguous();
   const at::Tensor grad = grad_.contiguous();
   const Dims k = dims_of(x, groups, "_gc_backward");
-  const auto acc = acc_type(x);
+  const auto acc = acc_ == at::ScalarType::Undefined ? acc_type(x) : acc_;
   const at::Tensor al = alpha.to(acc).contiguous();
   const at::Tensor be = beta.to(acc).contiguous();
   const bool has_mlp = w1.has_value();
@@ -273,8 +279,9 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
     grp = at::empty({k.B, 3, k.G}, o);
     dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gc_backward_samples", [&] {
+    with_acc<scalar_t>(acc, [&](auto acc_tag) {
       using T = scalar_t;
-      using A = typename AccOf<T>::type;
+      using A = decltype(acc_tag);
       const T* xp = x.const_data_ptr<T>();
       const T* gp = grad.const_data_ptr<T>();
       T* dxp = dx.mutable_data_ptr<T>();
@@ -312,6 +319,7 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
                                  tbuf.data(), buf, obuf);
         }
       });
+    });
     });
   } else {
     std::optional<at::Tensor> c;
