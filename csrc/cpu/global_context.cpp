@@ -39,7 +39,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Tensor& g_,
                                               const std::optional<at::Tensor>& c_,
                                               const at::Tensor& alpha_, const at::Tensor& beta_,
-                                              int64_t groups, double eps, bool residual) {
+                                              int64_t groups, double eps, bool residual, bool stats_only) {
   const char* op = "_gc_forward";
   TORCH_CHECK(x_.device().is_cpu(), op, ": x must be a CPU tensor");
   const at::Tensor x = x_.contiguous();
@@ -50,7 +50,9 @@ std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Te
   check_acc(op, "beta", beta_, acc, {k.G});
   const bool has_c = c_.has_value();
   if (has_c) check_acc(op, "c", *c_, acc, {k.B, k.C});
-  at::Tensor out = has_c ? at::empty_like(x) : at::empty({k.B, k.G, x.size(2), x.size(3)}, x.options());
+  at::Tensor out = stats_only ? at::empty({0}, x.options())
+                   : has_c    ? at::empty_like(x)
+                              : at::empty({k.B, k.G, x.size(2), x.size(3)}, x.options());
   at::Tensor stats = at::empty({k.B, 2}, x.options().dtype(acc));
   if (x.numel() == 0 || k.N == 0) return {out, stats.fill_(NAN)};
   at::Tensor dbuf = at::empty({k.B, k.G, k.N}, x.options().dtype(acc));
@@ -78,6 +80,7 @@ std::tuple<at::Tensor, at::Tensor> gc_forward(const at::Tensor& x_, const at::Te
       }
     });
     for (int64_t b = 0; b < k.B; ++b) merge_stats(pp + 2 * b * k.G, k, st + 2 * b);
+    if (stats_only) return;
     // Phase 2: S' = α·(D − mean)·r + β in place, then the output rows of the group.
     at::parallel_for(0, k.B * k.G, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> buf, obuf;
@@ -121,14 +124,17 @@ at::Tensor channel_means(const at::Tensor& x, at::ScalarType acc) {
 // the (sample, group)-parallel path, so both give identical results.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_samples(const at::Tensor& x, const Mlp* mlp,
                                                                   const at::Tensor& alpha_, const at::Tensor& beta_,
-                                                                  int64_t groups, double eps, bool residual) {
+                                                                  int64_t groups, double eps, bool residual,
+                                                                  bool stats_only) {
   const Dims k = dims_of(x, groups, "_gc_forward");
   const auto acc = alpha_.scalar_type();  // the caller's accumulation dtype
   const auto acc_opts = x.options().dtype(acc);
   const bool has_c = mlp != nullptr;
   at::Tensor g = at::empty({k.B, k.C}, acc_opts);
   at::Tensor stats = at::empty({k.B, 2}, acc_opts);
-  at::Tensor out = has_c ? at::empty_like(x) : at::empty({k.B, k.G, x.size(2), x.size(3)}, x.options());
+  at::Tensor out = stats_only ? at::empty({0}, x.options())
+                   : has_c    ? at::empty_like(x)
+                              : at::empty({k.B, k.G, x.size(2), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gc_forward_samples", [&] {
   with_acc<scalar_t>(acc, [&](auto acc_tag) {
     using A = decltype(acc_tag);
@@ -155,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_samples(const at::Tens
           row_moments(dg, k.N, &pp[2 * gamma], &pp[2 * gamma + 1]);
         }
         merge_stats(pp.data(), k, st + 2 * b);
+        if (stats_only) continue;
         for (int64_t gamma = 0; gamma < k.G; ++gamma)
           apply_group<scalar_t, A>(xb, op_ + b * (has_c ? k.C : k.G) * k.N, D.data() + gamma * k.N, cb, st + 2 * b,
                                    alpha[gamma], beta[gamma], eps, k, gamma, residual, buf, obuf);
@@ -176,14 +183,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     const at::Tensor& x_, const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
     const at::Tensor& alpha, const at::Tensor& beta, int64_t groups, double eps, bool residual,
-    Mlp* mlp_out, at::ScalarType acc_) {
+    Mlp* mlp_out, at::ScalarType acc_, bool stats_only) {
   const at::Tensor x = x_.contiguous();
   const auto acc = acc_ == at::ScalarType::Undefined ? acc_type(x) : acc_;
   if (per_sample(x)) {
     Mlp mlp;
     if (w1.has_value()) mlp = make_mlp(x.size(0), x.size(1), x.options().dtype(acc), *w1, *b1, *w2, *b2);
     auto res = gc_forward_samples(x, w1.has_value() ? &mlp : nullptr, alpha.to(acc).contiguous(),
-                                  beta.to(acc).contiguous(), groups, eps, residual);
+                                  beta.to(acc).contiguous(), groups, eps, residual, stats_only);
     if (mlp_out != nullptr && w1.has_value()) *mlp_out = std::move(mlp);
     return res;
   }
@@ -195,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     if (mlp_out != nullptr) *mlp_out = std::move(mlp);
   }
   auto [out, stats] = gc_forward(x, g, c, alpha.to(acc).contiguous(), beta.to(acc).contiguous(),
-                                 groups, eps, residual);
+                                 groups, eps, residual, stats_only);
   return {out, g, stats};
 }
 

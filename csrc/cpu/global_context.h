@@ -236,11 +236,12 @@ void mlp_weight_grads(const A* dc, int64_t ldc, const A* du, const A* g, const A
 // ---- the passes (global_context.cpp, global_context_backward.cpp) --------------------------------
 // The whole forward; `mlp_out` (when given) receives the MLP's activations for the backward. `acc`:
 // the accumulation dtype (Undefined: acc_type(x)); g, the statistics and the MLP come out in it.
+// `stats_only`: g and the statistics alone (the output comes back empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2, const at::Tensor& alpha,
     const at::Tensor& beta, int64_t groups, double eps, bool residual, Mlp* mlp_out,
-    at::ScalarType acc = at::ScalarType::Undefined);
+    at::ScalarType acc = at::ScalarType::Undefined, bool stats_only = false);
 // The whole backward; `saved` (when given) holds the forward's MLP activations. `acc` as above (g,
 // stats, alpha, beta and the MLP weights in it); Undefined: fp32 runs in double (see the .cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_impl(

@@ -234,7 +234,7 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
     };
     const at::Tensor ad = alpha.to(at::kDouble), bd = beta.to(at::kDouble);
     const auto fwd = gc_forward_impl(x_, std::nullopt, std::nullopt, std::nullopt, std::nullopt, ad, bd, groups,
-                                     eps, false, nullptr, at::kDouble);
+                                     eps, false, nullptr, at::kDouble, /*stats_only=*/true);
     auto r = gc_backward_impl(grad_, x_, std::get<1>(fwd), std::get<2>(fwd), wide(w1), wide(b1), wide(w2),
                               wide(b2), ad, bd, groups, eps, residual, nullptr, at::kDouble);
     const bool m = w1.has_value();
