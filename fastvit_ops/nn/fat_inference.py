@@ -99,7 +99,7 @@ def _conv(conv: nn.Module, bn=None, act: Optional[str] = None) -> Tuple[Callable
     if act == "relu":
         return (lambda x: F.conv2d(x, w, b, s, p).relu_()), True
     if act == "gelu":
-        return (lambda x: torch.ops.aten.gelu_(F.conv2d(x, w, b, s, p))), True
+        return _plan.conv_gelu(w, b, s, p), True
     return (lambda x: F.conv2d(x, w, b, s, p)), True
 
 
