@@ -4,7 +4,10 @@ For k in --ks on (batch, channels, size, size) — the RepLKNet shape (64, 384, 
 (8, 384, 32, 32) on a CPU — and optionally the FAT-B0 / FCViT-tiny layer shapes (--shapes), times
 the forward, dgrad (backward to x only), wgrad (backward to weight and bias only), the full backward
 and forward+backward. Prints a table (rich), writes JSON (every row plus the environment) and a PNG
-of the speedup against k. Every number of one row is measured side by side in the same process.
+of the speedup against k. Every number of one row is measured side by side in the same process, in
+interleaved rounds. On a CPU the forward row also times nn.Conv2d on a channels_last copy of x
+(oneDNN's fast depthwise layout) and reports the speedup over the best of eager NCHW, channels_last
+and torch.compile ("× best").
 
     python bench/sweep_dwconv.py --quick
     python bench/sweep_dwconv.py --device cuda --dtype bf16 --json bench/results/dwconv_h100_bf16.json \
@@ -27,7 +30,7 @@ import fastvit_ops  # noqa: F401  (registers the ops)
 from fastvit_ops.benchmarks import dwconv as cases_mod
 from fastvit_ops.benchmarks.implementation import compiled_graphs, fused_implementation, isolate_inductor_cache
 from fastvit_ops.benchmarks.runner import environment
-from fastvit_ops.benchmarks.timing import median_ms
+from fastvit_ops.benchmarks.timing import interleaved_median_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_KS = (3, 5, 7, 9, 11, 13, 17, 21, 27, 31)
@@ -49,9 +52,11 @@ def _peak(device_name: str):
 
 
 def _timer(args, device):
-    def t(fn, slow=False):
-        return median_ms(fn, device, warmup=1 if (slow or args.quick) else 3, reps=3 if args.quick else args.reps,
-                         max_seconds=0.5 if args.quick else args.max_seconds)
+    """Interleaved medians of a dict of passes (every column of one row timed side by side)."""
+    def t(fns, slow=False):
+        return interleaved_median_ms(fns, device, warmup=1 if (slow or args.quick) else 3,
+                                     reps=3 if args.quick else args.reps,
+                                     max_seconds=0.5 if args.quick else 3 * args.max_seconds)
     return t
 
 
@@ -94,15 +99,19 @@ def bench_case(case, args, device, dtype_name, k) -> List[Dict]:
     rows = []
     for which in args.passes:
         slow = torch.device(device).type == "cpu" and which != "fwd" and k >= 21  # PyTorch's CPU backward
-        times = {}
         # What the columns run: the fused one's implementation (our kernel or, under auto on a CPU,
         # oneDNN's forward where it timed faster), and the graphs torch.compile captured.
         fused_impl = fused_implementation(_pass_fn(case.fused, inputs, which))
         graphs = None if args.no_compile else compiled_graphs(_pass_fn(compiled, inputs, which))
-        for name, fn in (("fused", case.fused), ("eager", case.eager), ("compile", compiled)):
-            if name == "compile" and args.no_compile:
-                continue
-            times[name] = timer(_pass_fn(fn, inputs, which), slow=slow and name != "fused")
+        fns = {"fused": _pass_fn(case.fused, inputs, which), "eager": _pass_fn(case.eager, inputs, which)}
+        if not args.no_compile:
+            fns["compile"] = _pass_fn(compiled, inputs, which)
+        if which == "fwd" and torch.device(device).type == "cpu" and inputs[0].is_contiguous():
+            # nn.Conv2d on a channels_last copy of x: oneDNN's fast depthwise layout (its NCHW path
+            # is several times slower at k >= 7), the best PyTorch does on a CPU.
+            cl = [inputs[0].contiguous(memory_format=torch.channels_last)] + list(inputs[1:])
+            fns["eager_channels_last"] = _pass_fn(case.eager, cl, which)
+        times = timer(fns, slow=slow)
         flops = case.flops * {"fwd": 1, "dgrad": 1, "wgrad": 1, "bwd": 2, "fwd+bwd": 3}[which]
         row = {"shape": case.shape, "k": k, "pass": which, "dtype": dtype_name,
                "fused_ms": times["fused"], "eager_ms": times["eager"], "compile_ms": times.get("compile"),
@@ -111,6 +120,10 @@ def bench_case(case, args, device, dtype_name, k) -> List[Dict]:
                "fused_GFLOPs": flops / (times["fused"] * 1e-3) / 1e9,
                "eager_GFLOPs": flops / (times["eager"] * 1e-3) / 1e9,
                "forward_max_error": err, "fused_impl": fused_impl, "compiled_graphs": graphs}
+        if "eager_channels_last" in times:
+            best = min(t for n, t in times.items() if n != "fused")
+            row.update({"eager_channels_last_ms": times["eager_channels_last"],
+                        "speedup_vs_best_pytorch": best / times["fused"]})
         if which == "fwd" and peak is not None:
             floor_ms = max(case.bytes / (peak["GBps"] * 1e9), case.flops / (peak["TFLOPs"][dtype_name] * 1e12)) * 1e3
             row.update({"fused_GBps": case.bytes / (times["fused"] * 1e-3) / 1e9,
@@ -125,14 +138,15 @@ def print_table(rows, env):
     from rich.table import Table
 
     table = Table(title=f"dwconv2d — {env['device']}, torch {env['torch']}, {env['cpu_threads']} CPU threads")
-    for col in ("shape", "pass", "eager ms", "compile ms", "fused ms", "× eager", "× compile", "fused GFLOP/s"):
+    for col in ("shape", "pass", "eager ms", "compile ms", "fused ms", "× eager", "× compile", "× best", "fused GFLOP/s"):
         table.add_column(col, justify="left" if col in ("shape", "pass") else "right")
     for r in rows:
         comp = f"{r['compile_ms']:.3f}" if r["compile_ms"] is not None else "—"
         vs_c = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] is not None else "—"
         extra = f" ({r['fraction_of_floor']:.0%} of floor)" if "fraction_of_floor" in r else ""
+        best = f"{r['speedup_vs_best_pytorch']:.2f}" if "speedup_vs_best_pytorch" in r else "—"
         table.add_row(r["shape"], r["pass"], f"{r['eager_ms']:.3f}", comp, f"{r['fused_ms']:.3f}",
-                      f"{r['speedup_vs_eager']:.2f}", vs_c, f"{r['fused_GFLOPs']:.1f}{extra}")
+                      f"{r['speedup_vs_eager']:.2f}", vs_c, best, f"{r['fused_GFLOPs']:.1f}{extra}")
     Console(width=max(140, Console().width)).print(table)
 
 
