@@ -41,12 +41,6 @@ struct ConvArgs {
 
 // Up to 4 vectors per row block with 32 registers (4 rows × 4 accumulators + 4 inputs), 2 with 16.
 constexpr int kMaxNB = kVecRegs >= 32 ? 4 : 2;
-// Rows per block of wide planes: 6 × 2 fp32 accumulators fill AVX2's 16 registers (each input
-// vector loaded then feeds more rows), 4 elsewhere.
-template <typename A>
-constexpr int kWideRows = (kMaxNB == 2 && std::is_same_v<A, float>) ? 6 : 4;
-// Output buffers hold a multiple of every block height used (4, 6, 8 rows).
-constexpr int64_t kRowPad = 24;
 
 // Vector width (lanes) and vectors per row block for rows of Wo outputs: narrow rows use
 // half-width vectors (where those are still ≥ 4 lanes), so 7-wide planes do not waste most lanes.
@@ -159,7 +153,7 @@ void conv_plane_any(const A* buf, const A* w, A init, A* out, const ConvArgs& a)
   } else if (a.Wo <= 2 * L) {
     conv_plane_rows<A, L, 2>(buf, w, init, out, a);
   } else {
-    conv_plane<A, L, kMaxNB, kWideRows<A>>(buf, w, init, out, a);
+    conv_plane<A, L, kMaxNB, 4>(buf, w, init, out, a);
   }
 }
 
@@ -340,7 +334,7 @@ void rows_forward(const DwForwardArgs<T>& args) {
   const ConvArgs a{off.data(), geo.rowlen, sh.Ho, sh.Wo, ldo, sh.p, sh.p + sh.H, sh.k, sh.s, 1};
   const int64_t kk = static_cast<int64_t>(sh.k) * sh.k;
   at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(geo.size), acc(round_up(sh.Ho, kRowPad) * ldo), z(args.sp ? sh.H * sh.W : 0);
+    std::vector<A> buf(geo.size), acc(round_up(sh.Ho, 8) * ldo), z(args.sp ? sh.H * sh.W : 0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / sh.C, c = plane % sh.C;
       if (plane + 1 < end) prefetch_plane(xp + ((plane + 1) / sh.C) * sB + ((plane + 1) % sh.C) * sC, sH, sW, sh.H, sh.W);
@@ -405,8 +399,8 @@ void rows_backward(const DwBackwardArgs<T>& args) {
 
   at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
     // g keeps 3 zero rows above and below (wgrad_block_s1 reads rows r − u for u up to 3 past).
-    std::vector<A> xbuf(geo.size), gstore((sh.Ho + 6) * ld), pre(act != kActNone ? round_up(sh.Ho, kRowPad) * ld : 0),
-        gbuf(geo2.size), acc(round_up(sh.H, kRowPad) * ldx);
+    std::vector<A> xbuf(geo.size), gstore((sh.Ho + 6) * ld), pre(act != kActNone ? round_up(sh.Ho, 8) * ld : 0),
+        gbuf(geo2.size), acc(round_up(sh.H, 8) * ldx);
     A* g = gstore.data() + 3 * ld;  // zero-initialised; rows/lanes past (Ho, Wo) are never written
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / sh.C, c = plane % sh.C;
