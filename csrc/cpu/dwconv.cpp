@@ -77,6 +77,25 @@ bool cblock_backward_wins(const DwShape& sh) {
 
 bool flat_applies(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
 
+// With 8 lanes (AVX2) and an NCHW input, the cblock forward's transposes in and out (a quarter of
+// its time) cost more than its faster convolution saves on planes of 28×28 and up at stride 1,
+// where the rows kernel uses all its lanes (Wo a multiple of 16) or the filter is small (k ≤ 5;
+// not with GELU, whose erf the rows kernel also runs on its spare lanes); at stride 2 on 56×56
+// planes the flat kernel wins. Measured forced per path (batch 8, 2 threads, AVX2 forced on the
+// Zen 4 CI machine): (8,384,32,32) k = 3/7/11 rows 0.73–0.85/1.70–1.86/3.58–3.68 ms vs cblock
+// 1.08/2.22–2.56/4.39–4.82; FAT-B0 s1 CPE k3 0.20 vs 0.27–0.28, s1 ConvFFN k5 1.59–1.63 vs
+// 1.78–1.84, s2 ConvFFN k5 0.86–0.89 vs 1.07–1.17; s1 ConvFFN-down k5/s2 flat 0.57 vs cblock 0.72;
+// still cblock: FCViT-tiny's k = 11 on 56×56 (0.95–0.99 vs rows 1.07–1.15) and k = 3 + GELU on
+// 56×56 (4.0 vs 4.7–4.9), and every plane below 28×28 (rows 10–80% slower).
+Path avx2_nchw_forward(const DwShape& sh, at::ScalarType dtype, int act) {
+  if (dwconv_cblock_lanes.get()() != 8 || sh.H * sh.W < 28 * 28) return Path::kCBlock;
+  if (sh.s == 1 && (sh.Wo % 16 == 0 || (sh.k <= 5 && act != kActGelu))) return Path::kRows;
+  if (sh.s == 2 && sh.H * sh.W >= 56 * 56 && sh.k <= 7 && flat_applies(dtype) &&
+      sh.Ho * (sh.Wo + (sh.k - 1) / 2) <= 1024)
+    return Path::kFlat;
+  return Path::kCBlock;
+}
+
 // Which kernel runs a call (without the global-context prologue, which only the rows kernel has).
 // Measured on the 2-core Zen 4 CI machine, batch 8, fp32, each kernel against the others:
 // * cblock, forward: planes up to 56×56 with k ≤ 13 (AVX-512: 1.1–2.5× the per-plane kernels from
@@ -85,13 +104,15 @@ bool flat_applies(at::ScalarType dtype) { return dtype == at::kFloat || dtype ==
 //   k = 3, and in the backward also k = 5 on planes ≤ 8 wide, on planes of at most 1024 padded
 //   outputs; at stride 1 with k ≥ 5 its garbage columns (k − 1 per row) cost more than the rows
 //   kernel's spare lanes.
-Path choose(const DwShape& sh, at::ScalarType dtype, bool forward) {
+// A forward passes x's layout (x_cl: channels_last, which the cblock kernel reads without a
+// transpose) and activation.
+Path choose(const DwShape& sh, at::ScalarType dtype, bool forward, bool x_cl = false, int act = kActNone) {
   const Path forced = forced_path();
   const bool cblock = cblock_applies(sh, dtype) && (forward || sh.s == 1);
   if (forced == Path::kRows) return Path::kRows;
   if (forced == Path::kCBlock && cblock) return Path::kCBlock;
   if (forced == Path::kFlat && flat_applies(dtype)) return Path::kFlat;
-  if (forward && cblock && sh.H * sh.W <= 56 * 56) return Path::kCBlock;
+  if (forward && cblock && sh.H * sh.W <= 56 * 56) return x_cl ? Path::kCBlock : avx2_nchw_forward(sh, dtype, act);
   if (!forward && cblock && cblock_backward_wins(sh)) return Path::kCBlock;
   if (flat_applies(dtype)) {
     const int kmax = sh.s == 2 ? 7 : (!forward && sh.Wo <= 8) ? 5 : 3;
@@ -127,7 +148,7 @@ void run_forward(const at::Tensor& x, const at::Tensor& weight, const std::optio
     args.G = sp->size(1);
     return dwconv_rows_forward.of<T>().get()(args);
   }
-  switch (choose(sh, x.scalar_type(), true)) {
+  switch (choose(sh, x.scalar_type(), true, is_channels_last(x), act)) {
     case Path::kCBlock:
       return dwconv_cblock_forward.of<T>().get()(args);
     case Path::kFlat:
@@ -176,7 +197,7 @@ at::Tensor dwconv_forward(const at::Tensor& x, const at::Tensor& weight, const s
   // The output takes x's layout (channels_last in, channels_last out), as PyTorch's conv does; the
   // cblock kernel writes channels_last itself, the others write NCHW planes and one copy follows.
   const bool cl = is_channels_last(x);
-  const bool direct_cl = cl && choose(sh, x.scalar_type(), true) == Path::kCBlock;
+  const bool direct_cl = cl && choose(sh, x.scalar_type(), true, cl, static_cast<int>(activation)) == Path::kCBlock;
   at::Tensor y = at::empty({sh.B, sh.C, sh.Ho, sh.Wo}, x.options(),
                            direct_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   if (y.numel() == 0) return cl ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
@@ -202,7 +223,8 @@ bool forward_inplace(at::Tensor& x, const at::Tensor& weight, const std::optiona
   const DwShape sh = make_shape(x, weight, 1, padding);
   const bool cl = is_channels_last(x);
   if (forced_path() == Path::kRows || forced_path() == Path::kFlat || !cblock_applies(sh, x.scalar_type()) ||
-      !(x.is_contiguous() || cl) || x.numel() == 0)
+      !(x.is_contiguous() || cl) || x.numel() == 0 ||
+      choose(sh, x.scalar_type(), true, cl, static_cast<int>(activation)) != Path::kCBlock)
     return false;
   const at::Tensor wa = to_acc<float>(weight);
   at::Tensor ba;

@@ -121,6 +121,62 @@ void cblock_row(int nb, const float* tile, int64_t cols, const float* wt, V bv, 
   }
 }
 
+// With 16 vector registers (AVX2, the baseline) and k ≥ 5, two output rows at a time: tile row
+// r0 + rel feeds output row oy with weight row rel and row oy + 1 with weight row rel − 1, so each
+// input vector loaded serves two FMAs (2 + NB loads per 2·NB FMAs instead of 1 + NB per NB; the
+// one-row kernels are load-bound there). NB = 4: 8 sums, 2 weights and an input in 11 registers.
+// Per output the taps are summed in the same order as the one-row kernels (ky, then kx).
+// Measured (AVX2, one thread, a 32×32 tile in cache): 87 → 125 GFLOP/s at k = 7–11, 102 → 121 at
+// k = 5 (the K-specialised row kernel is as fast at k = 5 and twice as fast at k = 3).
+constexpr bool kTwoRows = kVecRegs < 32;
+constexpr int kTwoRowsNB = 4;
+
+template <int NB, int LO, int HI>
+FASTVIT_INLINE void two_rows_step(V (&acc)[2][NB], const float* __restrict row, const float* __restrict wt, int k,
+                                  int rel) {
+  for (int kx = 0; kx < k; ++kx) {
+    const float* q = row + kx * kLanes;
+    V wv[2];
+    for (int ii = LO; ii < HI; ++ii) wv[ii] = ld(wt + ((rel - ii) * k + kx) * kLanes);
+    for (int j = 0; j < NB; ++j) {
+      const V x = ld(q + j * kLanes);
+      for (int ii = LO; ii < HI; ++ii) acc[ii][j] += wv[ii] * x;
+    }
+  }
+}
+
+// Output rows oy, oy + 1 (stride 1), pixels [ox0, ox0 + NB); tile rows outside [lo, hi) are zeros.
+template <int NB>
+FASTVIT_INLINE void two_rows_run(const float* __restrict tile, int64_t cols, const float* __restrict wt, V bv, int k,
+                                 int64_t oy, int64_t lo, int64_t hi, int64_t ox0, int64_t ld_out,
+                                 float* __restrict out) {
+  V acc[2][NB];
+  for (int ii = 0; ii < 2; ++ii)
+    for (int j = 0; j < NB; ++j) acc[ii][j] = bv;
+  const int rel0 = static_cast<int>(std::max<int64_t>(0, lo - oy));
+  const int rel1 = static_cast<int>(std::min<int64_t>(k + 1, hi - oy));
+  for (int rel = rel0; rel < rel1; ++rel) {
+    const float* row = tile + ((oy + rel) * cols + ox0) * kLanes;
+    if (rel == 0) two_rows_step<NB, 0, 1>(acc, row, wt, k, rel);
+    else if (rel == k) two_rows_step<NB, 1, 2>(acc, row, wt, k, rel);
+    else two_rows_step<NB, 0, 2>(acc, row, wt, k, rel);
+  }
+  for (int ii = 0; ii < 2; ++ii)
+    for (int j = 0; j < NB; ++j) st(out + ii * ld_out + j * kLanes, acc[ii][j]);
+}
+
+void two_rows(int nb, const float* tile, int64_t cols, const float* wt, V bv, int k, int64_t oy, int64_t lo,
+              int64_t hi, int64_t ox0, int64_t ld_out, float* out) {
+  switch (nb) {
+#define DW_CB_2R(N) \
+  case N: return two_rows_run<N>(tile, cols, wt, bv, k, oy, lo, hi, ox0, ld_out, out);
+    DW_CB_2R(1) DW_CB_2R(2) DW_CB_2R(3) DW_CB_2R(4)
+#undef DW_CB_2R
+    default:
+      break;
+  }
+}
+
 // The weights as (C / kLanes, k·k, kLanes): one tap of a channel block is one vector.
 std::vector<float> block_weights(const float* w, int64_t C, int64_t kk) {
   std::vector<float> wt(C * kk);
@@ -163,9 +219,16 @@ void unpack_planes(const float* lanes, int64_t npix, float* planes) {
 // output row oy reads tile rows s·oy + ky, ky in [0, k), those outside [lo, hi) skipped (zeros).
 void conv_tile(const float* tile, int64_t cols, const float* wt, V bv, int k, int s, int64_t lo, int64_t hi,
                int64_t Ho, int64_t Wo, float* out) {
+  int64_t oy = 0;
+  if (kTwoRows && s == 1 && k >= 5) {
+    for (; oy + 1 < Ho; oy += 2)
+      for (int64_t ox0 = 0; ox0 < Wo; ox0 += kTwoRowsNB)
+        two_rows(static_cast<int>(std::min<int64_t>(kTwoRowsNB, Wo - ox0)), tile, cols, wt, bv, k, oy, lo, hi, ox0,
+                 Wo * kLanes, out + (oy * Wo + ox0) * kLanes);
+  }
   // An output row is split into near-equal register blocks of at most kMaxNB pixels.
   const int64_t nblocks = (Wo + kMaxNB - 1) / kMaxNB, width = (Wo + nblocks - 1) / nblocks;
-  for (int64_t oy = 0; oy < Ho; ++oy) {
+  for (; oy < Ho; ++oy) {
     const int64_t r0 = oy * s;
     const int ky0 = static_cast<int>(std::max<int64_t>(0, lo - r0));
     const int ky1 = static_cast<int>(std::max<int64_t>(ky0, std::min<int64_t>(k, hi - r0)));
