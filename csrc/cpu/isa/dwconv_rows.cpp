@@ -333,8 +333,11 @@ void rows_forward(const DwForwardArgs<T>& args) {
   const int64_t ldo = out_ld<A>(sh.Wo);
   const ConvArgs a{off.data(), geo.rowlen, sh.Ho, sh.Wo, ldo, sh.p, sh.p + sh.H, sh.k, sh.s, 1};
   const int64_t kk = static_cast<int64_t>(sh.k) * sh.k;
+  // conv_plane_any writes whole blocks (rows in multiples of 4 or 8, columns up to ldo): where
+  // those tile the output plane exactly, it writes into y itself.
+  const bool direct = std::is_same_v<T, A> && ldo == sh.Wo && sh.Ho % 8 == 0;
   at::parallel_for(0, sh.B * sh.C, plane_grain(sh), [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(geo.size), acc(round_up(sh.Ho, 8) * ldo), z(args.sp ? sh.H * sh.W : 0);
+    std::vector<A> buf(geo.size), acc(direct ? 0 : round_up(sh.Ho, 8) * ldo), z(args.sp ? sh.H * sh.W : 0);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / sh.C, c = plane % sh.C;
       if (plane + 1 < end) prefetch_plane(xp + ((plane + 1) / sh.C) * sB + ((plane + 1) % sh.C) * sC, sH, sW, sh.H, sh.W);
@@ -348,9 +351,22 @@ void rows_forward(const DwForwardArgs<T>& args) {
       } else {
         pack_plane<T, A>(xp + b * sB + c * sC, sH, sW, sh.H, sh.W, buf.data(), geo, sh.p, 1);
       }
+      T* yp = args.y + plane * sh.Ho * sh.Wo;
+      if constexpr (std::is_same_v<T, A>) {
+        if (direct) {  // the plane's output is exactly the block grid: no staging copy
+          conv_plane_any<A>(buf.data(), args.w + c * kk, args.bias ? args.bias[c] : A(0), yp, a);
+          if (args.act != kActNone) activate(yp, sh.Ho * sh.Wo, args.act);
+          if (args.residual)
+            for (int64_t i = 0; i < sh.Ho; ++i) {
+              const A* xr = buf.data() + (i + sh.p) * geo.rowlen + sh.p;
+              A* yr = yp + i * sh.Wo;
+              for (int64_t j = 0; j < sh.Wo; ++j) yr[j] += xr[j];
+            }
+          continue;
+        }
+      }
       conv_plane_any<A>(buf.data(), args.w + c * kk, args.bias ? args.bias[c] : A(0), acc.data(), a);
       if (args.act != kActNone) activate(acc.data(), sh.Ho * ldo, args.act);
-      T* yp = args.y + plane * sh.Ho * sh.Wo;
       for (int64_t i = 0; i < sh.Ho; ++i) {
         const A* ar = acc.data() + i * ldo;
         T* yr = yp + i * sh.Wo;
