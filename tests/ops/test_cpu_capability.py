@@ -153,9 +153,11 @@ def test_op_tests_pass_at_capability(capability):
         pytest.skip(f"this CPU or build has no {capability} kernels")
     if capability == max(runnable(), key=ORDER.index) and not os.environ.get("FASTVIT_OPS_CPU_CAPABILITY"):
         pytest.skip("the best capability is the one the rest of the suite runs at")
-    # test_dwconv.py: each capability has its own kernel choices (e.g. AVX2's two-row cblock blocks
-    # and its rows/flat forward rule), which only run here on a machine with a higher one.
-    files = ["tests/ops/test_cross_modulation.py", "tests/ops/test_global_context.py", "tests/ops/test_dwconv.py"]
+    # test_dwconv.py, test_attention.py: each capability has its own register blocks and kernel
+    # choices (e.g. AVX2's two-row dwconv blocks, its rows/flat forward rule, its 6-row attention
+    # dot products), which run only here on a machine with a higher capability.
+    files = ["tests/ops/test_cross_modulation.py", "tests/ops/test_global_context.py", "tests/ops/test_dwconv.py",
+             "tests/ops/test_attention.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
                         "-k", "not triton and not cuda and not compile"],
                        capture_output=True, text=True, cwd=ROOT, timeout=1200,
