@@ -65,9 +65,9 @@ void rows_dot_f32(const float* __restrict A, const float* __restrict X, float* _
 
 // Y[e, :] = Σ_j A[j, e] · P[j, :]     (A: M × D, P: M × NT, Y: D × NT)
 // Register blocking: E outputs × NV vectors of queries. P (M × NT: 200 KB at M = 784) streams from
-// L2 once per block, so larger E reads it fewer times: 2 × 4 with 32 registers; 6 × 2 with 16
-// (AVX2), where 2 × 4 read P three times as often and made this loop the forward's largest (42%
-// of it at CvT-13 stage 1, twice rows_dot's time for the same FLOPs).
+// L2 once per block, so larger E reads it fewer times: 6 × 4 with 32 registers (AVX-512), 6 × 2
+// with 16 (AVX2). The earlier 2 × 4 blocks read P three times as often and made this loop the
+// forward's largest (42% of it at CvT-13 stage 1, twice rows_dot's time for the same FLOPs).
 template <int E, int NV>
 FASTVIT_INLINE void cols_dot_block(const float* __restrict A, const float* __restrict P, float* __restrict Y,
                                    int64_t M, int64_t D, int64_t e) {
@@ -101,6 +101,8 @@ void cols_dot_f32(const float* __restrict A, const float* __restrict P, float* _
   int64_t e = 0;
   if constexpr (kVecRegs < 32) {
     for (; e + 6 <= D; e += 6) cols_dot_block<6, 2>(A, P, Y, M, D, e);
+  } else {
+    for (; e + 6 <= D; e += 6) cols_dot_block<6, 4>(A, P, Y, M, D, e);
   }
   for (; e + 2 <= D; e += 2) cols_dot_block<2, 4>(A, P, Y, M, D, e);
   for (; e < D; ++e) cols_dot_block<1, 4>(A, P, Y, M, D, e);
