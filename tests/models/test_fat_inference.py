@@ -76,13 +76,13 @@ def test_block_inference_path_matches_reference(cfg, size):
     assert fused.__dict__["_fastvit_ops_plan"][1] is not None, "the inference plan was not used"
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == y_ref.shape
     eager = _eager(ref, x)
-    assert_error_rule(f"FATBlock{cfg}", y, eager, exact)
+    assert_error_rule(f"FATBlock{cfg}", y, eager, exact, numerics.COMPOUNDED_FACTOR)
     # Every part replaced by a module the plan does not recognise: the same path calls them as
     # they are (what a user's modified block runs) and gives the same result.
     _wrap_every_part(fused)
     with torch.no_grad():
         y2 = fused(x)
-    assert_error_rule(f"FATBlock{cfg} with opaque parts", y2, eager, exact)
+    assert_error_rule(f"FATBlock{cfg} with opaque parts", y2, eager, exact, numerics.COMPOUNDED_FACTOR)
 
 
 def test_swapped_part_rebuilds_the_plan():
@@ -100,7 +100,7 @@ def test_swapped_part_rebuilds_the_plan():
         y_ref, y = ref(x), fused(x)
         assert fused.__dict__["_fastvit_ops_plan"][1] is not old_plan
         torch.testing.assert_close(fused(x), y)
-    assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x))
+    assert_error_rule("FATBlock with a custom norm", y, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
 
 
 def test_inference_plan_runs_the_kernels_the_registry_picks():
@@ -121,8 +121,8 @@ def test_inference_plan_runs_the_kernels_the_registry_picks():
     assert {c.call.resolved() for c in log} == {want}
     assert {c.impl.backend for c in log_ref if c.stage == "forward"} == {"reference"}
     assert y2.is_contiguous(memory_format=torch.channels_last)
-    assert_error_rule("FATBlock plan", y, y_ref, exact)
-    assert_error_rule("FATBlock plan on the reference kernels", y2, y_ref, exact)
+    assert_error_rule("FATBlock plan", y, y_ref, exact, numerics.COMPOUNDED_FACTOR)
+    assert_error_rule("FATBlock plan on the reference kernels", y2, y_ref, exact, numerics.COMPOUNDED_FACTOR)
 
 
 def test_block_inference_chunks_the_ffn(monkeypatch):
@@ -136,7 +136,7 @@ def test_block_inference_chunks_the_ffn(monkeypatch):
         chunked = fused(x)
         y_ref = ref(x)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
-    assert_error_rule("chunked FATBlock", chunked, y_ref, _exact(ref, x))
+    assert_error_rule("chunked FATBlock", chunked, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
 
 
 def test_folds_are_refreshed_when_parameters_change():
@@ -150,7 +150,7 @@ def test_folds_are_refreshed_when_parameters_change():
             m.ffn.fc2.weight.mul_(-1.0)
             m.attn.pool.bn0.weight.add_(1.0)
         y_ref, y = ref(x), fused(x)
-    assert_error_rule("FATBlock after in-place parameter updates", y, y_ref, _exact(ref, x))
+    assert_error_rule("FATBlock after in-place parameter updates", y, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
 
 
 def test_block_with_grad_takes_the_differentiable_path():
@@ -180,7 +180,7 @@ def test_convffn_matches_reference(stride, train):
         y_ref, y = ref(x), fused(x)
     assert y.is_contiguous(memory_format=torch.channels_last) != train
     assert_error_rule(f"ConvFFN stride {stride} train={train}", y, y_ref,
-                      copy.deepcopy(ref).double()(x.double()).detach())
+                      copy.deepcopy(ref).double()(x.double()).detach(), numerics.COMPOUNDED_FACTOR)
 
 
 def test_patch_embedding_inference_path():
@@ -202,7 +202,7 @@ def test_converted_fat_b0_inference_runs_channels_last():
         feats = conv.layers[0](conv.patch_embed(x))
         y_ref, y = ref(x), conv(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
-    assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x))
+    assert_error_rule("converted fat_b0 logits", y, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
 
 
 def test_inference_mode_then_no_grad_then_training_graph():
@@ -222,7 +222,7 @@ def test_inference_mode_then_no_grad_then_training_graph():
     assert all(p.grad is not None for p in conv.parameters() if p.requires_grad)
     exact = _exact(ref, x)
     for name, y in (("inference_mode", a), ("no_grad", b), ("grad", c.detach())):
-        assert_error_rule(f"converted fat_b0 under {name}", y, y_ref, exact)
+        assert_error_rule(f"converted fat_b0 under {name}", y, y_ref, exact, numerics.COMPOUNDED_FACTOR)
 
 
 def _reference_and_converted(name="fat_b0"):
@@ -250,7 +250,7 @@ def test_plan_follows_load_state_dict_assign():
     fused.load_state_dict({k: v.clone() for k, v in sd2.items()}, assign=True)
     with torch.inference_mode():
         y_ref, y = ref(x), fused(x)
-    assert_error_rule("converted fat_b0 after load_state_dict(assign=True)", y, y_ref, _exact(ref, x))
+    assert_error_rule("converted fat_b0 after load_state_dict(assign=True)", y, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
 
 
 def test_plan_follows_replaced_parameter_and_edited_attribute():
@@ -263,7 +263,7 @@ def test_plan_follows_replaced_parameter_and_edited_attribute():
             m.norm2.eps = 0.5
         fused.attn.q.weight.data.copy_(ref.attn.q.weight)
         y_ref, y = ref(x), fused(x)
-    assert_error_rule("FATBlock after a replaced parameter and a new eps", y, y_ref, _exact(ref, x))
+    assert_error_rule("FATBlock after a replaced parameter and a new eps", y, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
 
 
 @pytest.mark.slow
