@@ -34,6 +34,9 @@ class Case:
     backward: bool = True
     flops: float = 0.0          # forward FLOPs (0 when not meaningful)
     bytes: float = 0.0          # forward minimum bytes moved (read inputs once, write output once)
+    # The error rule's factor (docs/numerics.md): 2 for one op; numerics.COMPOUNDED_FACTOR (4) for
+    # a whole block of several ops, whose deep gradients carry every later layer's rounding.
+    factor: float = 2.0
 
 
 # op name → module (relative to this package) with bench_cases / check_cases.

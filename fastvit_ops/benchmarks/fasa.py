@@ -12,6 +12,7 @@ import torch
 
 from ..nn.fat import FASA as FusedFASA
 from ..reference import fat as ref
+from .. import numerics
 from . import Case
 from .shapes import FAT_B0_STAGES
 
@@ -51,8 +52,9 @@ def _case(shape, kernel_size, heads, window, device, dtype, train: bool, label: 
     size = torch.empty((), dtype=dtype).element_size()
     # q, mixer (C×C), kv on the pooled map, DW_k local branch, QKᵀ and PV per head
     flops = 2.0 * n * (2 * c + kernel_size ** 2) + 4.0 * b * c * h * w * m + 2.0 * b * 2 * c * c * m
+    # The whole FASA block: judged with the compounded factor, as docs/numerics.md sets for blocks.
     return Case(OP, f"{label} {'train' if train else 'eval'}", make_inputs, call(reference), call(fused),
-                backward=train, flops=flops, bytes=2.0 * n * size)
+                backward=train, flops=flops, bytes=2.0 * n * size, factor=numerics.COMPOUNDED_FACTOR)
 
 
 def bench_cases(batch: int, device, dtype=torch.float32):
