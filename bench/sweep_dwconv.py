@@ -28,7 +28,7 @@ import torch
 
 import fastvit_ops  # noqa: F401  (registers the ops)
 from fastvit_ops.benchmarks import dwconv as cases_mod
-from fastvit_ops.benchmarks.implementation import compiled_graphs, fused_implementation, isolate_inductor_cache
+from fastvit_ops.benchmarks.implementation import compiled_graphs, fresh_compile, fused_implementation
 from fastvit_ops.benchmarks.runner import environment
 from fastvit_ops.benchmarks.timing import interleaved_median_ms
 
@@ -90,9 +90,7 @@ def _pass_fn(fn, inputs, which):
 def bench_case(case, args, device, dtype_name, k) -> List[Dict]:
     timer = _timer(args, device)
     inputs = case.make_inputs()
-    isolate_inductor_cache()  # AVX2 and AVX-512 runs must not share compiled kernels
-    torch._dynamo.reset()  # every case from empty caches: past the recompile limit compile runs eagerly
-    compiled = torch.compile(case.eager, dynamic=False)
+    compiled = fresh_compile(case.eager, dynamic=False)  # empty dynamo caches, per-ISA disk cache
     with torch.no_grad():
         err = (case.fused(*inputs).double() - case.eager(*inputs).double()).abs().max().item()
     peak = _peak(environment(device)["device"]) if torch.device(device).type == "cuda" else None

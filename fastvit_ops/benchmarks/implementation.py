@@ -87,14 +87,14 @@ def isolate_inductor_cache() -> str:
     return base
 
 
-def fresh_compile(fn: Callable) -> Callable:
-    """``torch.compile(fn)`` after ``torch._dynamo.reset()``: benchmark cases share their eager
-    functions' code objects, and past the recompile limit torch.compile falls back to eager
-    silently, so every case compiles from empty caches (the on-disk ones kept per SIMD level,
-    :func:`isolate_inductor_cache`)."""
+def fresh_compile(fn: Callable, **compile_kwargs) -> Callable:
+    """``torch.compile(fn, **compile_kwargs)`` after ``torch._dynamo.reset()``: benchmark cases
+    share their eager functions' code objects, and past the recompile limit torch.compile falls
+    back to eager silently, so every case compiles from empty caches (the on-disk ones kept per
+    SIMD level, :func:`isolate_inductor_cache`)."""
     isolate_inductor_cache()
     torch._dynamo.reset()
-    return torch.compile(fn)
+    return torch.compile(fn, **compile_kwargs)
 
 
 __all__ = ["recording", "describe", "fused_implementation", "compiled_graphs", "fresh_compile",

@@ -12,7 +12,7 @@ from .. import numerics
 from ..numerics import RuleResult, error_rule
 from ..ops.dispatch import backend, backend_available, backend_names, get_backend
 from . import Case, load, op_names
-from .implementation import compiled_graphs, fused_implementation, inductor_vec_isa, isolate_inductor_cache
+from .implementation import compiled_graphs, fresh_compile, fused_implementation, inductor_vec_isa
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
 
@@ -203,16 +203,11 @@ def run_checks(device, ops: Optional[Sequence[str]] = None, progress=None,
 def bench_case(case: Case, device, compile_: bool = True, reps: int = 20, max_seconds: float = 2.0) -> List[Dict]:
     """Time eager / torch.compile(eager) / fused for the forward and, if any, forward+backward
     (whose row also holds ``eager_peak_mib`` / ``fused_peak_mib``: the step's peak memory)."""
-    # Fresh dynamo caches per case: cases of one op share their eager functions' code objects, and
-    # past the recompile limit torch.compile silently falls back to eager.
-    if compile_:
-        isolate_inductor_cache()  # forced-AVX2 runs must not reuse AVX-512 kernels, nor the reverse
-    torch._dynamo.reset()
     inputs = case.make_inputs()
     eager_out = case.eager(*inputs)
     fused_out = case.fused(*inputs)
     err = max_error(fused_out, eager_out)
-    compiled = torch.compile(case.eager) if compile_ else None
+    compiled = fresh_compile(case.eager) if compile_ else None  # empty dynamo caches, per-ISA disk cache
     rows = []
     passes = [("fwd", forward_fn)] + ([("fwd+bwd", forward_backward_fn)] if case.backward else [])
     for label, make in passes:
