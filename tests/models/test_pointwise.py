@@ -60,3 +60,35 @@ def test_only_where_it_applies():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not pointwise._gemm_applies(conv, big)
         assert pointwise_conv(conv, big).dtype == torch.bfloat16  # autocast's conv, as the module does
+
+
+def test_fasa_and_convffn_inference_at_56x56(monkeypatch):
+    """FAT-B0 stage 1 (C = 32, 56×56, NCHW) in eval without gradients: FASA's q and mixer and
+    ConvFFN's fc1 and fc2 take the GEMM, and the blocks match the reference under the rule."""
+    import copy
+
+    import fastvit_ops
+    from conftest import randomize_
+    from fastvit_ops import numerics
+    from fastvit_ops.nn import fat as fused_fat
+    from fastvit_ops.reference import fat as ref_fat
+
+    taken = []
+    applies = pointwise._gemm_applies
+    monkeypatch.setattr(pointwise, "_gemm_applies", lambda conv, x: taken.append(applies(conv, x)) or taken[-1])
+    x = torch.randn(2, 32, 56, 56)
+    ref = randomize_(ref_fat.FASA(32, 3, 2, 8)).eval()
+    with torch.no_grad():
+        y = fastvit_ops.fused_fasa(x, copy.deepcopy(ref))
+        assert_error_rule("FASA 56x56 eval", y, ref(x), copy.deepcopy(ref).double()(x.double()),
+                          numerics.COMPOUNDED_FACTOR)
+    assert taken == [True, True]  # q, mixer
+    taken.clear()
+    ffn_ref = randomize_(ref_fat.ConvFFN(32, 128, 5, 1, 32)).eval()
+    ffn = fused_fat.ConvFFN(32, 128, 5, 1, 32).eval()
+    ffn.load_state_dict(ffn_ref.state_dict())
+    with torch.no_grad():
+        y = fused_fat._ffn_composite(ffn, x)
+        assert_error_rule("ConvFFN 56x56 eval", y, ffn_ref(x), copy.deepcopy(ffn_ref).double()(x.double()),
+                          numerics.COMPOUNDED_FACTOR)
+    assert taken == [True, True]  # fc1, fc2
