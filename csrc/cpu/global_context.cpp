@@ -201,16 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     auto [out, g, stats] = gc_forward_impl(x_, wide(w1), wide(b1), wide(w2), wide(b2), alpha.to(at::kDouble),
                                            beta.to(at::kDouble), groups, eps, residual,
                                            mlp_out != nullptr ? &mlp : nullptr, at::kDouble, stats_only);
-    if (mlp_out != nullptr && w1.has_value()) {
-      mlp_out->w1 = mlp.w1.to(at::kFloat);
-      mlp_out->b1 = mlp.b1.to(at::kFloat);
-      mlp_out->w2 = mlp.w2.to(at::kFloat);
-      mlp_out->b2 = mlp.b2.to(at::kFloat);
-      mlp_out->u = mlp.u.to(at::kFloat);
-      mlp_out->m = mlp.m.to(at::kFloat);
-      mlp_out->c = mlp.c.to(at::kFloat);
-      mlp_out->h = mlp.h;
-    }
+    if (mlp_out != nullptr && w1.has_value()) *mlp_out = mlp.to(at::kFloat);
     return {out, g.to(at::kFloat), stats.to(at::kFloat)};
   }
   const at::Tensor x = x_.contiguous();

@@ -218,6 +218,9 @@ struct Mlp {
   at::Tensor w1, b1, w2, b2;           // weights in the accumulation dtype (for the backward)
   at::Tensor u, m, c;                  // u (B, 2h), m (B, h), c (B, C) in the accumulation dtype
   int64_t h = 0;
+  Mlp to(at::ScalarType t) const {  // every tensor converted (the tiny-map fp32 forward runs in double)
+    return {w1.to(t), b1.to(t), w2.to(t), b2.to(t), u.to(t), m.to(t), c.to(t), h};
+  }
 };
 
 Mlp make_mlp(int64_t B, int64_t C, const at::TensorOptions& acc_opts, const at::Tensor& w1, const at::Tensor& b1,

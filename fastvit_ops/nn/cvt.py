@@ -113,7 +113,7 @@ class ConvProjectionAttention(ref.Attention):
 class Block(_plan.PlannedModule, ref.Block):
     """``reference.cvt.Block`` (same constructor, parameters, state_dict). On the CPU inference path
     (:mod:`fastvit_ops.nn.cvt_inference`: eval, fp32, no grad) one cached plan: oneDNN matmuls with
-    the residual adds and QuickGELU (as SiLU, its 1.702 folded into the weights) in their epilogues,
+    the residual adds and QuickGELU (as SiLU, its 1.702 folded into the weights) in place on their outputs,
     the BN-folded one-pass conv projections and the fused attention; under torch.compile that plan
     is one opaque op (:func:`fastvit_ops.nn._plan.module_inference`). Elsewhere the reference
     composition of the fused layers. ``forward(x, h, w)``: (B, [1 +] h·w, C) → same shape."""

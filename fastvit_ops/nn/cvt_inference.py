@@ -5,14 +5,16 @@ gradients, no compiler/autocast/functorch/dispatch mode). Outputs equal the refe
 rounding. CvT's time is in its Linear layers (≈ 85% of its multiply-adds) and in the element-wise
 passes between them (LayerNorm, QuickGELU's three passes, residual adds). The plan:
 
-* runs every Linear on oneDNN's matmul with its epilogue fused
-  (``torch.ops.mkldnn._linear_pointwise``, the op Inductor emits for CPU linears under
-  ``freezing``): on the 2-core Zen 4 it measured 2× PyTorch's default fp32 GEMM (MKL) at CvT's
-  shapes (8·197 × 384 → 1536: 32 vs 70 ms on the shared machine), and it adds the residual in the
-  GEMM's epilogue (``x + proj(·)``, ``x + fc2(·)``) instead of another pass;
-* QuickGELU ``h·σ(1.702 h)`` becomes one SiLU epilogue: ``fc1``'s weight and bias are scaled by
-  1.702 (``h' = 1.702 h``), so ``QuickGELU(h) = SiLU(h') / 1.702``, and the 1/1.702 is folded into
-  ``fc2``'s weight (no activation between);
+* runs every Linear on oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op Inductor
+  emits for CPU linears under ``freezing``): on the 2-core Zen 4 it measured 2× PyTorch's default
+  fp32 GEMM (MKL) at CvT's shapes (8·197 × 384 → 1536: 32 vs 70 ms on the shared machine);
+* QuickGELU ``h·σ(1.702 h)`` becomes one SiLU: ``fc1``'s weight and bias are scaled by 1.702
+  (``h' = 1.702 h``), so ``QuickGELU(h) = SiLU(h') / 1.702``, and the 1/1.702 is folded into
+  ``fc2``'s weight (no activation between). The SiLU and the residual adds (``x + proj(·)``,
+  ``x + fc2(·)``) are in-place passes over the GEMM's output, not oneDNN post-ops: with AVX2
+  (forced on the Zen 4, 2 threads) its swish post-op made fc1 1.2-1.6 ms slower than GEMM + pass
+  (8·197 × 384 → 1536: 9.8 vs 8.5 ms) and its add post-op 0.1-0.8 ms slower; the converted cvt_13
+  forward went 410 → 386 ms (batch 8, same process, interleaved). AVX-512: the same (242 vs 241).
 * q, k and v come from the one-pass depthwise projections with each BN folded
   (:func:`fastvit_ops.conv_projection_qkv`'s kernel) and the attention reads the heads as strided
   views of the tokens and writes ``proj``'s input in token order; both kernels are the ones the
@@ -20,8 +22,8 @@ passes between them (LayerNorm, QuickGELU's three passes, residual adds). The pl
   without the public ops' custom-op glue.
 
 The private oneDNN op is used only after a self-test against ``F.linear`` on the first plan built
-in the process (:func:`onednn_linear`); where it is missing or disagrees, ``F.linear`` and separate
-passes run instead. Any part that is not the layer a step computes (a user's replacement, another
+in the process (:func:`onednn_linear`); where it is missing or disagrees, ``F.linear`` runs
+instead. Any part that is not the layer a step computes (a user's replacement, another
 activation, an attention that is not ``dw_bn``) is called as the module it is. Plans are cached per
 block under :func:`fastvit_ops.nn._plan.state_key`.
 """
@@ -46,45 +48,41 @@ QUICK_GELU = 1.702
 
 @functools.lru_cache(maxsize=None)
 def onednn_linear() -> bool:
-    """Whether ``torch.ops.mkldnn._linear_pointwise`` exists here and agrees with ``F.linear`` (and
-    its ``swish`` and ``add`` epilogues with SiLU and +) on a random fp32 problem."""
+    """Whether ``torch.ops.mkldnn._linear_pointwise`` exists here and agrees with ``F.linear`` on a
+    random fp32 problem."""
     try:
         if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             return False
         g = torch.Generator().manual_seed(0)
-        x, w, b, r = (torch.randn(*s, generator=g) for s in ((37, 24), (40, 24), (40,), (37, 40)))
+        x, w, b = (torch.randn(*s, generator=g) for s in ((37, 24), (40, 24), (40,)))
         with torch.no_grad():
-            want = F.linear(x, w, b)
-            ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), want, atol=1e-4)
-            ok &= torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, b, "swish", [], ""), F.silu(want), atol=1e-4)
-            ok &= torch.allclose(torch.ops.mkldnn._linear_pointwise.binary(x, r, w, b, "add"), want + r, atol=1e-4)
+            ok = torch.allclose(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), F.linear(x, w, b),
+                                atol=1e-4)
         return bool(ok)
     except Exception:  # noqa: BLE001 - any failure means: do not use it
         return False
 
 
 def _linear(w: Tensor, b: Optional[Tensor], act: str = "none") -> Callable[[Tensor], Tensor]:
-    """``act(x Wᵀ + b)`` on (…, in) tokens, act ``"none"`` or ``"swish"`` (SiLU)."""
+    """``act(x Wᵀ + b)`` on (…, in) tokens, act ``"none"`` or ``"swish"`` (SiLU, a separate in-place
+    pass: oneDNN's swish post-op measured slower, see the module docstring)."""
     if onednn_linear():
         lp = torch.ops.mkldnn._linear_pointwise
 
-        def run(x: Tensor) -> Tensor:
-            return lp(x.reshape(-1, x.shape[-1]), w, b, act, [], "").view(*x.shape[:-1], w.shape[0])
-        return run
+        def gemm(x: Tensor) -> Tensor:
+            return lp(x.reshape(-1, x.shape[-1]), w, b, "none", [], "").view(*x.shape[:-1], w.shape[0])
+    else:
+        def gemm(x: Tensor) -> Tensor:
+            return F.linear(x, w, b)
     if act == "swish":
-        return lambda x: F.silu(F.linear(x, w, b), inplace=True)
-    return lambda x: F.linear(x, w, b)
+        return lambda x: F.silu(gemm(x), inplace=True)
+    return gemm
 
 
 def _linear_add(w: Tensor, b: Optional[Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    """``(x, r) -> r + x Wᵀ + b``, the residual added in the GEMM's epilogue (a new tensor)."""
-    if onednn_linear():
-        lp = torch.ops.mkldnn._linear_pointwise.binary
-
-        def run(x: Tensor, r: Tensor) -> Tensor:
-            return lp(x.reshape(-1, x.shape[-1]), r.reshape(-1, r.shape[-1]), w, b, "add").view(r.shape)
-        return run
-    return lambda x, r: F.linear(x, w, b).add_(r)
+    """``(x, r) -> r + x Wᵀ + b`` (a new tensor; the add is a separate in-place pass, as above)."""
+    gemm = _linear(w, b)
+    return lambda x, r: gemm(x).add_(r)
 
 
 def _plain_linear(m) -> bool:

@@ -1,5 +1,5 @@
 """The fused CvT block's CPU inference path (fastvit_ops.nn.cvt_inference): oneDNN matmuls with
-fused epilogues (residual add, QuickGELU as SiLU with 1.702 folded), BN-folded one-pass conv
+in-place epilogues (residual add, QuickGELU as SiLU with 1.702 folded), BN-folded one-pass conv
 projections, the fused attention; the same values as the reference block by the 2x rule against
 float64, with and without the oneDNN op; plans rebuilt on any change and dropped when pickling."""
 import copy

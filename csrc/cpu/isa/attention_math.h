@@ -25,8 +25,7 @@ static_assert(NT % (4 * VW) == 0, "a tile is whole blocks of 4 vectors");
 
 // S[j, :] = Σ_e A[j, e] · X[e, :]     (A: M × D row-major, X: D × NT)
 // Register blocking: R rows × 2 vectors of queries of accumulators, one load of X per (e, block).
-// R = 4 with 32 registers; with 16 (AVX2) R = 6, 12 accumulators: 8 left the loop bound by the
-// 4-cycle FMA latency (CvT-13 stage 1, 3136 queries × 784 keys, AVX2: 137 GFLOP/s, eager SDPA 172).
+// 6-row blocks on AVX2 (12 accumulators) measured no faster than 4 in the op (CvT-13 s1).
 template <int R>
 FASTVIT_INLINE void rows_dot_block(const float* __restrict a, const float* __restrict X, float* __restrict S,
                                    int64_t D) {
@@ -51,15 +50,10 @@ FASTVIT_INLINE void rows_dot_block(const float* __restrict a, const float* __res
   }
 }
 
-constexpr int kRowsDotR = kVecRegs >= 32 ? 4 : 6;
-
 void rows_dot_f32(const float* __restrict A, const float* __restrict X, float* __restrict S,
                   int64_t M, int64_t D) {
   int64_t j = 0;
-  for (; j + kRowsDotR <= M; j += kRowsDotR) rows_dot_block<kRowsDotR>(A + j * D, X, S + j * NT, D);
-  if constexpr (kRowsDotR != 4) {
-    for (; j + 4 <= M; j += 4) rows_dot_block<4>(A + j * D, X, S + j * NT, D);
-  }
+  for (; j + 4 <= M; j += 4) rows_dot_block<4>(A + j * D, X, S + j * NT, D);
   for (; j < M; ++j) rows_dot_block<1>(A + j * D, X, S + j * NT, D);
 }
 
