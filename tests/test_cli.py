@@ -1,6 +1,7 @@
 """python -m fastvit_ops {info,check,bench}: they run, report, and fail when an op is wrong."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,19 @@ def test_bench_suites_run(tmp_path):
                                        "PYTHONPATH": os.pathsep.join([str(bench.parent), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert " passed" in r.stdout
+
+
+def test_bench_prints_only_its_own_output(tmp_path):
+    """No library chatter between the tables: torch's "No CUDA runtime is found" warning (printed
+    where CUDA_HOME exists but no GPU does, when Inductor's ISA probe imports cpp_extension), the
+    profiler's USDT lines, kineto's gpuGetDeviceCount error."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}   # a CUDA_HOME without a runtime, as on CI
+    r = subprocess.run([sys.executable, "-m", "fastvit_ops", "bench", "--quick", "--batch", "1", "--no-compile",
+                        "--ops", "sigmoid_cross_modulation", "--models", "fat_b0"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    noise = [line for line in (r.stdout + r.stderr).splitlines()
+             if re.match(r"[WEI]\d{4} ", line) or any(s in line for s in ("USDT", "gpuGetDeviceCount",
+                                                                           "cpp_extension", "CUDA runtime"))]
+    assert not noise, noise
+    assert "sigmoid_cross_modulation" in r.stdout and "fat_b0" in r.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 from typing import Callable, Counter, Iterator
 
@@ -64,7 +65,15 @@ def inductor_vec_isa() -> str:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
     except ImportError:  # pragma: no cover - older torch
         return "unknown"
-    return str(pick_vec_isa()) or "none"
+    # The probe imports torch.utils.cpp_extension, which warns "No CUDA runtime is found" at import
+    # wherever a CUDA toolkit is installed without a GPU: not the bench's business, so not printed.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return str(pick_vec_isa()) or "none"
+    finally:
+        log.setLevel(level)
 
 
 def isolate_inductor_cache() -> str:
