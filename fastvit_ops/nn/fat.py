@@ -26,7 +26,6 @@ from ._amp import autocast_like_conv
 from ._bn import bn_sources, cached_fold, fold_eval_bn, is_eval_bn
 from .dwconv import depthwise_arguments
 from .fat_inference import FASA_ATTRIBUTES
-from .pointwise import pointwise_conv
 
 
 def _depthwise(x: Tensor, conv: nn.Module, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
@@ -114,7 +113,7 @@ def fused_fasa(x: Tensor, fasa: nn.Module) -> Tensor:
             underlying ops raise for a head width d > 128.
     """
     gated = _fasa_gated(x, fasa)  # validates fasa and x first
-    return pointwise_conv(fasa.mixer, gated)
+    return fasa.mixer(gated)
 
 
 def _fasa_gated(x: Tensor, fasa: nn.Module) -> Tensor:
@@ -130,7 +129,7 @@ def _fasa_gated(x: Tensor, fasa: nn.Module) -> Tensor:
     heads, d = int(fasa.num_heads), int(fasa.dim_head)
     if c != heads * d:
         raise ValueError(f"x: expected {heads * d} channels (num_heads {heads} × dim_head {d}), got {c}")
-    q_local = pointwise_conv(fasa.q, x)                                 # Q̂ (B, C, H, W)
+    q_local = fasa.q(x)                                                 # Q̂ (B, C, H, W)
     kv = fasa.kv(_pool(fasa.pool, x))                                   # (B, 2C, H', W')
     m = kv.shape[-2] * kv.shape[-1]
     k, v = kv.reshape(b, 2, heads, d, m).transpose(-1, -2).unbind(1)
@@ -205,9 +204,9 @@ class ConvFFN(_plan.PlannedModule, ref.ConvFFN):
 
 def _ffn_composite(ffn: nn.Module, x: Tensor) -> Tensor:
     """ConvFFN as the reference composes it (autograd, compile, autocast), the inner residual fused."""
-    u = ffn.act(pointwise_conv(ffn.fc1, x))
+    u = ffn.act(ffn.fc1(x))
     u = _dw_residual(ffn.dwconv, u) if ffn.dwconv.stride[0] == 1 else ffn.dwconv(u)
-    return pointwise_conv(ffn.fc2, ffn.bn(u))
+    return ffn.fc2(ffn.bn(u))
 
 
 class FATBlock(_plan.PlannedModule, ref.FATBlock):
