@@ -9,8 +9,11 @@ import os
 import pytest
 import torch
 
+from fastvit_ops.benchmarks.allocator import steady_heap
 from fastvit_ops.benchmarks.implementation import compiled_graphs, describe, fresh_compile, recording
 from fastvit_ops.benchmarks.shapes import default_batch
+
+steady_heap()  # every benchmark timed with the same heap state (fastvit_ops.benchmarks.allocator)
 
 
 def bench_device() -> torch.device:

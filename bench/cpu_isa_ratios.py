@@ -26,6 +26,7 @@ import torch
 import fastvit_ops
 from fastvit_ops.ops import dwconv
 from fastvit_ops.benchmarks import load, op_names, runner
+from fastvit_ops.benchmarks.allocator import steady_heap
 from fastvit_ops.benchmarks.timing import forward_backward_fn, forward_fn, round_orders
 
 PREFIXES = ("FAT-B0", "FCViT-tiny", "CvT-13")
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    steady_heap()  # every column timed with the same heap state (fastvit_ops.benchmarks.allocator)
     dev = torch.device("cpu")
     rows = []
     for op in args.ops.split(","):

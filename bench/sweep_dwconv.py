@@ -29,6 +29,7 @@ import torch
 import fastvit_ops  # noqa: F401  (registers the ops)
 from fastvit_ops.benchmarks import dwconv as cases_mod
 from fastvit_ops.benchmarks.implementation import compiled_graphs, fresh_compile, fused_implementation
+from fastvit_ops.benchmarks.allocator import steady_heap
 from fastvit_ops.benchmarks.runner import environment
 from fastvit_ops.benchmarks.timing import interleaved_median_ms
 
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="write a PNG of speedup vs k here")
     ap.add_argument("--quick", action="store_true", help=f"k in {QUICK_KS}, batch ≤ 2, few repetitions")
     args = ap.parse_args(argv)
+    steady_heap()  # every column timed with the same heap state (fastvit_ops.benchmarks.allocator)
 
     device = torch.device(args.device)
     if args.threads:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import _availability as avail
-from .benchmarks import load, op_names, runner
+from .benchmarks import allocator, load, op_names, runner
 from .benchmarks import models as model_bench
 from .benchmarks.shapes import default_batch
 from .benchmarks.kernel_resources import launched_kernels
@@ -202,6 +202,8 @@ def cmd_bench(args) -> int:
         reps, rounds = args.reps, args.reps
     started = time.time()
     op_rows, model_rows = [], []
+    if args.malloc == "steady":
+        allocator.steady_heap()
     env = runner.environment(dev)
     autocast = _DTYPES[args.autocast] if args.autocast else None
 
@@ -236,7 +238,7 @@ def cmd_bench(args) -> int:
                 p.advance(task)
     gpu = dev.type == "cuda"
     table = Table(title=f"fused ops, batch {batch}, {args.dtype}, {env['device']} ({env['cpu_threads']} threads, "
-                        f"{runner.isa_label(env)})" if not gpu else f"fused ops, batch {batch}, {args.dtype}, {env['device']}")
+                        f"{runner.isa_label(env)}; heap {args.malloc})" if not gpu else f"fused ops, batch {batch}, {args.dtype}, {env['device']}")
     cols = ["op", "shape", "pass", "eager ms", "compile ms", "fused ms", "× eager", "× compile", "max err"]
     with_sdpa = any(r.get("sdpa_ms") is not None for r in op_rows)
     if with_sdpa:
@@ -479,6 +481,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-models", action="store_true", help="skip the end-to-end rows")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op rows (end-to-end rows only)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--malloc", choices=("steady", "glibc"), default="steady",
+                   help="steady (default): pin glibc's heap to a long-running process's state first, so "
+                        "every column and run is timed alike (fastvit_ops.benchmarks.allocator); glibc: "
+                        "leave its defaults, whose state depends on what ran before")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="dtype of the per-op inputs (default fp32)")
     p.add_argument("--autocast", choices=("bf16", "fp16"),
                    help="run the end-to-end rows under torch.autocast in this dtype (default: fp32, no autocast)")

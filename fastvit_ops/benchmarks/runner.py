@@ -12,6 +12,7 @@ from .. import numerics
 from ..numerics import RuleResult, error_rule
 from ..ops.dispatch import backend, backend_available, backend_names, get_backend
 from . import Case, load, op_names
+from . import allocator
 from .implementation import compiled_graphs, fresh_compile, fused_implementation, inductor_vec_isa
 from .models import peak_memory_mib
 from .timing import forward_backward_fn, forward_fn, interleaved_median_ms, max_error
@@ -45,6 +46,7 @@ def environment(device) -> Dict[str, str]:
         info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["onednn_max_cpu_isa"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "") or "default"
         info["inductor_vec_isa"] = inductor_vec_isa()  # what the torch.compile column generates
+        info["malloc"] = allocator.state()  # large buffers from the heap or fresh mmaps (allocator.py)
         try:
             with open("/proc/cpuinfo") as f:
                 for line in f:
