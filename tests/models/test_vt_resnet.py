@@ -143,3 +143,21 @@ def test_bad_input():
     m = models.create("vt_resnet18", reference=True)
     with pytest.raises(ValueError, match="tokens"):
         m.vt[1](torch.randn(1, 512, 4, 4))
+
+
+@pytest.mark.parametrize("channels", [32, 256])
+def test_projector_computes_each_projection_once(channels):
+    """The fused Projector matches the reference with a fusable head (32) and with VT-ResNet's
+    256-1024-wide single head, which takes the reference composite: there too q, k and v are
+    computed once per call (falling back through the reference forward computed them twice)."""
+    torch.manual_seed(0)
+    ref = ref_vt.Projector(channels, 64, value_projection=True, out_channels=channels).eval()
+    fused = fused_vt.Projector(channels, 64, value_projection=True, out_channels=channels).eval()
+    fused.load_state_dict(ref.state_dict())
+    calls = []
+    for name in ("q", "k", "wv"):
+        getattr(fused, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    x, tokens = torch.randn(2, channels, 5, 7), torch.randn(2, 16, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, tokens), ref(x, tokens), rtol=1e-5, atol=1e-5)
+    assert sorted(calls) == ["k", "q", "wv"]
