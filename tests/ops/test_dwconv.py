@@ -1,5 +1,7 @@
 """dwconv2d (docs/dwconv.md) on every backend that runs here, against the float64 eager reference."""
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -818,3 +820,24 @@ def test_half_precision_weight_gradient_of_padding_only_taps(backend):
         (dw,) = torch.autograd.grad(y, w, dy)
         assert torch.isfinite(dw).all(), dw
         assert (dw.reshape(C, 9)[:, [0, 1, 2, 3, 5, 6, 7, 8]] == 0).all(), dw
+
+
+def test_reference_survives_torch_bf16_channels_last_hang():
+    """torch's oneDNN bf16 depthwise forward on a channels_last input never returns at some
+    shapes (k = 31, padding 25, (3, 4, 8, 11); it hung a CI run in the property tests). The
+    reference backend convolves CPU half types in fp32 and rounds once: it must return, and match
+    the fp32 result rounded to bf16. In a subprocess, so a regression fails instead of hanging."""
+    code = ("import torch\n"
+            "from fastvit_ops.ops import dwconv as dw\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "x = torch.randn(3, 4, 8, 11, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)\n"
+            "w, b = torch.randn(4, 1, 31, 31, generator=g).bfloat16(), torch.randn(4, generator=g).bfloat16()\n"
+            "y = dw.reference(x, w, b, 1, 25)\n"
+            "want = torch.nn.functional.conv2d(x.float(), w.float(), b.float(), 1, 25, 1, 4).bfloat16()\n"
+            "assert y.dtype == torch.bfloat16 and torch.equal(y, want)\n"
+            "print('ok')\n")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the reference depthwise conv did not return within 120 s (bf16, channels_last, k = 31)")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
