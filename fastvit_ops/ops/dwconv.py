@@ -68,8 +68,10 @@ def _act_grad(pre: Tensor, act: int) -> Tensor:
 def _depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int) -> Tensor:
     """``F.conv2d(..., groups=C)``; CPU half types through fp32, rounded once to ``x.dtype``: torch
     2.14.1's oneDNN bf16 depthwise forward on a channels_last input never returns at some shapes
-    (k = 31, padding 25, (3, 4, 8, 11): the JIT kernel generation spins; found by the property
-    tests, where it hung CI). fp32 accumulation is what the half-type conv does anyway."""
+    with a large kernel and a padding near k − 1 (k = 31, padding 25 on (3, 4, 8, 11); also k = 31
+    padding 29, k = 21 padding 20; none in 280k draws at k ≤ 9 or "same" padding): its JIT kernel
+    generation spins. Found by the property tests, where it hung CI. fp32 accumulation is what the
+    half-type conv does anyway."""
     if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
         b = None if bias is None else bias.float()
         return F.conv2d(x.float(), weight.float(), b, stride, padding, 1, x.shape[1]).to(x.dtype)
