@@ -825,8 +825,8 @@ def test_half_precision_weight_gradient_of_padding_only_taps(backend):
 def test_reference_survives_torch_bf16_channels_last_hang():
     """torch's oneDNN bf16 depthwise forward on a channels_last input never returns at some
     shapes (k = 31, padding 25, (3, 4, 8, 11); it hung a CI run in the property tests). The
-    reference backend convolves CPU half types in fp32 and rounds once: it must return, and match
-    the fp32 result rounded to bf16. In a subprocess, so a regression fails instead of hanging."""
+    reference backend convolves such bf16 shapes in fp32 and rounds once: it must return, and
+    match the fp32 result rounded to bf16. In a subprocess, so a regression fails instead of hanging."""
     code = ("import torch\n"
             "from fastvit_ops.ops import dwconv as dw\n"
             "g = torch.Generator().manual_seed(0)\n"
