@@ -163,7 +163,7 @@ def _run(fused, eager, inputs, backend, seed, variants=()):
 
 
 def check_op(label: str, fused: Callable, eager: Callable, make: Callable[[int], Sequence[torch.Tensor]],
-             backend: str, seed: int, variants: Sequence = ()) -> None:
+             backend: str, seed: int, variants: Sequence = (), fp64_rtol: float = 1e-10) -> None:
     """Run ``fused`` on ``backend`` on ``make(seed)`` and compare outputs and input gradients as the
     module docstring says.
 
@@ -187,8 +187,8 @@ def check_op(label: str, fused: Callable, eager: Callable, make: Callable[[int],
     if first[0].dtype == torch.float64:
         for name, a, b in zip(names, got, runs[0][3]):
             finite = b[torch.isfinite(b)]
-            tol = 1e-10 * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=tol, equal_nan=True,
+            tol = fp64_rtol * max(1.0, finite.abs().max().item() if finite.numel() else 1.0)
+            torch.testing.assert_close(a, b, rtol=fp64_rtol, atol=tol, equal_nan=True,
                                        msg=lambda m: f"{label} {name}: {m}")
         return
     smallest = min((t.numel() for t in got if t.numel()), default=POOL_ELEMENTS)

@@ -256,6 +256,13 @@ def _gc_inputs(c, seed):
     return x, ab, mlp
 
 
+def _gc_fp64_rtol(c) -> float:
+    """float64 at a mean of 300 over unit spread: the statistics' sums cancel ~300² (10⁵), so two
+    equally good float64 evaluations differ by ~1e-11 relative, more on a 2-value map (CI drew
+    G·H·W = 2 with gradients 1.5e-9 apart): 1e-8 there, the default 1e-10 elsewhere."""
+    return 1e-8 if c["kind"] == "large_mean" else 1e-10
+
+
 @given(gc_case(mlp=False))
 def test_token_global_similarity(c):
     G, eps = c["G"], c["eps"]
@@ -266,7 +273,7 @@ def test_token_global_similarity(c):
     check_op(f"token_global_similarity {c}",
              lambda x, a, b: fastvit_ops.token_global_similarity(x, a, b, G, eps),
              lambda x, a, b: gcm.reference(x, a, b, G, eps), make, c["backend"], c["seed"],
-             [((transpose_hw, keep, keep), (transpose_hw,))])
+             [((transpose_hw, keep, keep), (transpose_hw,))], fp64_rtol=_gc_fp64_rtol(c))
 
 
 @given(gc_case(mlp=True))
@@ -283,4 +290,4 @@ def test_global_context(c):
     def eager(x, w1, b1, w2, b2, a, b):
         return gcm.reference(x, a, b, G, eps, (w1, b1, w2, b2))
     check_op(f"global_context {c}", fused, eager, make, c["backend"], c["seed"],
-             [((transpose_hw,) + (keep,) * 6, (transpose_hw,))])
+             [((transpose_hw,) + (keep,) * 6, (transpose_hw,))], fp64_rtol=_gc_fp64_rtol(c))
