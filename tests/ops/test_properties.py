@@ -257,10 +257,11 @@ def _gc_inputs(c, seed):
 
 
 def _gc_fp64_rtol(c) -> float:
-    """float64 at a mean of 300 over unit spread: the statistics' sums cancel ~300² (10⁵), so two
-    equally good float64 evaluations differ by ~1e-11 relative, more on a 2-value map (CI drew
-    G·H·W = 2 with gradients 1.5e-9 apart): 1e-8 there, the default 1e-10 elsewhere."""
-    return 1e-8 if c["kind"] == "large_mean" else 1e-10
+    """float64 at a mean of 300 over unit spread: the statistics' sums cancel ~300² (10⁵), and on a
+    2-value map by as much as the two values are close, so two equally good float64 evaluations
+    differ well above 1e-10 (CI drew G·H·W = 2 twice: gradients 1.5e-9 and 1.2e-8 apart,
+    relative): 1e-7 there, the default 1e-10 elsewhere."""
+    return 1e-7 if c["kind"] == "large_mean" else 1e-10
 
 
 @given(gc_case(mlp=False))
