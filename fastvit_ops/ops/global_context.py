@@ -230,17 +230,16 @@ KERNELS = {
 
 
 # ---- forward / backward drivers (below autograd: no autograd calls) -----------------------------
-# forward(x, mlp, alpha, beta, groups, eps, residual) -> (out NCHW-contiguous, g, stats)
-# backward(grad, x, g, stats, mlp, alpha, beta, groups, eps, residual)
-#     -> (dx NCHW-contiguous, dalpha, dbeta[, dfc1_w, dfc1_b, dfc2_w, dfc2_b])
-# ``mlp`` is (fc1_w, fc1_b, fc2_w, fc2_b) for global_context, None for the similarity alone.
 #: Maps of at most this many values per sample (G·H·W) run the fp32 forward in float64, as the C++
 #: kernel does (``kTinyMap``): over a handful of similarities one fp32 rounding moves
 #: Ŝ = (D − mean)/σ by as much as σ is small (the reference backend measured 2-4x eager's error
 #: there on single elements).
 TINY_MAP = 64
 
-
+# forward(x, mlp, alpha, beta, groups, eps, residual) -> (out NCHW-contiguous, g, stats)
+# backward(grad, x, g, stats, mlp, alpha, beta, groups, eps, residual)
+#     -> (dx NCHW-contiguous, dalpha, dbeta[, dfc1_w, dfc1_b, dfc2_w, dfc2_b])
+# ``mlp`` is (fc1_w, fc1_b, fc2_w, fc2_b) for global_context, None for the similarity alone.
 def _glue_forward(kernels, x, mlp, alpha, beta, groups, eps, residual):
     if x.dtype == torch.float32 and x.dim() == 4 and groups * x.shape[2] * x.shape[3] <= TINY_MAP:
         wide = torch.float64

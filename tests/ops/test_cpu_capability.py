@@ -154,8 +154,8 @@ def test_op_tests_pass_at_capability(capability):
     if capability == max(runnable(), key=ORDER.index) and not os.environ.get("FASTVIT_OPS_CPU_CAPABILITY"):
         pytest.skip("the best capability is the one the rest of the suite runs at")
     # test_dwconv.py, test_attention.py: each capability has its own register blocks and kernel
-    # choices (e.g. AVX2's two-row dwconv blocks, its rows/flat forward rule, its 6-row attention
-    # dot products), which run only here on a machine with a higher capability.
+    # choices (e.g. AVX2's two-row dwconv blocks, its rows/flat forward rule, its 6 x 2 attention
+    # cols_dot blocks), which run only here on a machine with a higher capability.
     # Not the attention's fp32 error-rule test: it fails now and then on one outlier element on
     # every capability (2-4% of runs here, the known defect of test_known_defects.py); the main
     # suite runs it once, at the best capability, and the float64 tests and gradchecks here cover
