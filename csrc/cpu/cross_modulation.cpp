@@ -7,11 +7,15 @@
 
 #include "cpu/cross_modulation.h"
 
+#include <vector>
+
 namespace fastvit_ops {
 namespace cpu {
 
 PerDtype<CrossModForward> cross_modulation_forward;
 PerDtype<CrossModBackward> cross_modulation_backward;
+PerDtype<CrossModForwardPartials> cross_modulation_forward_partials;
+PerDtype<CrossModScale> cross_modulation_scale;
 
 namespace {
 constexpr int64_t kGrain = 16384;  // elements per task: amortizes the OpenMP fork
@@ -67,6 +71,61 @@ std::tuple<at::Tensor, at::Tensor> cross_modulation_bwd(const at::Tensor& grad, 
     });
   });
   return {dlocal, dglobal};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modulation_fwd_partials(const at::Tensor& local,
+                                                                           const at::Tensor& global, int64_t mode,
+                                                                           bool need_local, bool need_global) {
+  check_inputs("_cross_modulation_forward", {local, global});
+  TORCH_CHECK(mode == 0 || mode == 1, "_cross_modulation_forward: mode must be 0 or 1");
+  TORCH_CHECK(local.scalar_type() == at::kFloat || local.scalar_type() == at::kDouble,
+              "cross_modulation_fwd_partials: float32 or float64 only");
+  at::Tensor out = at::empty_like(local);
+  at::Tensor pl = need_local ? at::empty_like(local) : at::Tensor();
+  at::Tensor pg = need_global ? at::empty_like(local) : at::Tensor();
+  const int64_t n = local.numel();
+  const bool full = mode == 1;
+  AT_DISPATCH_FLOATING_TYPES(local.scalar_type(), "cross_mod_fwd_partials", [&] {
+    const auto kernel = cross_modulation_forward_partials.of<scalar_t>().get();
+    const scalar_t* l = local.const_data_ptr<scalar_t>();
+    const scalar_t* g = global.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    scalar_t* a = need_local ? pl.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* b = need_global ? pg.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      kernel(l + begin, g + begin, o + begin, a ? a + begin : nullptr, b ? b + begin : nullptr, end - begin, full);
+    });
+  });
+  return {out, pl, pg};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_modulation_bwd_partials(const at::Tensor& grad, const at::Tensor& pl,
+                                                                 const at::Tensor& pg) {
+  const at::Tensor& like = pl.defined() ? pl : pg;
+  std::vector<at::Tensor> ts{grad};
+  if (pl.defined()) ts.push_back(pl);
+  if (pg.defined()) ts.push_back(pg);
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes() &&
+                    t.strides() == like.strides() && t.is_non_overlapping_and_dense(),
+                "cross_modulation_bwd_partials: inputs must share dtype, shape and dense strides");
+  }
+  at::Tensor dl = pl.defined() ? at::empty_like(pl) : at::Tensor();
+  at::Tensor dg = pg.defined() ? at::empty_like(pg) : at::Tensor();
+  const int64_t n = like.numel();
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "cross_mod_bwd_partials", [&] {
+    const auto kernel = cross_modulation_scale.of<scalar_t>().get();
+    const scalar_t* dy = grad.const_data_ptr<scalar_t>();
+    const scalar_t* a = pl.defined() ? pl.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = pg.defined() ? pg.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* da = pl.defined() ? dl.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* db = pg.defined() ? dg.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      kernel(dy + begin, a ? a + begin : nullptr, b ? b + begin : nullptr, da ? da + begin : nullptr,
+             db ? db + begin : nullptr, end - begin);
+    });
+  });
+  return {dl, dg};
 }
 
 TORCH_LIBRARY_IMPL(fastvit_ops, CPU, m) {

@@ -237,8 +237,10 @@ def test_dispatch_runs_the_requested_backend(monkeypatch, without_cpu_rules):
 @pytest.mark.parametrize("mode", MODES)
 def test_eager_cpu_fast_path_matches_custom_op(dtype, mode, without_cpu_rules):
     """Plain eager CPU calls on one contiguous or channels_last layout take the C++ autograd node
-    (_cross_modulation_autograd); forward and both gradients equal the custom op's, including
-    partial gradients and an incoming gradient of another layout."""
+    (_cross_modulation_autograd); its forward equals the custom op's bitwise and both gradients
+    equal them (bitwise for half types; to rounding in fp32/fp64, whose node multiplies saved
+    partials instead of recomputing), including partial gradients and an incoming gradient of
+    another layout."""
     shape = (2, 5, 7, 3)
     for cl, dy_cl in [(False, False), (True, True), (False, True), (True, False)]:
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -255,11 +257,38 @@ def test_eager_cpu_fast_path_matches_custom_op(dtype, mode, without_cpu_rules):
             want_y = cm._op(*ins2, mode, "cpu")
             want = torch.autograd.grad(want_y, [t for t in ins2 if t.requires_grad], dy)
             torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+            exact = dtype == torch.bfloat16
             for a, c in zip(got, want):
-                torch.testing.assert_close(a, c, rtol=0, atol=0)
+                torch.testing.assert_close(a, c, rtol=0 if exact else None, atol=0 if exact else None)
     with torch.inference_mode():  # below autograd: the forward alone
         torch.testing.assert_close(fastvit_ops.sigmoid_cross_modulation(l, g, mode), cm._op(l, g, mode, "cpu"),
                                    rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_cpu_fast_path_saves_partials(dtype, mode, without_cpu_rules):
+    """In fp32/fp64 training the C++ node saves ∂out/∂local and ∂out/∂global (written by the
+    forward) for the inputs that need a gradient, never the inputs themselves."""
+    for grads in ((True, True), (True, False), (False, True)):
+        l, g = (t.to(dtype).detach().requires_grad_(r) for t, r in zip(inputs((2, 3, 5, 4), scale=4.0), grads))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fastvit_ops.sigmoid_cross_modulation(l, g, mode)
+        assert type(y.grad_fn).__name__ == "CppFunction"
+        le, ge = l.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+        ye = eager(le, ge, mode)
+        want = [torch.autograd.grad(ye, t, torch.ones_like(ye), retain_graph=True)[0].to(dtype)
+                for t, r in zip((le, ge), grads) if r]
+        assert len(saved) == len(want)
+        for t, w in zip(saved, want):
+            assert t.data_ptr() not in (l.data_ptr(), g.data_ptr())
+            torch.testing.assert_close(t, w)
+        dy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [t for t, r in zip((l, g), grads) if r], dy)
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, dy * w)
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")

@@ -4,6 +4,9 @@
 // converted to fp32 in L1-sized chunks, fp64 with libm (the gradcheck path).
 //   forward   out = SiLU(l)·SiLU(g)           (full: a = SiLU(SiLU(l)) in place of SiLU(l))
 //   backward  dl = dy·SiLU(g)·SiLU'(l)        dg = dy·SiLU(l)·SiLU'(g)   (chain rule through a)
+// Training in fp32/fp64 takes the partials path: the forward also writes ∂out/∂l and ∂out/∂g
+// (forward_partials) and the backward is two products (scale_by_partials). The exps and the
+// division then run once per element instead of twice; the op's compute, not its traffic, bounds it.
 #include "cpu/cross_modulation.h"
 #include "cpu/isa/vec.h"
 
@@ -23,7 +26,11 @@ void forward_f32(const float* l, const float* g, float* out, int64_t n, bool ful
     fVec sl, sg;
     sigmoid2(lv, gv, sl, sg);
     fVec a = lv * sl;
-    if (full) a = a * sigmoid(a);
+    if (full) {
+      fVec sa, ca;  // σ rounded as the training forward (forward_partials_f32) rounds it
+      sigmoid_c(a, sa, ca);
+      a = a * sa;
+    }
     (a * gv * sg).store(out + i, m);
   }
 }
@@ -46,6 +53,48 @@ void backward_f32(const float* dy, const float* l, const float* g, float* dl, fl
     }
     (dv * gv * sg * da).store(dl + i, m);
     (dv * a * sg * vfma(gv, cg, one)).store(dg + i, m);
+  }
+}
+
+// out and the partials pl = ∂out/∂l, pg = ∂out/∂g (either may be null: that input needs no gradient).
+void forward_partials_f32(const float* l, const float* g, float* out, float* pl, float* pg, int64_t n,
+                          bool full) {
+  constexpr int64_t W = fVec::size();
+  const fVec one(1.0f);
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min(W, n - i);
+    const fVec lv = fVec::loadu(l + i, m), gv = fVec::loadu(g + i, m);
+    fVec sl, sg, cl, cg;
+    sigmoid2_c(lv, gv, sl, sg, cl, cg);
+    fVec a = lv * sl;
+    fVec da = sl * vfma(lv, cl, one);  // SiLU'(l)
+    if (full) {
+      fVec sa, ca;
+      sigmoid_c(a, sa, ca);
+      da = da * sa * vfma(a, ca, one);
+      a = a * sa;
+    }
+    (a * gv * sg).store(out + i, m);  // as forward_f32 rounds it: training and eval agree bitwise
+    if (pl != nullptr) (gv * sg * da).store(pl + i, m);
+    if (pg != nullptr) (a * sg * vfma(gv, cg, one)).store(pg + i, m);
+  }
+}
+
+// dl = dy·pl, dg = dy·pg (a null partial: no gradient for that input).
+void scale_f32(const float* dy, const float* pl, const float* pg, float* dl, float* dg, int64_t n) {
+  constexpr int64_t W = fVec::size();
+  for (int64_t i = 0; i < n; i += W) {
+    const int64_t m = std::min(W, n - i);
+    const fVec d = fVec::loadu(dy + i, m);
+    if (pl != nullptr) (d * fVec::loadu(pl + i, m)).store(dl + i, m);
+    if (pg != nullptr) (d * fVec::loadu(pg + i, m)).store(dg + i, m);
+  }
+}
+
+void scale_f64(const double* dy, const double* pl, const double* pg, double* dl, double* dg, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (pl != nullptr) dl[i] = dy[i] * pl[i];
+    if (pg != nullptr) dg[i] = dy[i] * pg[i];
   }
 }
 
@@ -73,6 +122,24 @@ void backward_f64(const double* dy, const double* l, const double* g, double* dl
     const double sg = sigmoid_f64(g[i]);
     dl[i] = dy[i] * g[i] * sg * da;
     dg[i] = dy[i] * a * sg * (1.0 + g[i] * (1.0 - sg));
+  }
+}
+
+void forward_partials_f64(const double* l, const double* g, double* out, double* pl, double* pg, int64_t n,
+                          bool full) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double sl = sigmoid_f64(l[i]);
+    double a = l[i] * sl;
+    double da = sl * (1.0 + l[i] * (1.0 - sl));
+    if (full) {
+      const double sa = sigmoid_f64(a);
+      da = da * sa * (1.0 + a * (1.0 - sa));
+      a = a * sa;
+    }
+    const double sg = sigmoid_f64(g[i]);
+    out[i] = a * g[i] * sg;
+    if (pl != nullptr) pl[i] = g[i] * sg * da;
+    if (pg != nullptr) pg[i] = a * sg * (1.0 + g[i] * (1.0 - sg));
   }
 }
 
@@ -120,6 +187,10 @@ FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<float>(), &forward_kerne
 FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<double>(), &forward_kernel<double>);
 FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<c10::Half>(), &forward_kernel<c10::Half>);
 FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward.of<c10::BFloat16>(), &forward_kernel<c10::BFloat16>);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward_partials.of<float>(), &forward_partials_f32);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_forward_partials.of<double>(), &forward_partials_f64);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_scale.of<float>(), &scale_f32);
+FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_scale.of<double>(), &scale_f64);
 FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<float>(), &backward_kernel<float>);
 FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<double>(), &backward_kernel<double>);
 FASTVIT_REGISTER_CPU_KERNEL(cross_modulation_backward.of<c10::Half>(), &backward_kernel<c10::Half>);

@@ -200,8 +200,9 @@ FASTVIT_INLINE void sigmoid2(fVec a, fVec b, fVec& sa, fVec& sb) {
   const fVec ea = exp_nonpos(zero - vabs(a)), eb = exp_nonpos(zero - vabs(b));
   const fVec da = one + ea, db = one + eb;
   const fVec inv = one / (da * db);
-  sa = vselect(vge(a, zero), one, ea) * db * inv;
-  sb = vselect(vge(b, zero), one, eb) * da * inv;
+  const fVec ia = db * inv, ib = da * inv;  // rounded as in sigmoid2_c, so both give the same σ
+  sa = vselect(vge(a, zero), one, ea) * ia;
+  sb = vselect(vge(b, zero), one, eb) * ib;
 }
 
 // sigmoid2 with the complements ca = 1 − σ(a), cb = 1 − σ(b) (see sigmoid_c).
