@@ -5,7 +5,7 @@
 //   forward   out = SiLU(l)·SiLU(g)           (full: a = SiLU(SiLU(l)) in place of SiLU(l))
 //   backward  dl = dy·SiLU(g)·SiLU'(l)        dg = dy·SiLU(l)·SiLU'(g)   (chain rule through a)
 // Training in fp32/fp64 takes the partials path: the forward also writes ∂out/∂l and ∂out/∂g
-// (forward_partials) and the backward is two products (scale_by_partials). The exps and the
+// (forward_partials) and the backward is two products (scale_f32 / scale_f64). The exps and the
 // division then run once per element instead of twice; the op's compute, not its traffic, bounds it.
 #include "cpu/cross_modulation.h"
 #include "cpu/isa/vec.h"
@@ -35,24 +35,32 @@ void forward_f32(const float* l, const float* g, float* out, int64_t n, bool ful
   }
 }
 
+// What both gradients are built from: a = SiLU(l) (full: SiLU(SiLU(l))), da = ∂a/∂l, sg = σ(g) and
+// kg = 1 + g·(1 − σ(g)), so SiLU'(g) = sg·kg.
+FASTVIT_INLINE void gradient_parts(fVec lv, fVec gv, bool full, fVec& a, fVec& da, fVec& sg, fVec& kg) {
+  const fVec one(1.0f);
+  fVec sl, cl, cg;  // σ and 1 − σ, the latter without cancellation (vec.h sigmoid_c)
+  sigmoid2_c(lv, gv, sl, sg, cl, cg);
+  a = lv * sl;
+  da = sl * vfma(lv, cl, one);  // SiLU'(l)
+  if (full) {
+    fVec sa, ca;
+    sigmoid_c(a, sa, ca);
+    da = da * sa * vfma(a, ca, one);
+    a = a * sa;
+  }
+  kg = vfma(gv, cg, one);
+}
+
 void backward_f32(const float* dy, const float* l, const float* g, float* dl, float* dg, int64_t n, bool full) {
   constexpr int64_t W = fVec::size();
-  const fVec one(1.0f);
   for (int64_t i = 0; i < n; i += W) {
     const int64_t m = std::min(W, n - i);
     const fVec dv = fVec::loadu(dy + i, m), lv = fVec::loadu(l + i, m), gv = fVec::loadu(g + i, m);
-    fVec sl, sg, cl, cg;  // σ and 1 − σ, the latter without cancellation (vec.h sigmoid_c)
-    sigmoid2_c(lv, gv, sl, sg, cl, cg);
-    fVec a = lv * sl;
-    fVec da = sl * vfma(lv, cl, one);  // SiLU'(l)
-    if (full) {
-      fVec sa, ca;
-      sigmoid_c(a, sa, ca);
-      da = da * sa * vfma(a, ca, one);
-      a = a * sa;
-    }
+    fVec a, da, sg, kg;
+    gradient_parts(lv, gv, full, a, da, sg, kg);
     (dv * gv * sg * da).store(dl + i, m);
-    (dv * a * sg * vfma(gv, cg, one)).store(dg + i, m);
+    (dv * a * sg * kg).store(dg + i, m);
   }
 }
 
@@ -60,23 +68,14 @@ void backward_f32(const float* dy, const float* l, const float* g, float* dl, fl
 void forward_partials_f32(const float* l, const float* g, float* out, float* pl, float* pg, int64_t n,
                           bool full) {
   constexpr int64_t W = fVec::size();
-  const fVec one(1.0f);
   for (int64_t i = 0; i < n; i += W) {
     const int64_t m = std::min(W, n - i);
     const fVec lv = fVec::loadu(l + i, m), gv = fVec::loadu(g + i, m);
-    fVec sl, sg, cl, cg;
-    sigmoid2_c(lv, gv, sl, sg, cl, cg);
-    fVec a = lv * sl;
-    fVec da = sl * vfma(lv, cl, one);  // SiLU'(l)
-    if (full) {
-      fVec sa, ca;
-      sigmoid_c(a, sa, ca);
-      da = da * sa * vfma(a, ca, one);
-      a = a * sa;
-    }
+    fVec a, da, sg, kg;
+    gradient_parts(lv, gv, full, a, da, sg, kg);
     (a * gv * sg).store(out + i, m);  // as forward_f32 rounds it: training and eval agree bitwise
     if (pl != nullptr) (gv * sg * da).store(pl + i, m);
-    if (pg != nullptr) (a * sg * vfma(gv, cg, one)).store(pg + i, m);
+    if (pg != nullptr) (a * sg * kg).store(pg + i, m);
   }
 }
 
@@ -108,38 +107,38 @@ void forward_f64(const double* l, const double* g, double* out, int64_t n, bool 
   }
 }
 
+// gradient_parts in double: a, da = ∂a/∂l, sg = σ(g), kg = 1 + g·(1 − σ(g)).
+void gradient_parts_f64(double l, double g, bool full, double& a, double& da, double& sg, double& kg) {
+  const double sl = sigmoid_f64(l);
+  a = l * sl;
+  da = sl * (1.0 + l * (1.0 - sl));
+  if (full) {
+    const double sa = sigmoid_f64(a);
+    da = da * sa * (1.0 + a * (1.0 - sa));
+    a = a * sa;
+  }
+  sg = sigmoid_f64(g);
+  kg = 1.0 + g * (1.0 - sg);
+}
+
 void backward_f64(const double* dy, const double* l, const double* g, double* dl, double* dg, int64_t n,
                   bool full) {
   for (int64_t i = 0; i < n; ++i) {
-    const double sl = sigmoid_f64(l[i]);
-    double a = l[i] * sl;
-    double da = sl * (1.0 + l[i] * (1.0 - sl));
-    if (full) {
-      const double sa = sigmoid_f64(a);
-      da = da * sa * (1.0 + a * (1.0 - sa));
-      a = a * sa;
-    }
-    const double sg = sigmoid_f64(g[i]);
+    double a, da, sg, kg;
+    gradient_parts_f64(l[i], g[i], full, a, da, sg, kg);
     dl[i] = dy[i] * g[i] * sg * da;
-    dg[i] = dy[i] * a * sg * (1.0 + g[i] * (1.0 - sg));
+    dg[i] = dy[i] * a * sg * kg;
   }
 }
 
 void forward_partials_f64(const double* l, const double* g, double* out, double* pl, double* pg, int64_t n,
                           bool full) {
   for (int64_t i = 0; i < n; ++i) {
-    const double sl = sigmoid_f64(l[i]);
-    double a = l[i] * sl;
-    double da = sl * (1.0 + l[i] * (1.0 - sl));
-    if (full) {
-      const double sa = sigmoid_f64(a);
-      da = da * sa * (1.0 + a * (1.0 - sa));
-      a = a * sa;
-    }
-    const double sg = sigmoid_f64(g[i]);
+    double a, da, sg, kg;
+    gradient_parts_f64(l[i], g[i], full, a, da, sg, kg);
     out[i] = a * g[i] * sg;
     if (pl != nullptr) pl[i] = g[i] * sg * da;
-    if (pg != nullptr) pg[i] = a * sg * (1.0 + g[i] * (1.0 - sg));
+    if (pg != nullptr) pg[i] = a * sg * kg;
   }
 }
 
