@@ -25,7 +25,12 @@ OWNER = {"cpu": "the C++ attention kernels, csrc/cpu/attention.cpp (issue 12)",
 
 def _defect(backend, request, what):
     if ("downsampled_attention", backend) in KNOWN_DEFECTS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{what}: {OWNER[backend]}"))
+        # Strict for our C++ kernels. Not for Triton here: on CPU it runs in the interpreter, whose
+        # fp32 math is NumPy's, so its error at one seed moves with the environment (the same
+        # kernel failed the rule in earlier CI runs and passed it on a fresh machine with NumPy
+        # 2.4.6 and triton 3.8.0, unchanged); the GPU tests judge the compiled kernel.
+        strict = backend != "triton"
+        request.applymarker(pytest.mark.xfail(strict=strict, reason=f"{what}: {OWNER[backend]}"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
