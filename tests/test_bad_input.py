@@ -248,16 +248,10 @@ def no_hang():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", sorted(CASES))
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-def test_non_finite_inputs_propagate(op, value, backend, no_hang, request):
+def test_non_finite_inputs_propagate(op, value, backend, no_hang):
     """One non-finite element in the first input: the op returns (no crash, no hang), its outputs
     are non-finite exactly where eager PyTorch's are (NaN or ±inf: SiLU(−inf) is NaN in eager, −inf
     in a kernel that computes x / (1 + e^−x); neither is finite), and the backward runs."""
-    if op == "dwconv2d" and backend == "cpu" and value != value:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "defect in the C++ dwconv forward with the SiLU epilogue (csrc/cpu/dwconv.cpp, issue 12): "
-            "one NaN input at a 7×6 plane's corner (k = 5) makes 15 outputs NaN where eager has 9, six "
-            "of them outside the 5×5 window (outputs (3..5, 4..5) from input (0, 0)); no epilogue or "
-            "GELU: 9, as eager")))
     gen = torch.Generator().manual_seed(1)
     fn, ins = CASES[op](gen, torch.float32, 2)
     with torch.no_grad():

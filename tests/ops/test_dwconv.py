@@ -232,6 +232,30 @@ def test_backward_float32_small_planes_every_epilogue(layout):
                                                        msg=f"{name} {label}")
 
 
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_reaches_only_the_outputs_that_see_it(backend, k, act, channels_last):
+    """A few NaN inputs make exactly eager's outputs NaN: the C++ epilogues compute two vectors of
+    unrelated outputs with one shared division, which once carried a NaN lane into the other
+    vector (15 NaN outputs where eager had 9). Random positions, planes of several vectors."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 8, 5, 37).contiguous(memory_format=fmt)
+    flat = x.permute(0, 2, 3, 1) if channels_last else x
+    for i in torch.randperm(x.numel())[:3].tolist():
+        flat.reshape(-1)[i] = float("nan")
+    w, b = torch.randn(8, 1, k, k), torch.randn(8)
+    want = torch.isnan(dw.reference(x, w, b, activation=act))
+    with fastvit_ops.backend(backend):
+        with torch.no_grad():
+            got = torch.isnan(dwconv2d(x, w, b, activation=act))
+        y = dwconv2d(x.clone().requires_grad_(), w, b, activation=act)
+    assert want.any()
+    assert torch.equal(got, want), f"NaN at {int(got.sum())} outputs, eager at {int(want.sum())}"
+    assert torch.equal(torch.isnan(y), want)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_channels_last_output_and_in_place_forward(channels_last):
     """The C++ forward returns x's layout (the channel-blocked fp32 path writes channels_last

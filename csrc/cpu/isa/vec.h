@@ -232,20 +232,27 @@ FASTVIT_INLINE fVec erf_poly(fVec t, fVec az, fVec z) {
 }
 
 // GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)) (exact, erf) for two vectors sharing one division. |z| is
-// clamped at 9, where erf is 1 in fp32, so da·db stays finite.
+// clamped at 9, where erf is 1 in fp32, so da·db stays finite; a NaN lane is clamped to 9 as well
+// (the comparison is false), so it cannot reach the other vector's lane through the shared
+// division (its own result stays NaN through the factor x).
 FASTVIT_INLINE void gelu2(fVec& a, fVec& b) {
   const fVec k(0.70710678118654752f), half(0.5f), one(1.0f), c(0.3275911f), nine(9.0f);
   const fVec za = a * k, zb = b * k;
-  const fVec xa = vmin(vabs(za), nine), xb = vmin(vabs(zb), nine);
+  const fVec aza = vabs(za), azb = vabs(zb);
+  const fVec xa = vselect(vlt(aza, nine), aza, nine), xb = vselect(vlt(azb, nine), azb, nine);
   const fVec da = vfma(c, xa, one), db = vfma(c, xb, one);
   const fVec inv = one / (da * db);
   a = half * a * (one + erf_poly(db * inv, xa, za));
   b = half * b * (one + erf_poly(da * inv, xb, zb));
 }
 
+// SiLU of two vectors of unrelated elements sharing one division (sigmoid2): a NaN lane enters as
+// 0, so it cannot make the other vector's lane NaN through that division; its own result stays
+// NaN through the factor x.
 FASTVIT_INLINE void silu2(fVec& a, fVec& b) {
+  const fVec zero(0.0f);
   fVec sa, sb;
-  sigmoid2(a, b, sa, sb);
+  sigmoid2(vselect(vge(a, a), a, zero), vselect(vge(b, b), b, zero), sa, sb);
   a = a * sa;
   b = b * sb;
 }
