@@ -7,8 +7,6 @@
 
 #include "cpu/cross_modulation.h"
 
-#include <vector>
-
 namespace fastvit_ops {
 namespace cpu {
 
@@ -101,15 +99,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_modulation_fwd_partials(con
 
 std::tuple<at::Tensor, at::Tensor> cross_modulation_bwd_partials(const at::Tensor& grad, const at::Tensor& pl,
                                                                  const at::Tensor& pg) {
+  TORCH_CHECK(pl.defined() || pg.defined(), "cross_modulation_bwd_partials: no partial to scale");
   const at::Tensor& like = pl.defined() ? pl : pg;
-  std::vector<at::Tensor> ts{grad};
-  if (pl.defined()) ts.push_back(pl);
-  if (pg.defined()) ts.push_back(pg);
-  for (const auto& t : ts) {
-    TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.sizes() == like.sizes() &&
-                    t.strides() == like.strides() && t.is_non_overlapping_and_dense(),
-                "cross_modulation_bwd_partials: inputs must share dtype, shape and dense strides");
-  }
+  if (pl.defined() && pg.defined()) check_inputs("cross_modulation_bwd_partials", {grad, pl, pg});
+  else check_inputs("cross_modulation_bwd_partials", {grad, like});
   at::Tensor dl = pl.defined() ? at::empty_like(pl) : at::Tensor();
   at::Tensor dg = pg.defined() ? at::empty_like(pg) : at::Tensor();
   const int64_t n = like.numel();

@@ -21,8 +21,7 @@ struct CrossModAutograd : public torch::autograd::Function<CrossModAutograd> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& local,
                             const at::Tensor& global, int64_t mode, bool need_local, bool need_global) {
     const auto dtype = local.scalar_type();
-    const bool partials = (need_local || need_global) && (dtype == at::kFloat || dtype == at::kDouble) &&
-                          global.scalar_type() == dtype;
+    const bool partials = (need_local || need_global) && (dtype == at::kFloat || dtype == at::kDouble);
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["partials"] = partials;
     if (!partials) {
