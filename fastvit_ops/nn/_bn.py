@@ -7,6 +7,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._plan import tensor_version
+
 
 def is_eval_bn(bn) -> bool:
     """An eval-mode BatchNorm (``BatchNorm2d`` or the authors' ``SyncBatchNorm``) with running stats."""
@@ -59,15 +61,15 @@ def _source_key(t: Optional[Tensor]):
     match), and its data pointer, version counter, dtype, device, shape and strides."""
     if t is None:
         return None
-    return (weakref.ref(t), weakref.ref(t.untyped_storage()), t.data_ptr(), t._version, t.dtype, t.device,
-            tuple(t.shape), t.stride())
+    return (weakref.ref(t), weakref.ref(t.untyped_storage()), t.data_ptr(), tensor_version(t), t.dtype,
+            t.device, tuple(t.shape), t.stride())
 
 
 def _same(key, t: Optional[Tensor]) -> bool:
     if key is None or t is None:
         return key is None and t is None
     return (key[0]() is t and key[1]() is t.untyped_storage()
-            and key[2:] == (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape), t.stride()))
+            and key[2:] == (t.data_ptr(), tensor_version(t), t.dtype, t.device, tuple(t.shape), t.stride()))
 
 
 def cached_fold(owner: nn.Module, name: str, sources: Sequence[Optional[Tensor]],

@@ -11,6 +11,7 @@ hyperparameters rebuild it before it can run stale; it is dropped when pickling
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -18,6 +19,20 @@ from torch import Tensor, nn
 
 _PLAN = "_fastvit_ops_plan"
 _SCALARS = (bool, int, float, str, tuple, type(None))
+
+
+def tensor_version(t: Tensor):
+    """``t``'s version counter, for cache keys; for an inference tensor (made under
+    ``torch.inference_mode``, e.g. a model created or loaded there), which has none and can be
+    written in place unseen, a fresh object that equals nothing: caches keyed on it recompute on
+    every call (correct, slower; a one-time warning says so)."""
+    if not t.is_inference():
+        return t._version
+    warnings.warn("fastvit_ops: a parameter or buffer is an inference tensor (created or loaded under "
+                  "torch.inference_mode): its in-place changes cannot be detected, so the fused modules "
+                  "rebuild their inference plans and BN folds on every call (slower). Create or load the "
+                  "model outside inference_mode (running it inside is fine).", RuntimeWarning, stacklevel=3)
+    return object()
 
 
 def applies(x: Tensor, module: nn.Module) -> bool:
@@ -51,9 +66,9 @@ def state_key(module: nn.Module) -> tuple:
             if k[0] != "_" and isinstance(v, _SCALARS):
                 add((k, v))
         for t in m._parameters.values():
-            add(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.requires_grad))
+            add(None if t is None else (id(t), t.data_ptr(), tensor_version(t), t.dtype, t.device, t.requires_grad))
         for t in m._buffers.values():
-            add(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.requires_grad))
+            add(None if t is None else (id(t), t.data_ptr(), tensor_version(t), t.dtype, t.device, t.requires_grad))
     return tuple(key)
 
 

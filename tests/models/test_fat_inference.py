@@ -281,3 +281,25 @@ def test_converted_model_pickles_after_inference(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
         torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+
+
+def test_model_made_under_inference_mode_runs_and_follows_edits():
+    """Issue reproducer: a model converted under torch.inference_mode has inference-tensor
+    parameters, which have no version counter; the plan's key raised RuntimeError ("Inference
+    tensors do not track version counter") on the first call. Now the plans and folds are rebuilt
+    on every call (a warning says so), so an in-place edit made there is never missed."""
+    torch.manual_seed(0)
+    ref = randomize_(fastvit_ops.models.create("fat_b0", reference=True, num_classes=10), 0.05).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.inference_mode():
+        fused = fastvit_ops.convert(copy.deepcopy(ref)).eval()
+        with pytest.warns(RuntimeWarning, match="inference tensor"):
+            y = fused(x)
+        assert_error_rule("fat_b0 made under inference_mode", y, ref(x), _exact(ref, x), numerics.COMPOUNDED_FACTOR)
+        sd = {k: (v.mul(1.5) if v.is_floating_point() and not k.endswith("running_var") else v)
+              for k, v in ref.state_dict().items()}
+        ref.load_state_dict(sd)
+        fused.load_state_dict(sd)        # in place into inference tensors: no version bump
+        y2 = fused(x)
+        assert_error_rule("fat_b0 after an in-place load under inference_mode", y2, ref(x), _exact(ref, x),
+                          numerics.COMPOUNDED_FACTOR)
