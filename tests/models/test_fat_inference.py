@@ -283,6 +283,96 @@ def test_converted_model_pickles_after_inference(tmp_path):
         torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
 
 
+# ---- the FASA module alone ---------------------------------------------------------------------------
+# (dim, kernel, heads, window): every FAT-B0 stage's FASA.
+FASAS = [(32, 3, 2, 8), (80, 5, 5, 4), (160, 7, 10, 2), (256, 9, 16, 1)]
+
+
+@pytest.mark.parametrize("cfg", FASAS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fasa_module_inference_path_matches_reference(cfg, layout):
+    """The FASA module in CPU inference runs its own plan (channels_last, pool BN folded), NCHW or
+    channels_last input, odd sizes; a module whose parts the plan does not recognise is called
+    part by part through the same plan."""
+    ref, fused = _pair(ref_fat.FASA, fused_fat.FASA, *cfg)
+    x = torch.randn(3, cfg[0], 13, 11)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    exact = _exact(ref, x)
+    eager = _eager(ref, x)
+    with torch.no_grad():
+        y = fused(x)
+    assert fused.__dict__["_fastvit_ops_plan"][1] is not None, "the inference plan was not used"
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == x.shape
+    assert_error_rule(f"FASA{cfg} {layout}", y, eager, exact, numerics.COMPOUNDED_FACTOR)
+    for name in ("q", "kv", "local_mixer", "mixer", "pool"):
+        setattr(fused, name, Wrapped(getattr(fused, name)))
+    with torch.no_grad():
+        y2 = fused(x)
+    assert_error_rule(f"FASA{cfg} with opaque parts", y2, eager, exact, numerics.COMPOUNDED_FACTOR)
+
+
+def test_fasa_module_plan_follows_changes_and_modes():
+    """The plan is rebuilt after in-place BN/weight edits and a replaced parameter; training, grad
+    mode and float64 take the differentiable path; a wrong input raises the validated errors."""
+    ref, fused = _pair(ref_fat.FASA, fused_fat.FASA, 80, 5, 5, 4)
+    x = torch.randn(2, 80, 10, 9)
+    with torch.no_grad():
+        fused(x)
+        plan = fused.__dict__["_fastvit_ops_plan"][1]
+        for m in (ref, fused):
+            m.pool.bn0.running_var.mul_(3.0)
+            m.mixer.weight.mul_(-1.0)
+            m.q.weight = torch.nn.Parameter(m.q.weight * 0.5)
+        y_ref, y = ref(x), fused(x)
+    assert fused.__dict__["_fastvit_ops_plan"][1] is not plan
+    assert_error_rule("FASA after parameter edits", y, y_ref, _exact(ref, x), numerics.COMPOUNDED_FACTOR)
+    y = fused(x)  # grad mode, parameters requiring grad: the autograd composition, NCHW out
+    assert y.requires_grad and y.is_contiguous()
+    y.sum().backward()
+    assert fused.q.weight.grad is not None
+    with torch.no_grad():
+        fused.train()
+        assert fused(x).is_contiguous()        # batch statistics, not the plan
+        fused.eval()
+        y64 = copy.deepcopy(fused).double()(x.double())
+    assert y64.dtype == torch.float64 and y64.is_contiguous()
+    with torch.no_grad(), pytest.raises(ValueError, match="x: expected 80 channels"):
+        fused(torch.randn(2, 40, 10, 9))
+    with torch.no_grad(), pytest.raises(ValueError, match="x: expected a 4-D"):
+        fused(torch.randn(80, 10, 9))
+
+
+def test_fasa_module_pickles_after_inference(tmp_path):
+    ref, fused = _pair(ref_fat.FASA, fused_fat.FASA, 32, 3, 2, 8)
+    x = torch.randn(2, 32, 12, 12)
+    with torch.inference_mode():
+        y = fused(x)
+    torch.save(fused, tmp_path / "fasa.pt")
+    loaded = torch.load(tmp_path / "fasa.pt", weights_only=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(fused)(x), y, rtol=0, atol=0)
+
+
+def test_fasa_module_compiles_to_its_plan():
+    """Under torch.compile (eval, no grad) a FASA module on its own is one opaque op running its plan."""
+    from fastvit_ops.nn import _plan
+
+    ref, fused = _pair(ref_fat.FASA, fused_fat.FASA, 32, 3, 2, 8)
+    x = torch.randn(2, 32, 12, 12)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fused)(x)
+        ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert explained.graph_break_count == 0 and ops.count("fastvit_ops.module_inference.default") == 1
+        fused.__dict__.pop(_plan._PLAN, None)
+        torch._dynamo.reset()
+        y = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+        assert fused.__dict__.get(_plan._PLAN) is not None
+        assert_error_rule("compiled FASA", y, ref(x), _exact(ref, x), numerics.COMPOUNDED_FACTOR)
+
+
 def test_model_made_under_inference_mode_runs_and_follows_edits():
     """Issue reproducer: a model converted under torch.inference_mode has inference-tensor
     parameters, which have no version counter; the plan's key raised RuntimeError ("Inference
