@@ -50,8 +50,9 @@ def dwconv_forward(shape, channels_last: bool, dtype: torch.dtype, kernel_size: 
     ``shape`` is x's (B, C, H, W); ``activation`` 0 / 1 / 2 (none / SiLU / GELU). The backward is
     always ours (3-25× oneDNN's at every measured shape).
     """
-    table = DWCONV_ONEDNN.get(capability())
-    if not table or dtype != torch.float32 or len(shape) != 4 or _deterministic():
+    cap = capability()
+    table, least = DWCONV_ONEDNN.get(cap), DWCONV_ONEDNN_CHANNELS_LAST_S2.get(cap)
+    if (not table and least is None) or dtype != torch.float32 or len(shape) != 4 or _deterministic():
         return "cpu"
     n = shape[0] * shape[1] * shape[2] * shape[3]
     # "small": a plane of at most 14·14 in a call of 64k-256k elements. Below that oneDNN's fixed
@@ -59,7 +60,12 @@ def dwconv_forward(shape, channels_last: bool, dtype: torch.dtype, kernel_size: 
     # at (8, 256, 14, 14) and (8, 1280, 7, 7).
     small = shape[2] * shape[3] <= 196 and 64 * 1024 <= n <= 256 * 1024
     key = (kernel_size, stride, "small" if small else "large")
-    return "onednn" if key in table else "cpu"
+    if table and key in table:
+        return "onednn"
+    if (least is not None and channels_last and kernel_size == 5 and stride == 2 and padding == 2
+            and activation == 0 and not residual and n >= least):
+        return "onednn"
+    return "cpu"
 
 
 #: capability -> {(k, stride, plane class)} where oneDNN's fp32 forward (with our epilogue after it)
@@ -79,6 +85,17 @@ DWCONV_ONEDNN: Dict[str, FrozenSet[Tuple[int, int, str]]] = {
     "avx2": frozenset(),
     "avx512": frozenset(),
 }
+
+
+#: capability -> the input size (elements, batch included) from which oneDNN's forward of a
+#: channels_last depthwise conv with k = 5, stride 2 and no epilogue (FAT's ConvFFN-down, FASA's
+#: pool and the stride-2 shortcut, as the CPU inference plans run them) measured faster than ours.
+#: 2 threads, fp32, ms oneDNN / ours, avx2 forced | avx512: (8, 128, 56, 56) 0.59 / 1.01 |
+#: 0.41 / 0.85; (8, 320, 28, 28) 0.37 / 0.48 | 0.25 / 0.40; (8, 640, 14, 14) 0.21 / 0.23 |
+#: 0.14 / 0.18; (8, 32, 56, 56) 0.14 / 0.17 | 0.12 / 0.14. Ours won below: (8, 80, 28, 28) tied
+#: (1.01-1.02x), (8, 160, 14, 14) 1.3x, (8, 32, 28, 28) 1.2x, (8, 32, 14, 14) 2.5x. On NCHW inputs
+#: ours won or tied at all of these shapes.
+DWCONV_ONEDNN_CHANNELS_LAST_S2: Dict[str, int] = {"avx2": 768 * 1024, "avx512": 768 * 1024}
 
 
 # ---- whole calls: eager PyTorch where our kernels measured slower ----------------------------------

@@ -614,6 +614,34 @@ def test_auto_cpu_forward_choice_is_a_fixed_rule():
 
 
 @pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
+def test_channels_last_stride2_rule_runs_onednn_where_it_measured_faster():
+    """On avx2/avx512, ``auto``'s forward of a large channels_last k = 5, stride-2 depthwise conv
+    without an epilogue (FAT's ConvFFN-down, FASA's pool, the stride-2 shortcut in the inference
+    plans) is oneDNN's, measured 0.5-0.9x ours there; NCHW, smaller calls, epilogues, other k and
+    stride stay ours. The values are oneDNN's convolution's (error rule vs float64)."""
+    from fastvit_ops.ops import cpu_rules
+    from fastvit_ops.ops import dispatch
+
+    if cpu_rules.capability() not in ("avx2", "avx512"):
+        pytest.skip(f"the rule is for avx2/avx512, this build runs {cpu_rules.capability()}")
+
+    def rule(shape, cl=True, k=5, stride=2, act=0):
+        return cpu_rules.dwconv_forward(shape, cl, torch.float32, k, stride, k // 2, act, False)
+    assert rule((8, 128, 56, 56)) == rule((2, 128, 56, 56)) == rule((8, 640, 14, 14)) == "onednn"
+    assert rule((8, 128, 56, 56), cl=False) == "cpu"
+    assert rule((8, 32, 28, 28)) == rule((8, 160, 14, 14)) == "cpu"
+    assert rule((8, 128, 56, 56), act=1) == rule((8, 128, 56, 56), k=3) == rule((8, 128, 56, 56), stride=1) == "cpu"
+    x = torch.randn(2, 128, 56, 56).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(128, 1, 5, 5) * 0.2, torch.randn(128)
+    with torch.no_grad(), dispatch.recording() as log:
+        y = dwconv2d(x, w, b, 2)
+    assert [c.impl.name for c in log if c.stage == "forward"] == ["onednn"]
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), w.double(), b.double(), 2, 2, 1, 128)
+    assert_error_rule("channels_last k5/s2 by oneDNN", y, F.conv2d(x, w, b, 2, 2, 1, 128), exact)
+
+
+@pytest.mark.skipif(not backend_ok("cpu"), reason="needs the C++ CPU extension")
 @pytest.mark.parametrize("choice", ["cpu", "onednn"])
 def test_auto_cpu_forward_either_choice_is_right(monkeypatch, choice):
     """Whichever forward ``auto`` keeps, values, layout and (fused C++) gradients match the reference."""
