@@ -37,8 +37,10 @@ def _defect(backend, request, what):
 def test_attention_forward_at_large_logits(backend, request):
     """fp32, d = 128, two keys, q and k ~ 3·N(0, 1) (logits ~±30): the C++ and Triton forwards
     measured 2.3-2.5× eager's error, largest and RMS (5 of 10 seeds); the reference stays within
-    the rule."""
-    if backend != "reference":
+    the rule. Fixed in the C++ kernels (2026-12-05): their 128-term score sums were one running
+    register sum, now 32-term blocks (1.8× → 1.1× eager's RMS over 300 instances); a regression
+    test for them now."""
+    if backend == "triton":
         _defect(backend, request, "attention forward 2.5x eager's fp32 error at large logits")
     case = {"backend": backend, "dtype": torch.float32, "seed": 1519, "B": 2, "h": 1, "N": 40, "M": 2, "d": 128,
             "scale": None, "logit": 3.0, "layouts": ["contiguous"] * 3}
@@ -49,7 +51,12 @@ def test_attention_forward_at_large_logits(backend, request):
 def test_attention_at_fat_shape_pooled(backend, request):
     """FAT-tiny stage 1 (2 heads, 81 queries, 49 keys, d = 4, gate), fp32, pooled over 4 random
     instances as ``python -m fastvit_ops check`` runs it: the C++ kernels measured 2.4-4.5× eager's
-    largest error on one of output, dq, dv or dgate in 5 of 40 seeds (seed 33: 4.5×)."""
+    largest error on one of output, dq, dv or dgate in 5 of 40 seeds (seed 33: 4.5×).
+    2026-12-05: after the blocked sums, the once-rounded O = Y / Σ and SiLU, and the backward's
+    per-query 1/Σ in double, 5 of 40 seeds still fail (8-9 before), now only on gradients (seed 33:
+    dq, dk at 2.6×), while over 60 pooled instances every tensor is within the rule (RMS 0.91-1.13×
+    eager's, largest 0.79-1.87×): the 4-instance maximum is a draw of single outliers, and ours
+    still lose that draw too often. Left open."""
     if backend != "reference":
         _defect(backend, request, "attention output/gradient outliers up to 4.5x eager's fp32 error")
     case = next(c for c in att_cases.check_cases(torch.device("cpu")) if "N81" in c.shape)
@@ -62,9 +69,9 @@ def test_attention_at_fat_shape_pooled(backend, request):
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id in ("reference", "cpu")])
 def test_attention_nchw_outlier_at_natural_logits(backend, request):
     """Found by the property tests at 500 examples: channels-first with a gate, d = 8, 4×5 queries,
-    8 keys, q and k ~ N(0, 1), fp32: the C++ dq had one element at 3.4× eager's error (RMS 1.5×)."""
-    if backend != "reference":
-        _defect(backend, request, "attention dq outlier 3.4x eager's fp32 error at natural logits")
+    8 keys, q and k ~ N(0, 1), fp32: the C++ dq had one element at 3.4× eager's error (RMS 1.5×).
+    Fixed (2026-12-05): the backward recomputed P from one exponent rounded at log2 Σ's magnitude;
+    it now multiplies e^((q·k − max)·scale) by 1/Σ computed per query in double. A regression test."""
     case = {"backend": backend, "dtype": torch.float32, "seed": 192, "B": 2, "heads": 1, "d": 8, "H": 4, "W": 5,
             "M": 8, "gate": True, "scale": None, "layouts": ["contiguous", "expanded", "contiguous", "expanded"]}
     tp.test_downsampled_attention_nchw.hypothesis.inner_test(case)

@@ -7,8 +7,10 @@
 // and vectorizes whatever the head dim (16, 20, 24, 40, ...). Channels-first queries (FASA, stride
 // 1 along the pixels) gather as straight copies, token-major ones through register transposes. All
 // M keys of a (b, h) fit in one pass (the score tile is M × NT), so the softmax is exact without an
-// online rescale; only the row max and log2 of the row sum per query (base 2) are saved, and the
+// online rescale; only the row max and log2 of the row sum per query are saved, and the
 // backward recomputes P and the pre-gate output O from them (no N × M matrix, no O in memory).
+// Rounding (docs/attention.md): blocked sums (attention_math.h KB), P = e^((S − max)·scale), O =
+// Y / Σ rounded once, and in the backward 1/Σ per query in double.
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -122,11 +124,10 @@ void forward(const AttnForwardArgs<T>& g) {
   const double scale = g.scale;
   const int64_t tiles = (g.N + NT - 1) / NT;
   const int64_t M = g.M, D = g.D;
-  const A qk_scale = static_cast<A>(scale * kLog2e);
   const bool q_tok = tokens(Q, D), g_tok = has_gate && tokens(G, D), o_tok = tokens(O, D);
   // Work item = (b, h, tile); K/V of the item's head are reloaded only when the head changes.
   at::parallel_for(0, g.B * g.H * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> kbuf(M * D), vbuf(M * D), X(D * NT), S(M * NT), Y(D * NT), Gt(D * NT), mx(NT), l(NT);
+    std::vector<A> kbuf(M * D), vbuf(M * D), X(D * NT), S(M * NT), Y(D * NT), Gt(D * NT), mx(NT), l(NT), inv(NT);
     int64_t loaded = -1;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bh = it / tiles, t = it % tiles, b = bh / g.H, h = bh % g.H;
@@ -138,16 +139,16 @@ void forward(const AttnForwardArgs<T>& g) {
       const int64_t n0 = t * NT, cnt = std::min(NT, g.N - n0);
       gather_any(Q, q_tok, b, h, n0, cnt, D, X.data());
       rows_dot(kbuf.data(), X.data(), S.data(), M, D);
-      softmax_cols(S.data(), mx.data(), l.data(), qk_scale, M);  // exp2 with scale·log2(e) folded in
+      softmax_cols(S.data(), mx.data(), l.data(), static_cast<A>(scale), M);  // e^((S − max)·scale)
       cols_dot(vbuf.data(), S.data(), Y.data(), M, D);
-      for (int64_t n = 0; n < NT; ++n) l[n] = A(1) / l[n];
+      for (int64_t n = 0; n < NT; ++n) inv[n] = A(1) / l[n];
       if (has_gate) gather_any(G, g_tok, b, h, n0, cnt, D, Gt.data());
-      finish(Y.data(), l.data(), has_gate ? Gt.data() : nullptr, D);
+      finish(Y.data(), l.data(), inv.data(), has_gate ? Gt.data() : nullptr, D);
       scatter_any(Y.data(), cnt, D, O, o_tok, b, h, n0);
       A* lrow = L + (bh * g.N + n0) * 2;
       for (int64_t n = 0; n < cnt; ++n) {
         lrow[2 * n] = mx[n];
-        lrow[2 * n + 1] = -std::log2(l[n]);  // l holds 1/sum here
+        lrow[2 * n + 1] = std::log2(l[n]);
       }
     }
   });
@@ -232,7 +233,15 @@ void backward(const AttnBackwardArgs<T>& g) {
           lrow[n] = n < cnt ? L[(bh * g.N + n0 + n) * 2 + 1] : A(0);
         }
         rows_dot(kraw.data(), X.data(), S.data(), M, D);
-        probs_from_lse(S.data(), mrow.data(), lrow.data(), qk_scale, M);               // S ← P
+        if constexpr (std::is_same_v<A, float>) {
+          // P = e^((S − max)·scale) · 2^(−log2 Σ) with the second factor per query in double: the
+          // single exponent (S − max)·c − log2 Σ rounded at log2 Σ's magnitude (up to ~10), ~3 ulp
+          // of P, and the dq/dk/dv/d gate outliers at 2.4-4.5x eager's error came from there.
+          for (int64_t n = 0; n < NT; ++n) lrow[n] = n < cnt ? static_cast<A>(std::exp2(-double(lrow[n]))) : A(0);
+          probs_from_stats_f32(S.data(), mrow.data(), lrow.data(), static_cast<A>(scale), M);  // S ← P
+        } else {
+          probs_from_lse(S.data(), mrow.data(), lrow.data(), qk_scale, M);               // S ← P
+        }
         gather_any(dO, o_tok, b, h, n0, cnt, D, dY.data());
         if (has_gate) {
           cols_dot(vbuf.data(), S.data(), Y.data(), M, D);      // Y ← O (pre-gate), recomputed

@@ -26,26 +26,40 @@ static_assert(NT % (4 * VW) == 0, "a tile is whole blocks of 4 vectors");
 // S[j, :] = Σ_e A[j, e] · X[e, :]     (A: M × D row-major, X: D × NT)
 // Register blocking: R rows × 2 vectors of queries of accumulators, one load of X per (e, block).
 // 6-row blocks on AVX2 (12 accumulators) measured no faster than 4 in the op (CvT-13 s1).
+// Long sums (over the head dim here, over the keys in cols_dot) are accumulated KB terms at a time
+// from zero and each block's sum added to the output in memory: one running register sum of D
+// products rounds D times at the full sum's magnitude, which at d = 128 and large logits gave the
+// scores (and the output) 1.8x eager's RMS error; blocks cost one load and store per KB FMAs.
+constexpr int64_t KB = 32;
+
 template <int R>
 FASTVIT_INLINE void rows_dot_block(const float* __restrict a, const float* __restrict X, float* __restrict S,
                                    int64_t D) {
   for (int64_t c = 0; c < NT; c += 2 * VW) {
-    vwf s[R][2];
+    for (int64_t e0 = 0; e0 < D; e0 += KB) {
+      const int64_t e1 = std::min(D, e0 + KB);
+      vwf s[R][2];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = vwf{0};
-    for (int64_t e = 0; e < D; ++e) {
-      const vwf x0 = ldv(X + e * NT + c), x1 = ldv(X + e * NT + c + VW);
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = vwf{0};
+      for (int64_t e = e0; e < e1; ++e) {
+        const vwf x0 = ldv(X + e * NT + c), x1 = ldv(X + e * NT + c + VW);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const float k = a[r * D + e];
+          s[r][0] += k * x0;
+          s[r][1] += k * x1;
+        }
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const float k = a[r * D + e];
-        s[r][0] += k * x0;
-        s[r][1] += k * x1;
+        float* o = S + r * NT + c;
+        if (e0 > 0) {
+          s[r][0] += ldv(o);
+          s[r][1] += ldv(o + VW);
+        }
+        stv(o, s[r][0]);
+        stv(o + VW, s[r][1]);
       }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      stv(S + r * NT + c, s[r][0]);
-      stv(S + r * NT + c + VW, s[r][1]);
     }
   }
 }
@@ -66,27 +80,33 @@ template <int E, int NV>
 FASTVIT_INLINE void cols_dot_block(const float* __restrict A, const float* __restrict P, float* __restrict Y,
                                    int64_t M, int64_t D, int64_t e) {
   for (int64_t c = 0; c < NT; c += NV * VW) {
-    vwf acc[E][NV];
+    for (int64_t j0 = 0; j0 < M; j0 += KB) {  // KB keys at a time (see KB)
+      const int64_t j1 = std::min(M, j0 + KB);
+      vwf acc[E][NV];
 #pragma GCC unroll 8
-    for (int i = 0; i < E; ++i)
+      for (int i = 0; i < E; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] = vwf{0};
-    for (int64_t j = 0; j < M; ++j) {
-      const float* p = P + j * NT + c;
-      vwf pv[NV];
+        for (int v = 0; v < NV; ++v) acc[i][v] = vwf{0};
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* p = P + j * NT + c;
+        vwf pv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) pv[v] = ldv(p + v * VW);
+        for (int v = 0; v < NV; ++v) pv[v] = ldv(p + v * VW);
 #pragma GCC unroll 8
-      for (int i = 0; i < E; ++i) {
-        const float u = A[j * D + e + i];
+        for (int i = 0; i < E; ++i) {
+          const float u = A[j * D + e + i];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] += u * pv[v];
+          for (int v = 0; v < NV; ++v) acc[i][v] += u * pv[v];
+        }
       }
-    }
 #pragma GCC unroll 8
-    for (int i = 0; i < E; ++i)
+      for (int i = 0; i < E; ++i)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) stv(Y + (e + i) * NT + c + v * VW, acc[i][v]);
+        for (int v = 0; v < NV; ++v) {
+          float* y = Y + (e + i) * NT + c + v * VW;
+          stv(y, j0 > 0 ? acc[i][v] + ldv(y) : acc[i][v]);
+        }
+    }
   }
 }
 
@@ -216,12 +236,12 @@ void outer_acc_t_f32(const float* __restrict P, const float* __restrict Xt, floa
   }
 }
 
-// Forward softmax over the M rows of raw dot products S (per column): S ← 2^((S − max)·c) with
-// c = scale·log2(e) applied to the difference (one rounding at the small magnitude of S − max,
-// not at the logits' — matters for large logits); returns the raw max and the sum.
+// Forward softmax over the M rows of raw dot products S (per column): S ← e^((S − max)·c) with
+// c = scale applied to the difference (one rounding at the small magnitude of S − max, not at the
+// logits' — matters for large logits); returns the raw max and the sum.
 void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restrict l, float c, int64_t M) {
   constexpr int64_t W = fVec::size();
-  const fVec cl(c * 0.693147180559945309f);  // 2^(t·c) = e^(t·c·ln 2)
+  const fVec cl(c);
   for (int64_t n = 0; n < NT; n += W) {
     fVec m = fVec::loadu(S + n);
     for (int64_t j = 1; j < M; ++j) m = vmax(m, fVec::loadu(S + j * NT + n));
@@ -236,19 +256,16 @@ void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restri
   }
 }
 
-// Backward: P = 2^((S − max)·c − log2 Σ), the forward's probabilities. The max and the log-sum are
-// kept apart: folding them into one lse would round at the logits' magnitude (|S| ~ 1e3 for large
-// logits) and cost ~1e-4 relative error in P.
-void probs_from_lse_f32(float* __restrict S, const float* __restrict mx, const float* __restrict ll, float c,
-                        int64_t M) {
+// Backward (fp32): P = e^((S − max)·c) · inv with c = scale and inv = 1/Σ per query (from the
+// saved log2 Σ, in double): the forward's probabilities, rounded as it rounds them plus one product.
+void probs_from_stats_f32(float* __restrict S, const float* __restrict mx, const float* __restrict inv, float c,
+                          int64_t M) {
   constexpr int64_t W = fVec::size();
-  const fVec ln2(0.693147180559945309f), cv(c), zero(0.0f);
+  const fVec cv(c), zero(0.0f);
   for (int64_t n = 0; n < NT; n += W) {
-    const fVec m = fVec::loadu(mx + n), lv = fVec::loadu(ll + n);
-    for (int64_t j = 0; j < M; ++j) {
-      const fVec t = vmin(vfms(fVec::loadu(S + j * NT + n) - m, cv, lv), zero);
-      exp_nonpos(t * ln2).store(S + j * NT + n);
-    }
+    const fVec m = fVec::loadu(mx + n), iv = fVec::loadu(inv + n);
+    for (int64_t j = 0; j < M; ++j)
+      (exp_nonpos(vmin((fVec::loadu(S + j * NT + n) - m) * cv, zero)) * iv).store(S + j * NT + n);
   }
 }
 
@@ -261,14 +278,25 @@ void dscores_f32(const float* __restrict P, float* __restrict dP, const float* _
   }
 }
 
-// Forward epilogue: Y ← Y / sum (inv holds 1/sum), then SiLU(Y)·gate when gated.
-void finish_f32(float* __restrict Y, const float* __restrict inv, const float* __restrict G, int64_t D) {
+// Forward epilogue: O = Y / sum, correctly rounded in nearly every case (Y·(1/sum) and one FMA
+// step on its residual; the plain product rounded twice), then SiLU(O)·gate when gated, with SiLU
+// rounded once like eager's x / (1 + e^(−x)): (x ≥ 0 ? x : x·e) / (1 + e), e = e^(−|x|) (no
+// overflow). Each extra rounding here showed as output outliers at 2.4x eager's error.
+void finish_f32(float* __restrict Y, const float* __restrict sum, const float* __restrict inv,
+                const float* __restrict G, int64_t D) {
   constexpr int64_t W = fVec::size();
+  const fVec one(1.0f), zero(0.0f);
   for (int64_t e = 0; e < D; ++e) {
     float* y = Y + e * NT;
     for (int64_t n = 0; n < NT; n += W) {
-      const fVec o = fVec::loadu(y + n) * fVec::loadu(inv + n);
-      (G ? o * sigmoid(o) * fVec::loadu(G + e * NT + n) : o).store(y + n);
+      const fVec yv = fVec::loadu(y + n), iv = fVec::loadu(inv + n);
+      fVec o = yv * iv;
+      o = vfma(vfma(zero - o, fVec::loadu(sum + n), yv), iv, o);
+      if (G) {
+        const fVec ex = exp_nonpos(zero - vabs(o));
+        o = vselect(vge(o, zero), o, o * ex) / (one + ex) * fVec::loadu(G + e * NT + n);
+      }
+      o.store(y + n);
     }
   }
 }
@@ -295,9 +323,9 @@ void pdot_f32(const float* __restrict P, const float* __restrict dP, float* __re
     for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
 }
 
-void finish_f64(double* Y, const double* inv, const double* G, int64_t D) {
+void finish_f64(double* Y, const double* sum, const double*, const double* G, int64_t D) {
   for (int64_t i = 0; i < D * NT; ++i) {
-    const double o = Y[i] * inv[i % NT];
+    const double o = Y[i] / sum[i % NT];
     Y[i] = G ? o / (1.0 + std::exp(-o)) * G[i] : o;
   }
 }
@@ -313,8 +341,8 @@ void pdot_f64(const double* P, const double* dP, double* Dn, int64_t M) {
   for (int64_t j = 0; j < M; ++j)
     for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
 }
-inline void finish(float* Y, const float* i, const float* G, int64_t D) { finish_f32(Y, i, G, D); }
-inline void finish(double* Y, const double* i, const double* G, int64_t D) { finish_f64(Y, i, G, D); }
+inline void finish(float* Y, const float* s, const float* i, const float* G, int64_t D) { finish_f32(Y, s, i, G, D); }
+inline void finish(double* Y, const double* s, const double* i, const double* G, int64_t D) { finish_f64(Y, s, i, G, D); }
 inline void gate_bwd(const float* Y, float* G, float* dY, int64_t n) { gate_bwd_f32(Y, G, dY, n); }
 inline void gate_bwd(const double* Y, double* G, double* dY, int64_t n) { gate_bwd_f64(Y, G, dY, n); }
 inline void pdot(const float* P, const float* dP, float* Dn, int64_t M) { pdot_f32(P, dP, Dn, M); }
@@ -352,10 +380,12 @@ void softmax_cols_f64(double* S, double* mx, double* l, double c, int64_t M) {
   for (int64_t n = 0; n < NT; ++n) l[n] = 0;
   for (int64_t j = 0; j < M; ++j)
     for (int64_t n = 0; n < NT; ++n) {
-      S[j * NT + n] = std::exp2((S[j * NT + n] - mx[n]) * c);
+      S[j * NT + n] = std::exp((S[j * NT + n] - mx[n]) * c);
       l[n] += S[j * NT + n];
     }
 }
+// fp64: P = 2^((S − max)·c − log2 Σ), c = scale·log2(e) (double keeps the combined exponent exact
+// enough). The max and the log-sum are stored apart: one lse would round at the logits' magnitude.
 void probs_from_lse_f64(double* S, const double* mx, const double* ll, double c, int64_t M) {
   for (int64_t j = 0; j < M; ++j)
     for (int64_t n = 0; n < NT; ++n) S[j * NT + n] = std::exp2(std::min((S[j * NT + n] - mx[n]) * c - ll[n], 0.0));
@@ -372,7 +402,6 @@ inline void outer_acc(const float* P, const float* X, float* R, int64_t M, int64
 inline void outer_acc(const double* P, const double* X, double* R, int64_t M, int64_t D) { outer_acc_f64(P, X, R, M, D); }
 inline void softmax_cols(float* S, float* mx, float* l, float c, int64_t M) { softmax_cols_f32(S, mx, l, c, M); }
 inline void softmax_cols(double* S, double* mx, double* l, double c, int64_t M) { softmax_cols_f64(S, mx, l, c, M); }
-inline void probs_from_lse(float* S, const float* m, const float* l, float c, int64_t M) { probs_from_lse_f32(S, m, l, c, M); }
 inline void probs_from_lse(double* S, const double* m, const double* l, double c, int64_t M) { probs_from_lse_f64(S, m, l, c, M); }
 inline void dscores(const float* P, float* dP, const float* Dn, float s, int64_t M) { dscores_f32(P, dP, Dn, s, M); }
 inline void dscores(const double* P, double* dP, const double* Dn, double s, int64_t M) { dscores_f64(P, dP, Dn, s, M); }
