@@ -48,19 +48,37 @@ def test_attention_forward_at_large_logits(backend, request):
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id in ("reference", "cpu")])
-def test_attention_at_fat_shape_pooled(backend, request):
+def test_attention_at_large_logits_d40(backend, request):
+    """What is left of the C++ kernels' large-logit defect. fp32, d = 40, 3 keys, scale 1 (logits
+    ~±6σ, two keys often competing): the C++ forward and backward fail the rule on 39 of 200 seeds
+    (this one: dq on 5 elements over, 3.6x eager's largest error; 2.1x on the baseline build). The
+    cause is the rounding of the 40-term score sums (the softmax amplifies it by the logits' spread): an fp32 emulation of
+    summation orders failed 36 of 400 draws with the kernels' 32-term blocks, 11 with 8-term blocks
+    and 2 with two interleaved partial sums per 16-term block (eager's GEMM sums in vector-lane
+    partials); the last, built, took 39 to 7 of 200 here but cost 8-14% of the attention's time on
+    AVX2 (fewer rows per register block), so it was not kept (2026-12-05)."""
+    if backend != "reference":
+        _defect(backend, request, "attention fp32 outliers at large logits (39 of 200 seeds at d = 40, scale 1)")
+    case = {"backend": backend, "dtype": torch.float32, "seed": 10, "B": 1, "h": 1, "N": 23, "M": 3, "d": 40,
+            "scale": 1.0, "logit": 1.0, "layouts": ["contiguous"] * 3}
+    tp.test_downsampled_attention.hypothesis.inner_test(case)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id in ("reference", "cpu")])
+@pytest.mark.parametrize("seed", [33, 34, 36])
+def test_attention_at_fat_shape_pooled(backend, seed, request):
     """FAT-tiny stage 1 (2 heads, 81 queries, 49 keys, d = 4, gate), fp32, pooled over 4 random
     instances as ``python -m fastvit_ops check`` runs it: the C++ kernels measured 2.4-4.5× eager's
-    largest error on one of output, dq, dv or dgate in 5 of 40 seeds (seed 33: 4.5×).
-    2026-12-05: after the blocked sums, the once-rounded O = Y / Σ and SiLU, and the backward's
-    per-query 1/Σ in double, 5 of 40 seeds still fail (8-9 before), now only on gradients (seed 33:
-    dq, dk at 2.6×), while over 60 pooled instances every tensor is within the rule (RMS 0.91-1.13×
-    eager's, largest 0.79-1.87×): the 4-instance maximum is a draw of single outliers, and ours
-    still lose that draw too often. Left open."""
-    if backend != "reference":
-        _defect(backend, request, "attention output/gradient outliers up to 4.5x eager's fp32 error")
+    largest error on one of output, dq, dv or dgate in 5 of 40 seeds (seed 33: 4.5×), and still
+    10 of 40 by the 2× ratio alone (seeds 0-39; 33: dq 2.6×, 34: dq 2.2×, 36: d gate 3.0×; with the
+    rule's 4-ulp floor seed 33 still fails, 34 and 36 pass) after the first accuracy fixes.
+    Fixed (2026-12-05, later): the backward rebuilt P and the pre-gate O from the saved fp32 log2 Σ
+    (~3 ulp of Σ), summed Σ_j P·dP in one fp32 running sum, and formed d gate = dout·O·σ(O) (two
+    roundings); it now recomputes the forward's e, Σ (summed in double in both) and O bitwise,
+    sums Σ_j P·dP in double, and rounds SiLU(O) once. By the ratio alone 0 of those 40 seeds fail now (3 of
+    60 others: out 2.4×, out 2.5×, dk 3.7× on its largest element). A regression test."""
     case = next(c for c in att_cases.check_cases(torch.device("cpu")) if "N81" in c.shape)
-    torch.manual_seed(33)
+    torch.manual_seed(seed)
     row = runner.check_case(case, backend)
     assert row["ok"], (f"tensors {row['failed_tensors']}: fused {row['worst_fused_vs_float64']:.3g} vs eager "
                        f"{row['worst_eager_vs_float64']:.3g}")

@@ -8,9 +8,10 @@
 // 1 along the pixels) gather as straight copies, token-major ones through register transposes. All
 // M keys of a (b, h) fit in one pass (the score tile is M × NT), so the softmax is exact without an
 // online rescale; only the row max and log2 of the row sum per query are saved, and the
-// backward recomputes P and the pre-gate output O from them (no N × M matrix, no O in memory).
-// Rounding (docs/attention.md): blocked sums (attention_math.h KB), P = e^((S − max)·scale), O =
-// Y / Σ rounded once, and in the backward 1/Σ per query in double.
+// backward recomputes P and the pre-gate output O (no N × M matrix, no O in memory): in fp32 from
+// the max alone, bitwise the forward's e, Σ and O (same code, same S). Rounding
+// (docs/attention.md): blocked sums (attention_math.h KB), P = e^((S − max)·scale), Σ and the
+// backward's Σ_j P·dP in double, O = Y / Σ and SiLU rounded once, 1/Σ per query in double.
 #include <ATen/Parallel.h>
 
 #include <vector>
@@ -212,7 +213,7 @@ void backward(const AttnBackwardArgs<T>& g) {
 
   at::parallel_for(0, BH * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> kraw(M * D), vbuf(M * D), X(D * NT), S(M * NT), dP(M * NT), Y(D * NT),
-        dY(D * NT), Gt(D * NT), Dn(NT), mrow(NT), lrow(NT), own(direct ? 2 * M * D : 0),
+        dY(D * NT), Gt(D * NT), Dn(NT), mrow(NT), lrow(NT), lsum(NT), inv(NT), finv(NT), own(direct ? 2 * M * D : 0),
         Xt(by_rows ? NT * D : 0);
     int64_t loaded = -1;
     for (int64_t it = begin; it < end; ++it) {
@@ -234,17 +235,24 @@ void backward(const AttnBackwardArgs<T>& g) {
         }
         rows_dot(kraw.data(), X.data(), S.data(), M, D);
         if constexpr (std::is_same_v<A, float>) {
-          // P = e^((S − max)·scale) · 2^(−log2 Σ) with the second factor per query in double: the
-          // single exponent (S − max)·c − log2 Σ rounded at log2 Σ's magnitude (up to ~10), ~3 ulp
-          // of P, and the dq/dk/dv/d gate outliers at 2.4-4.5x eager's error came from there.
-          for (int64_t n = 0; n < NT; ++n) lrow[n] = n < cnt ? static_cast<A>(std::exp2(-double(lrow[n]))) : A(0);
-          probs_from_stats_f32(S.data(), mrow.data(), lrow.data(), static_cast<A>(scale), M);  // S ← P
+          // The forward's e, Σ and pre-gate O, bitwise (the same code from the same S and saved
+          // max; the saved log2 Σ is not used: its fp32 rounding is ~3 ulp of Σ, and P or O built
+          // from it measured 2.4-4.5x eager's error in outliers), then P = e · (1/Σ in double).
+          exp_cols_f32(S.data(), mrow.data(), static_cast<A>(scale), M);   // S ← e
+          col_sums_f32(S.data(), lsum.data(), M);                          // Σ
+          for (int64_t n = 0; n < NT; ++n) inv[n] = n < cnt ? static_cast<A>(1.0 / double(lsum[n])) : A(0);
+          if (has_gate) {
+            cols_dot(vbuf.data(), S.data(), Y.data(), M, D);
+            for (int64_t n = 0; n < NT; ++n) finv[n] = A(1) / lsum[n];  // as the forward's finish
+            finish(Y.data(), lsum.data(), finv.data(), nullptr, D);     // Y ← O (pre-gate)
+          }
+          scale_cols_f32(S.data(), inv.data(), M);                       // S ← P
         } else {
-          probs_from_lse(S.data(), mrow.data(), lrow.data(), qk_scale, M);               // S ← P
+          probs_from_lse(S.data(), mrow.data(), lrow.data(), qk_scale, M);  // S ← P
+          if (has_gate) cols_dot(vbuf.data(), S.data(), Y.data(), M, D);    // Y ← O (pre-gate)
         }
         gather_any(dO, o_tok, b, h, n0, cnt, D, dY.data());
         if (has_gate) {
-          cols_dot(vbuf.data(), S.data(), Y.data(), M, D);      // Y ← O (pre-gate), recomputed
           // out = SiLU(O)·gate: d gate = dout·SiLU(O); dO = dout·gate·SiLU'(O).
           gather_any(G, g_tok, b, h, n0, cnt, D, Gt.data());
           gate_bwd(Y.data(), Gt.data(), dY.data(), D * NT);

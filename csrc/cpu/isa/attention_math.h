@@ -236,36 +236,51 @@ void outer_acc_t_f32(const float* __restrict P, const float* __restrict Xt, floa
   }
 }
 
-// Forward softmax over the M rows of raw dot products S (per column): S ← e^((S − max)·c) with
-// c = scale applied to the difference (one rounding at the small magnitude of S − max, not at the
-// logits' — matters for large logits); returns the raw max and the sum.
-void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restrict l, float c, int64_t M) {
+// S ← e^((S − max)·c) over the M rows of raw dot products (per column), c = scale applied to the
+// difference (one rounding at the small magnitude of S − max, not at the logits' — matters for
+// large logits). The forward and the backward (with the saved max) run this same code and
+// col_sums_f32, so the backward's e, Σ and pre-gate output are bitwise the forward's.
+void exp_cols_f32(float* __restrict S, const float* __restrict mx, float c, int64_t M) {
   constexpr int64_t W = fVec::size();
-  const fVec cl(c);
+  const fVec cl(c), zero(0.0f);
   for (int64_t n = 0; n < NT; n += W) {
-    fVec m = fVec::loadu(S + n);
-    for (int64_t j = 1; j < M; ++j) m = vmax(m, fVec::loadu(S + j * NT + n));
-    fVec sum(0.0f);
-    for (int64_t j = 0; j < M; ++j) {
-      const fVec e = exp_nonpos((fVec::loadu(S + j * NT + n) - m) * cl);
-      e.store(S + j * NT + n);
-      sum = sum + e;
-    }
-    m.store(mx + n);
-    sum.store(l + n);
+    const fVec m = fVec::loadu(mx + n);
+    for (int64_t j = 0; j < M; ++j)
+      exp_nonpos(vmin((fVec::loadu(S + j * NT + n) - m) * cl, zero)).store(S + j * NT + n);
   }
 }
 
-// Backward (fp32): P = e^((S − max)·c) · inv with c = scale and inv = 1/Σ per query (from the
-// saved log2 Σ, in double): the forward's probabilities, rounded as it rounds them plus one product.
-void probs_from_stats_f32(float* __restrict S, const float* __restrict mx, const float* __restrict inv, float c,
-                          int64_t M) {
+// l[n] = Σ_j S[j, n], accumulated in double and rounded once. One fp32 running sum over the M keys
+// (eager sums a row in 8-16 vector-lane partials) scales every output of the query, and the
+// backward's P, by its error; at FAT-tiny's check case, 8-key fp32 blocks summed in double and four
+// interleaved fp32 sums still lost the 2x draw on a few more seeds in 100 than this. (Cost: ~5% of
+// the FAT-B0 attention forward, AVX2; fused into the exp loop it measured slower, not faster.)
+void col_sums_f32(const float* __restrict S, float* __restrict l, int64_t M) {
+  double acc[NT];
+  for (int64_t n = 0; n < NT; ++n) acc[n] = 0.0;
+  for (int64_t j = 0; j < M; ++j)
+    for (int64_t n = 0; n < NT; ++n) acc[n] += S[j * NT + n];
+  for (int64_t n = 0; n < NT; ++n) l[n] = static_cast<float>(acc[n]);
+}
+
+// Forward softmax numerator: the raw max per column, S ← e^((S − max)·c) and the sums l.
+void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restrict l, float c, int64_t M) {
   constexpr int64_t W = fVec::size();
-  const fVec cv(c), zero(0.0f);
   for (int64_t n = 0; n < NT; n += W) {
-    const fVec m = fVec::loadu(mx + n), iv = fVec::loadu(inv + n);
-    for (int64_t j = 0; j < M; ++j)
-      (exp_nonpos(vmin((fVec::loadu(S + j * NT + n) - m) * cv, zero)) * iv).store(S + j * NT + n);
+    fVec m = fVec::loadu(S + n);
+    for (int64_t j = 1; j < M; ++j) m = vmax(m, fVec::loadu(S + j * NT + n));
+    m.store(mx + n);
+  }
+  exp_cols_f32(S, mx, c, M);
+  col_sums_f32(S, l, M);
+}
+
+// S ← S · inv per column (backward: P = e · (1/Σ), the reciprocal per query in double).
+void scale_cols_f32(float* __restrict S, const float* __restrict inv, int64_t M) {
+  constexpr int64_t W = fVec::size();
+  for (int64_t n = 0; n < NT; n += W) {
+    const fVec iv = fVec::loadu(inv + n);
+    for (int64_t j = 0; j < M; ++j) (fVec::loadu(S + j * NT + n) * iv).store(S + j * NT + n);
   }
 }
 
@@ -301,15 +316,18 @@ void finish_f32(float* __restrict Y, const float* __restrict sum, const float* _
   }
 }
 
-// Backward through the gate: G ← dout·SiLU(O) (d gate), dY ← dout·gate·SiLU'(O).
+// Backward through the gate: G ← dout·SiLU(O) (d gate), dY ← dout·gate·SiLU'(O). SiLU(O) is
+// rounded once, as eager's x / (1 + e^(−x)) that its d gate multiplies (o·σ(o) rounds twice: d gate
+// outliers at 3x eager's error); σ and 1 − σ as vec.h's sigmoid_c forms them.
 void gate_bwd_f32(const float* __restrict Y, float* __restrict G, float* __restrict dY, int64_t n) {
   constexpr int64_t W = fVec::size();
-  const fVec one(1.0f);
+  const fVec one(1.0f), zero(0.0f);
   for (int64_t i = 0; i < n; i += W) {  // n = D·NT, a multiple of W
     const fVec o = fVec::loadu(Y + i), go = fVec::loadu(dY + i), gv = fVec::loadu(G + i);
-    fVec s, c;  // σ(o) and 1 − σ(o) (vec.h sigmoid_c)
-    sigmoid_c(o, s, c);
-    (go * o * s).store(G + i);
+    const fVec e = exp_nonpos(zero - vabs(o)), den = one + e, inv = one / den;
+    const fMask pos = vge(o, zero);
+    const fVec s = vselect(pos, one, e) * inv, c = vselect(pos, e, one) * inv;
+    (go * (vselect(pos, o, o * e) / den)).store(G + i);
     (go * gv * s * vfma(o, c, one)).store(dY + i);
   }
 }
@@ -317,10 +335,14 @@ void gate_bwd_f32(const float* __restrict Y, float* __restrict G, float* __restr
 // Dn[n] = Σ_j P[j, n]·dP[j, n]: the softmax backward's row term as eager autograd forms it. It
 // equals Σ_e dO·O, but built from the same rounded dP that dS = P ⊙ (dP − Dn) subtracts it from, so
 // with a near-one-hot P (large logits) the rounding of dP cancels instead of doubling the error.
+// Accumulated in double (exact products, one rounding at the end): an fp32 running sum over the M
+// keys put its error into every dS of the query, and dq measured 1.1-1.5x eager's RMS error.
 void pdot_f32(const float* __restrict P, const float* __restrict dP, float* __restrict Dn, int64_t M) {
-  for (int64_t n = 0; n < NT; ++n) Dn[n] = 0.f;
+  double acc[NT];
+  for (int64_t n = 0; n < NT; ++n) acc[n] = 0.0;
   for (int64_t j = 0; j < M; ++j)
-    for (int64_t n = 0; n < NT; ++n) Dn[n] += P[j * NT + n] * dP[j * NT + n];
+    for (int64_t n = 0; n < NT; ++n) acc[n] += double(P[j * NT + n]) * double(dP[j * NT + n]);
+  for (int64_t n = 0; n < NT; ++n) Dn[n] = static_cast<float>(acc[n]);
 }
 
 void finish_f64(double* Y, const double* sum, const double*, const double* G, int64_t D) {
