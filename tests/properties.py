@@ -32,9 +32,9 @@ DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 KNOWN_DEFECTS = {
     # fp32 output and gradients past 2x eager's error at large logits (d = 128, logits ~30) and
     # in occasional outlier elements at FAT's shapes. C++ kernels, 2026-12-05 (later), after the
-    # softmax sums in double and the backward's bitwise recompute of the forward: over 4000 fp32
-    # draws of test_downsampled_attention's distribution 13 fail (31 before), of
-    # test_downsampled_attention_nchw's 6 (17 before). Left: the score sums' rounding at large
+    # softmax sums in eight partials and the backward's bitwise recompute of the forward: over 4000
+    # fp32 draws of test_downsampled_attention's distribution 16 fail (31 before), of
+    # test_downsampled_attention_nchw's 12 (17 before). Left: the score sums' rounding at large
     # logits (test_known_defects.py::test_attention_at_large_logits_d40), so fp32 stays off the
     # property tests (~50 cpu fp32 draws a run).
     ("downsampled_attention", "cpu"),

@@ -238,29 +238,36 @@ void outer_acc_t_f32(const float* __restrict P, const float* __restrict Xt, floa
 
 // S ← e^((S − max)·c) over the M rows of raw dot products (per column), c = scale applied to the
 // difference (one rounding at the small magnitude of S − max, not at the logits' — matters for
-// large logits). The forward and the backward (with the saved max) run this same code and
-// col_sums_f32, so the backward's e, Σ and pre-gate output are bitwise the forward's.
-void exp_cols_f32(float* __restrict S, const float* __restrict mx, float c, int64_t M) {
+// large logits), and l[n] = Σ_j e as eight interleaved partial sums (keys j mod 8) added pairwise.
+// One fp32 running sum over the M keys (eager sums a row in 8-16 vector-lane partials) scaled
+// every output of the query, and the backward's P, by its error. Measured at FAT-tiny's check case
+// (with the backward changes below): seeds over the 2x rule 10 of 40 -> 2 (0 with the sums in
+// double, which cost 3-4% of the AVX-512 forward; the eight independent chains instead made it
+// 1-9% faster than the single one). The forward and the backward (with the saved max) run this same
+// code, so the backward's e, Σ and pre-gate output are bitwise the forward's.
+void exp_cols_f32(float* __restrict S, const float* __restrict mx, float* __restrict l, float c, int64_t M) {
   constexpr int64_t W = fVec::size();
-  const fVec cl(c), zero(0.0f);
+  const fVec cl(c);
   for (int64_t n = 0; n < NT; n += W) {
     const fVec m = fVec::loadu(mx + n);
-    for (int64_t j = 0; j < M; ++j)
-      exp_nonpos(vmin((fVec::loadu(S + j * NT + n) - m) * cl, zero)).store(S + j * NT + n);
+    fVec a[8];
+    for (int q = 0; q < 8; ++q) a[q] = fVec(0.0f);
+    int64_t j = 0;
+    for (; j + 8 <= M; j += 8) {
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        const fVec e = exp_nonpos((fVec::loadu(S + (j + q) * NT + n) - m) * cl);
+        e.store(S + (j + q) * NT + n);
+        a[q] = a[q] + e;
+      }
+    }
+    for (int q = 0; j < M; ++j, ++q) {
+      const fVec e = exp_nonpos((fVec::loadu(S + j * NT + n) - m) * cl);
+      e.store(S + j * NT + n);
+      a[q] = a[q] + e;
+    }
+    (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))).store(l + n);
   }
-}
-
-// l[n] = Σ_j S[j, n], accumulated in double and rounded once. One fp32 running sum over the M keys
-// (eager sums a row in 8-16 vector-lane partials) scales every output of the query, and the
-// backward's P, by its error; at FAT-tiny's check case, 8-key fp32 blocks summed in double and four
-// interleaved fp32 sums still lost the 2x draw on a few more seeds in 100 than this. (Cost: ~5% of
-// the FAT-B0 attention forward, AVX2; fused into the exp loop it measured slower, not faster.)
-void col_sums_f32(const float* __restrict S, float* __restrict l, int64_t M) {
-  double acc[NT];
-  for (int64_t n = 0; n < NT; ++n) acc[n] = 0.0;
-  for (int64_t j = 0; j < M; ++j)
-    for (int64_t n = 0; n < NT; ++n) acc[n] += S[j * NT + n];
-  for (int64_t n = 0; n < NT; ++n) l[n] = static_cast<float>(acc[n]);
 }
 
 // Forward softmax numerator: the raw max per column, S ← e^((S − max)·c) and the sums l.
@@ -271,8 +278,7 @@ void softmax_cols_f32(float* __restrict S, float* __restrict mx, float* __restri
     for (int64_t j = 1; j < M; ++j) m = vmax(m, fVec::loadu(S + j * NT + n));
     m.store(mx + n);
   }
-  exp_cols_f32(S, mx, c, M);
-  col_sums_f32(S, l, M);
+  exp_cols_f32(S, mx, l, c, M);
 }
 
 // S ← S · inv per column (backward: P = e · (1/Σ), the reciprocal per query in double).
