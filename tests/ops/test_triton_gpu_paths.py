@@ -120,7 +120,16 @@ ATTN_CASES = [  # (b, h, n, m, d, gate)
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "b{}h{}n{}m{}d{}{}".format(*c[:5], "g" if c[5] else ""))
-def test_attention_gpu_blocks(case, monkeypatch):
+def test_attention_gpu_blocks(case, monkeypatch, request):
+    from properties import KNOWN_DEFECTS
+
+    if ("downsampled_attention", "triton") in KNOWN_DEFECTS:
+        # The Triton attention's known fp32 outliers (tests/ops/test_known_defects.py): at a random
+        # seed one output element measured 4.1 ulp of the scale (eager 0.7) in CI, over the rule's
+        # 4-ulp floor. Not strict (it depends on the draw). A wrong block walk is off by far more:
+        # _gross below fails the test for that (pytest.fail, not an AssertionError).
+        request.applymarker(pytest.mark.xfail(strict=False, raises=AssertionError,
+                                              reason="known Triton attention fp32 defect (test_known_defects.py)"))
     kern = _kernels("attention")
     real = kern.blocks
     monkeypatch.setattr(kern, "blocks", lambda n, m, d, dtype, gpu=None: real(n, m, d, dtype, gpu=True))
@@ -133,12 +142,22 @@ def test_attention_gpu_blocks(case, monkeypatch):
     eager = attn_op.reference(q, k, v, 0.3, g)
     ex_leaves = [t.detach().double().requires_grad_() for t in leaves]
     exact = attn_op.reference(*ex_leaves[:3], 0.3, ex_leaves[3] if gate else None)
-    assert_error_rule("attention out", out, eager, exact)
     dy = torch.randn_like(out)
-    for name, a, e, x in zip("q k v g".split(), torch.autograd.grad(out, leaves, dy),
-                             torch.autograd.grad(eager, leaves, dy),
-                             torch.autograd.grad(exact, ex_leaves, dy.double())):
-        assert_error_rule(f"attention d{name}", a, e, x)
+    got = [out] + list(torch.autograd.grad(out, leaves, dy))
+    want = [exact] + list(torch.autograd.grad(exact, ex_leaves, dy.double()))
+    yard = [eager] + list(torch.autograd.grad(eager, leaves, dy))
+    for name, a, e, x in zip(["out"] + ["d" + c for c in "q k v g".split()], got, yard, want):
+        _gross(f"attention {name}", a, x)
+    for name, a, e, x in zip(["out"] + ["d" + c for c in "q k v g".split()], got, yard, want):
+        assert_error_rule(f"attention {name}", a, e, x)
+
+
+def _gross(name, got, exact):
+    """Errors of a wrong block walk (a key or query tile missed or counted twice), not rounding:
+    over 1e-4 of the tensor's scale."""
+    err, scale = (got.detach().double() - exact.detach()).abs().max().item(), exact.detach().abs().max().item()
+    if not err <= 1e-4 * max(scale, 1e-30):
+        pytest.fail(f"{name}: error {err:.3g} at scale {scale:.3g}")
 
 
 # ---- global context: GPU token blocks (several per sample) ---------------------------------------
