@@ -14,6 +14,7 @@ namespace gc {
 CpuKernel<const RowKernels<float>*> row_kernels_f32;
 CpuKernel<const RowKernels<double>*> row_kernels_f64;
 CpuKernel<const DotKernels*> dot_kernels;
+CpuKernel<const WideKernels*> wide_kernels;
 
 Dims dims_of(const at::Tensor& x, int64_t groups, const char* op) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, C, H, W)");

@@ -47,9 +47,19 @@ struct DotKernels {  // Σ a·b accumulated in double
   double (*fd)(const float*, const double*, int64_t);
   double (*dd)(const double*, const double*, int64_t);
 };
+// fp32 rows, double math (the fp32 backward): the widening inside the loop (isa/global_context.cpp).
+struct WideKernels {
+  void (*axpy_centered)(double* d, const float* x, double w, double m, int64_t n);  // d += w·(x − m)
+  void (*axpy)(double* d, const float* x, double w, int64_t n);                    // d += w·x
+  void (*channel_dots)(const float* x, double m, const double* dsp, const double* shat, const float* dy,
+                       int64_t n, double* out);
+  void (*dx_row)(float* o, const float* dy, const double* t, double gs, double bias, int64_t n);
+  double (*sum)(const float* p, int64_t n);  // Σ p in double
+};
 extern CpuKernel<const RowKernels<float>*> row_kernels_f32;
 extern CpuKernel<const RowKernels<double>*> row_kernels_f64;
 extern CpuKernel<const DotKernels*> dot_kernels;
+extern CpuKernel<const WideKernels*> wide_kernels;
 
 inline const RowKernels<float>& rows(float) { return *row_kernels_f32.get(); }
 inline const RowKernels<double>& rows(double) { return *row_kernels_f64.get(); }
@@ -117,6 +127,55 @@ void store_row(T* dst, const A* src, int64_t n) {
   }
 }
 
+// The row loops over rows of T (x, dy, dx) with math in A: fp32 rows under double math go to the
+// wide kernels (no staging copy), T == A reads the row directly, half/bf16 stage it in `buf`.
+template <typename T, typename A>
+constexpr bool kWide = std::is_same_v<T, float> && std::is_same_v<A, double>;
+
+template <typename T, typename A>
+void axpy_centered_row(A* d, const T* x, A w, A m, int64_t n, std::vector<A>& buf) {
+  if constexpr (kWide<T, A>) {
+    wide_kernels.get()->axpy_centered(d, x, w, m, n);
+  } else {
+    axpy_centered(d, load_row<T, A>(x, buf, n), w, m, n);
+  }
+}
+
+template <typename T, typename A>
+void axpy_row(A* d, const T* x, A w, int64_t n, std::vector<A>& buf) {
+  if constexpr (kWide<T, A>) {
+    wide_kernels.get()->axpy(d, x, w, n);
+  } else {
+    axpy(d, load_row<T, A>(x, buf, n), w, n);
+  }
+}
+
+// channel_dots of an x row and (when given) a dy row of T.
+template <typename T, typename A>
+void channel_dots_row(const T* x, A m, const A* dsp, const A* shat, const T* dy, int64_t n, A* out,
+                      std::vector<A>& buf, std::vector<A>& dbuf) {
+  if constexpr (kWide<T, A>) {
+    wide_kernels.get()->channel_dots(x, m, dsp, shat, dy, n, out);
+  } else {
+    const A* row = load_row<T, A>(x, buf, n);
+    channel_dots(row, m, dsp, shat, dy != nullptr ? load_row<T, A>(dy, dbuf, n) : nullptr, n, out);
+  }
+}
+
+// A dx row of T: [dy] + gs·t + bias.
+template <typename T, typename A>
+void dx_row_out(T* o, const T* dy, const A* t, A gs, A bias, int64_t n, std::vector<A>& buf,
+                std::vector<A>& obuf) {
+  if constexpr (kWide<T, A>) {
+    wide_kernels.get()->dx_row(o, dy, t, gs, bias, n);
+  } else {
+    const A* d = dy != nullptr ? load_row<T, A>(dy, buf, n) : nullptr;
+    A* w = out_row<T, A>(o, obuf, n);
+    dx_row(w, d, t, gs, bias, n);
+    store_row(o, w, n);
+  }
+}
+
 struct Dims {
   int64_t B, C, G, d, N;
 };
@@ -144,8 +203,7 @@ void similarity_rows(const T* x_b, const A* g_b, const Dims& k, int64_t gamma, A
   for (int64_t i = 0; i < k.N; ++i) dg[i] = offset;
   for (int64_t e = 0; e < k.d; ++e) {
     const int64_t ch = gamma * k.d + e;
-    const A* row = load_row<T, A>(x_b + ch * k.N, buf, k.N);
-    axpy_centered(dg, row, s * g_b[ch], g_b[ch], k.N);
+    axpy_centered_row<T, A>(dg, x_b + ch * k.N, s * g_b[ch], g_b[ch], k.N, buf);
   }
 }
 
@@ -202,7 +260,11 @@ void apply_group(const T* x_b, T* o_b, A* sp, const A* c_b, const A* st, A alpha
 template <typename T>
 inline double plane_mean(const T* p, int64_t n) {
   double s = 0;
-  _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]);
+  if constexpr (std::is_same_v<T, float>) {
+    s = wide_kernels.get()->sum(p, n);  // at the capability's width
+  } else {
+    _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]);
+  }
   return n > 0 ? s / static_cast<double>(n) : std::nan("");
 }
 
@@ -247,11 +309,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_impl(
     at::ScalarType acc = at::ScalarType::Undefined, bool stats_only = false);
 // The whole backward; `saved` (when given) holds the forward's MLP activations. `acc` as above (g,
 // stats, alpha, beta and the MLP weights in it); Undefined: fp32 runs in double (see the .cpp).
+// `recompute` (per-sample path, no `saved`): g and stats are not read; each sample's task
+// recomputes them and the MLP's activations in `acc`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& g, const at::Tensor& stats,
     const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
     const std::optional<at::Tensor>& b2, const at::Tensor& alpha, const at::Tensor& beta, int64_t groups, double eps,
-    bool residual, const Mlp* saved, at::ScalarType acc = at::ScalarType::Undefined);
+    bool residual, const Mlp* saved, at::ScalarType acc = at::ScalarType::Undefined, bool recompute = false);
 // Whether the one-task-per-sample paths run: enough samples to keep every thread busy.
 bool per_sample(const at::Tensor& x);
 

@@ -16,20 +16,20 @@ namespace {
 // Backward pass 1 for group γ of sample b (x_b, dy_b, g_b, c_b, st_b point at the sample; dy_b is
 // (C, N) with c, else the (G, N) gradient of S'): Ŝ and dS' rows of the group into shg / dsg, the
 // group's sums into grp_b (3 rows of G) and its channels' sums into chan_b (3 rows of C).
+// `have_d`: shg holds the group's D already (computed for the statistics in the same task).
 template <typename T, typename A>
 void reduce_group(const T* x_b, const T* dy_b, const A* g_b, const A* c_b, const A* st_b, A alpha, A beta,
-                  double eps, const Dims& k, int64_t gamma, A* shg, A* dsg, A* chan_b, A* grp_b,
+                  double eps, const Dims& k, int64_t gamma, bool have_d, A* shg, A* dsg, A* chan_b, A* grp_b,
                   std::vector<A>& buf, std::vector<A>& dbuf) {
   const bool has_c = c_b != nullptr;
   const A r = A(1) / (st_b[1] + static_cast<A>(eps));
-  similarity_rows<T, A>(x_b, g_b, k, gamma, shg, buf);
+  if (!have_d) similarity_rows<T, A>(x_b, g_b, k, gamma, shg, buf);
   affine(shg, k.N, r, st_b[0], A(0));
   if (has_c) {
     std::fill(dsg, dsg + k.N, A(0));
     for (int64_t e = 0; e < k.d; ++e) {
       const int64_t ch = gamma * k.d + e;
-      const A* dy = load_row<T, A>(dy_b + ch * k.N, dbuf, k.N);
-      axpy(dsg, dy, c_b[ch], k.N);
+      axpy_row<T, A>(dsg, dy_b + ch * k.N, c_b[ch], k.N, dbuf);
     }
   } else {
     const A* src = load_row<T, A>(dy_b + gamma * k.N, dbuf, k.N);
@@ -41,9 +41,7 @@ void reduce_group(const T* x_b, const T* dy_b, const A* g_b, const A* c_b, const
   for (int64_t e = 0; e < k.d; ++e) {
     const int64_t ch = gamma * k.d + e;
     const int64_t off = ch * k.N;
-    const A* row = load_row<T, A>(x_b + off, buf, k.N);
-    const A* dy = has_c ? load_row<T, A>(dy_b + off, dbuf, k.N) : nullptr;
-    channel_dots(row, g_b[ch], dsg, shg, dy, k.N, sums);
+    channel_dots_row<T, A>(x_b + off, g_b[ch], dsg, shg, has_c ? dy_b + off : nullptr, k.N, sums, buf, dbuf);
     chan_b[ch] = sums[0];
     chan_b[k.C + ch] = sums[1];
     if (has_c) chan_b[2 * k.C + ch] = alpha * sums[2] + beta * sums[3];
@@ -58,10 +56,8 @@ void apply_dx_group(const T* dy_b, const A* shg, const A* dsg, const A* cf, cons
   for (int64_t e = 0; e < k.d; ++e) {
     const int64_t ch = gamma * k.d + e;
     const int64_t off = ch * k.N;
-    const A* dy = dy_b != nullptr ? load_row<T, A>(dy_b + off, buf, k.N) : nullptr;
-    A* o = out_row<T, A>(dx_b + off, obuf, k.N);
-    dx_row(o, dy, tbuf, gs_b[ch], bias_b[ch], k.N);
-    store_row(dx_b + off, o, k.N);
+    dx_row_out<T, A>(dx_b + off, dy_b != nullptr ? dy_b + off : nullptr, tbuf, gs_b[ch], bias_b[ch], k.N, buf,
+                     obuf);
   }
 }
 
@@ -151,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gc_backward_reduce(
         const int64_t b = t / k.G, gamma = t % k.G;
         reduce_group<scalar_t, A>(xp + b * k.C * k.N, gp + b * (has_c ? k.C : k.G) * k.N, g + b * k.C,
                                   has_c ? c + b * k.C : nullptr, st + 2 * b, alpha[gamma], beta[gamma], eps, k,
-                                  gamma, sh + t * k.N, ds + t * k.N, ch_ + b * 3 * k.C, gr + b * 3 * k.G, buf, dbuf);
+                                  gamma, false, sh + t * k.N, ds + t * k.N, ch_ + b * 3 * k.C, gr + b * 3 * k.G, buf, dbuf);
       }
     });
   });
@@ -216,27 +212,37 @@ at::Tensor gc_backward_apply(const at::Tensor& x_, const std::optional<at::Tenso
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& g,
-                 const at::Tensor& stats, const std::optional<at::Tensor>& w1,
+gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& g_,
+                 const at::Tensor& stats_, const std::optional<at::Tensor>& w1,
                  const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& w2,
                  const std::optional<at::Tensor>& b2, const at::Tensor& alpha,
                  const at::Tensor& beta, int64_t groups, double eps, bool residual,
-                 const Mlp* saved, at::ScalarType acc_) {
+                 const Mlp* saved, at::ScalarType acc_, bool recompute) {
   if (x_.scalar_type() == at::kFloat && acc_ == at::ScalarType::Undefined) {
     // fp32: the whole backward accumulates in double, each gradient rounded once. The gradients of
     // alpha, beta and the MLP are sums over B*H*W terms that cancel; in fp32 their error is a coin
     // toss against eager's (up to 500x it at groups = 1), so g and the statistics the forward saved
     // in fp32 are recomputed in double too (as the reference and Triton glue do). x and dy stay
-    // fp32 (each row is widened in a staging buffer as it is read): widening the whole tensors
-    // first cost 1 ms of copies per call at FCViT-tiny s1 (8, 32, 56, 56), a quarter of the call.
+    // fp32, widened inside the row loops (global_context.h, WideKernels): widening the whole
+    // tensors first cost 1 ms of copies per call at FCViT-tiny s1 (8, 32, 56, 56), a quarter of
+    // the call, and staging each row through a baseline-compiled copy loop a third of the backward.
     const auto wide = [](const std::optional<at::Tensor>& t) {
       return t.has_value() ? std::optional<at::Tensor>(t->to(at::kDouble)) : std::nullopt;
     };
     const at::Tensor ad = alpha.to(at::kDouble), bd = beta.to(at::kDouble);
-    const auto fwd = gc_forward_impl(x_, std::nullopt, std::nullopt, std::nullopt, std::nullopt, ad, bd, groups,
-                                     eps, false, nullptr, at::kDouble, /*stats_only=*/true);
-    auto r = gc_backward_impl(grad_, x_, std::get<1>(fwd), std::get<2>(fwd), wide(w1), wide(b1), wide(w2),
-                              wide(b2), ad, bd, groups, eps, residual, nullptr, at::kDouble);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> r;
+    if (per_sample(x_)) {
+      // Each sample's task recomputes its g, statistics and MLP activations itself and keeps each
+      // group's D for Ŝ: a separate statistics pass first read x once more and formed D twice.
+      // Same functions in the same order: the same numbers as that pass.
+      r = gc_backward_impl(grad_, x_, at::Tensor(), at::Tensor(), wide(w1), wide(b1), wide(w2), wide(b2), ad, bd,
+                           groups, eps, residual, nullptr, at::kDouble, /*recompute=*/true);
+    } else {
+      const auto fwd = gc_forward_impl(x_, std::nullopt, std::nullopt, std::nullopt, std::nullopt, ad, bd, groups,
+                                       eps, false, nullptr, at::kDouble, /*stats_only=*/true);
+      r = gc_backward_impl(grad_, x_, std::get<1>(fwd), std::get<2>(fwd), wide(w1), wide(b1), wide(w2), wide(b2),
+                           ad, bd, groups, eps, residual, nullptr, at::kDouble);
+    }
     const bool m = w1.has_value();
     return {std::get<0>(r), std::get<1>(r).to(alpha.scalar_type()),
             std::get<2>(r).to(beta.scalar_type()), m ? std::get<3>(r).to(w1->scalar_type()) : std::get<3>(r),
@@ -251,10 +257,18 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
   const at::Tensor al = alpha.to(acc).contiguous();
   const at::Tensor be = beta.to(acc).contiguous();
   const bool has_mlp = w1.has_value();
+  // recompute: g, the statistics and the MLP's activations are filled in by the per-sample tasks
+  TORCH_CHECK(!recompute || (per_sample(x) && saved == nullptr), "_gc_backward: recompute needs the per-sample path");
+  const at::Tensor g = recompute ? at::empty({k.B, k.C}, x.options().dtype(acc)) : g_;
+  const at::Tensor stats = recompute ? at::empty({k.B, 2}, x.options().dtype(acc)) : stats_;
   Mlp mlp;
   std::optional<at::Tensor> c;
   if (has_mlp) {
-    mlp = saved != nullptr ? *saved : run_mlp(g, *w1, *b1, *w2, *b2);  // recomputed only without saved
+    if (recompute) {
+      mlp = make_mlp(k.B, k.C, g.options(), *w1, *b1, *w2, *b2);
+    } else {
+      mlp = saved != nullptr ? *saved : run_mlp(g, *w1, *b1, *w2, *b2);  // recomputed only without saved
+    }
     c = mlp.c;
   }
   const auto o = g.options();
@@ -285,8 +299,8 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
       const T* xp = x.const_data_ptr<T>();
       const T* gp = grad.const_data_ptr<T>();
       T* dxp = dx.mutable_data_ptr<T>();
-      const A* gv = g.const_data_ptr<A>();
-      const A* st = stats.const_data_ptr<A>();
+      A* gv = g.data_ptr<A>();  // written only under recompute
+      A* st = stats.data_ptr<A>();
       const A* a = al.const_data_ptr<A>();
       const A* bt = be.const_data_ptr<A>();
       const A* cp = has_mlp ? mlp.c.const_data_ptr<A>() : nullptr;
@@ -298,16 +312,27 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
       A* dup = du.mutable_data_ptr<A>();
       at::parallel_for(0, k.B, 1, [&](int64_t begin, int64_t end) {
         std::vector<A> shat(k.G * k.N), dsp(k.G * k.N), cf(3 * k.G), dgb(k.C), gsb(k.C), dm(h), tbuf(k.N);
-        std::vector<A> buf, dbuf, obuf;
+        std::vector<A> pp(2 * k.G), buf, dbuf, obuf;
         for (int64_t b = begin; b < end; ++b) {
           const T* xb = xp + b * k.C * k.N;
           const T* dyb = gp + b * (has_mlp ? k.C : k.G) * k.N;
-          const A* gb = gv + b * k.C;
+          A* gb = gv + b * k.C;
           A* chb = ch + b * 3 * k.C;
           A* grb = gr + b * 3 * k.G;
+          if (recompute) {  // as gc_forward_samples computes them; each group's D stays in shat
+            for (int64_t i = 0; i < k.C; ++i) gb[i] = static_cast<A>(plane_mean(xb + i * k.N, k.N));
+            if (has_mlp) mlp_rows<A>(mlp, gb, b, b + 1, k.C);
+            for (int64_t gamma = 0; gamma < k.G; ++gamma) {
+              A* dg = shat.data() + gamma * k.N;
+              similarity_rows<T, A>(xb, gb, k, gamma, dg, buf);
+              row_moments(dg, k.N, &pp[2 * gamma], &pp[2 * gamma + 1]);
+            }
+            merge_stats(pp.data(), k, st + 2 * b);
+          }
           for (int64_t gamma = 0; gamma < k.G; ++gamma)
             reduce_group<T, A>(xb, dyb, gb, has_mlp ? cp + b * k.C : nullptr, st + 2 * b, a[gamma], bt[gamma], eps,
-                               k, gamma, shat.data() + gamma * k.N, dsp.data() + gamma * k.N, chb, grb, buf, dbuf);
+                               k, gamma, recompute, shat.data() + gamma * k.N, dsp.data() + gamma * k.N, chb, grb,
+                               buf, dbuf);
           glue_sample<A>(a, st + 2 * b, chb, grb, gb, k, eps, cf.data(), dgb.data(), gsb.data());
           if (has_mlp)
             mlp_backward_sample<A>(chb + 2 * k.C, up + b * 2 * h, w1p, w2p, k.C, h, dm.data(), dup + b * 2 * h,

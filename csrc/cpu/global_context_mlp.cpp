@@ -1,5 +1,6 @@
 // FCViT global context on CPU: the maxout MLP on the channel means (see cpu/global_context.h).
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/types.h>
 
 #include "cpu/global_context.h"
@@ -52,27 +53,40 @@ void mlp_backward_sample(const A* dc_b, const A* u_b, const A* w1, const A* w2, 
   for (int64_t j = 0; j < 2 * h; ++j) axpy(dg_b, w1 + j * C, du_b[j], C);
 }
 
-// dW2 = Σ_b dc_b·m_bᵀ, db2 = Σ_b dc_b, dW1 = Σ_b du_b·g_bᵀ, db1 = Σ_b du_b (overwritten), summed over
-// b in order: deterministic.
+// dW2 = Σ_b dc_b·m_bᵀ, db2 = Σ_b dc_b, dW1 = Σ_b du_b·g_bᵀ, db1 = Σ_b du_b (overwritten). Each output
+// row sums over b in order, whichever thread writes it: deterministic. In parallel over the rows
+// (C of dW2, 2h of dW1): serial, it was a tenth of the backward at FCViT-tiny s4 (C = 320).
 template <typename A>
 void mlp_weight_grads(const A* dc, int64_t ldc, const A* du, const A* g, const A* m, int64_t B, int64_t C,
                       int64_t h, A* dw1, A* db1, A* dw2, A* db2) {
-  std::fill(dw1, dw1 + 2 * h * C, A(0));
-  std::fill(db1, db1 + 2 * h, A(0));
-  std::fill(dw2, dw2 + C * h, A(0));
-  std::fill(db2, db2 + C, A(0));
-  for (int64_t b = 0; b < B; ++b) {
-    const A* dcb = dc + b * ldc;
-    for (int64_t i = 0; i < C; ++i) {
-      axpy(dw2 + i * h, m + b * h, dcb[i], h);
-      db2[i] += dcb[i];
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(B * std::max(C, h), 1));
+  at::parallel_for(0, C + 2 * h, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (r < C) {  // row i of dW2 and db2
+        const int64_t i = r;
+        A* w = dw2 + i * h;
+        std::fill(w, w + h, A(0));
+        A s = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const A v = dc[b * ldc + i];
+          axpy(w, m + b * h, v, h);
+          s += v;
+        }
+        db2[i] = s;
+      } else {  // row j of dW1 and db1
+        const int64_t j = r - C;
+        A* w = dw1 + j * C;
+        std::fill(w, w + C, A(0));
+        A s = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const A v = du[b * 2 * h + j];
+          axpy(w, g + b * C, v, C);
+          s += v;
+        }
+        db1[j] = s;
+      }
     }
-    const A* dub = du + b * 2 * h;
-    for (int64_t j = 0; j < 2 * h; ++j) {
-      axpy(dw1 + j * C, g + b * C, dub[j], C);
-      db1[j] += dub[j];
-    }
-  }
+  });
 }
 
 // The weights in the accumulation dtype and room for u, m, c (B rows); nothing computed yet.

@@ -93,6 +93,53 @@ GC_ROW_LOOPS(float)
 GC_ROW_LOOPS(double)
 #undef GC_ROW_LOOPS
 
+// fp32 rows under double math (the fp32 backward, see global_context_backward.cpp): the loops
+// above with the widening folded in, so no row is staged through a baseline-compiled copy loop.
+// Each fp32 value widens exactly: the same math as widening first.
+void wide_axpy_centered(double* __restrict d, const float* __restrict x, double w, double m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] += w * (static_cast<double>(x[i]) - m);
+}
+void wide_axpy(double* __restrict d, const float* __restrict x, double w, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] += w * static_cast<double>(x[i]);
+}
+void wide_channel_dots(const float* __restrict x, double m, const double* __restrict dsp,
+                       const double* __restrict shat, const float* __restrict dy, int64_t n, double* out) {
+  double a = 0, b = 0, c = 0, e = 0;
+  if (dy != nullptr) {
+    _Pragma("omp simd reduction(+ : a, b, c, e)") for (int64_t i = 0; i < n; ++i) {
+      const double t = static_cast<double>(x[i]) - m;
+      const double g = static_cast<double>(dy[i]);
+      a += dsp[i] * t;
+      b += shat[i] * t;
+      c += g * shat[i];
+      e += g;
+    }
+  } else {
+    _Pragma("omp simd reduction(+ : a, b)") for (int64_t i = 0; i < n; ++i) {
+      const double t = static_cast<double>(x[i]) - m;
+      a += dsp[i] * t;
+      b += shat[i] * t;
+    }
+  }
+  out[0] = a;
+  out[1] = b;
+  out[2] = c;
+  out[3] = e;
+}
+void wide_dx_row(float* __restrict o, const float* __restrict dy, const double* __restrict t, double gs,
+                 double bias, int64_t n) {
+  if (dy != nullptr) {
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(static_cast<double>(dy[i]) + gs * t[i] + bias);
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(gs * t[i] + bias);
+  }
+}
+double wide_sum(const float* __restrict p, int64_t n) {
+  double s = 0;
+  _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < n; ++i) s += static_cast<double>(p[i]);
+  return s;
+}
+
 // The MLP's dot products accumulated in double from fp32 or fp64 operands (see global_context_mlp.cpp).
 template <typename X, typename Y>
 FASTVIT_INLINE double dot_wide(const X* __restrict a, const Y* __restrict b, int64_t n) {
@@ -111,11 +158,13 @@ constexpr gc::RowKernels<A> row_kernels() {
 const gc::RowKernels<float> kRowsF32 = row_kernels<float>();
 const gc::RowKernels<double> kRowsF64 = row_kernels<double>();
 const gc::DotKernels kDots = {&dot_ff, &dot_fd, &dot_dd};
+const gc::WideKernels kWide = {&wide_axpy_centered, &wide_axpy, &wide_channel_dots, &wide_dx_row, &wide_sum};
 
 }  // namespace
 
 FASTVIT_REGISTER_CPU_KERNEL(gc::row_kernels_f32, &kRowsF32);
 FASTVIT_REGISTER_CPU_KERNEL(gc::row_kernels_f64, &kRowsF64);
 FASTVIT_REGISTER_CPU_KERNEL(gc::dot_kernels, &kDots);
+FASTVIT_REGISTER_CPU_KERNEL(gc::wide_kernels, &kWide);
 
 FASTVIT_ISA_END
