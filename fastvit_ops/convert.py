@@ -50,7 +50,8 @@ def _pairs() -> Dict[Type[nn.Module], Type[nn.Module]]:
     for ref_layers, fused_layers in ((fat.REFERENCE_LAYERS, fused.FAT_LAYERS),
                                      (fcvit.REFERENCE_LAYERS, fused.FCVIT_LAYERS),
                                      (cvt.REFERENCE_LAYERS, fused.CVT_LAYERS),
-                                     (vt_resnet.REFERENCE_LAYERS, fused.VT_LAYERS)):
+                                     (vt_resnet.REFERENCE_LAYERS, fused.VT_LAYERS),
+                                     ({"VTResNet": vt_resnet.VTResNet}, fused.MODELS)):
         for name, fused_cls in fused_layers.items():
             ref_cls = ref_layers.get(name)
             if ref_cls is not None and fused_cls is not ref_cls:

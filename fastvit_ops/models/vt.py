@@ -1,9 +1,11 @@
 """VT-ResNet-18 / VT-ResNet-34 (Visual Transformers, arXiv 2006.03677, Table 11), built from the
 fused VT blocks of ``fastvit_ops.nn``.
 
-Each factory returns :class:`fastvit_ops.reference.vt_resnet.VTResNet` (its docstring gives the
+Each factory returns a :class:`fastvit_ops.reference.vt_resnet.VTResNet` (its docstring gives the
 architecture, the choices the paper leaves open, and the parameter / FLOP counts against the
-paper's Table 2); ``reference=True`` builds the pure-PyTorch reference blocks instead (same
+paper's Table 2): by default the fused subclass :class:`fastvit_ops.nn.vt_resnet.VTResNet` with
+fused basic blocks (channels_last CPU inference path) and VT blocks; ``reference=True`` builds the
+pure-PyTorch reference instead (same
 parameters and state_dict keys). Input images ``(B, 3, H, W)`` (224² in the paper), output logits
 ``(B, num_classes)``. No released weights exist.
 """
@@ -15,13 +17,15 @@ __all__ = ["vt_resnet18", "vt_resnet34"]
 
 
 def _build(name: str, num_classes: int, reference: bool, kwargs: dict) -> VTResNet:
+    cls = VTResNet
     if reference:
         layers = {}
     else:
         from .. import nn as fused_nn  # lazy: fastvit_ops.nn imports ops/kernels
         layers = dict(fused_nn.VT_LAYERS)
+        cls = fused_nn.MODELS["VTResNet"]  # its stem's CPU inference path
     layers.update(kwargs.pop("layers", None) or {})
-    return VTResNet(**CONFIGS[name], num_classes=num_classes, layers=layers or None, **kwargs)
+    return cls(**CONFIGS[name], num_classes=num_classes, layers=layers or None, **kwargs)
 
 
 def vt_resnet18(num_classes: int = 1000, reference: bool = False, **kwargs) -> VTResNet:

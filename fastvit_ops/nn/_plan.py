@@ -51,7 +51,7 @@ def applies(x: Tensor, module: nn.Module) -> bool:
     return True
 
 
-def state_key(module: nn.Module) -> tuple:
+def state_key(module: nn.Module, parts=None) -> tuple:
     """Everything a plan of ``module`` was built from (see the module docstring).
 
     Flat: a submodule's id (an int), then its plain attributes as (name, value) pairs, then a
@@ -60,7 +60,7 @@ def state_key(module: nn.Module) -> tuple:
     ~0.65 of the nested one's ~1 ms per forward."""
     key = []
     add = key.append
-    for m in module.modules():
+    for m in (module.modules() if parts is None else parts):
         add(id(m))
         for k, v in m.__dict__.items():
             if k[0] != "_" and isinstance(v, _SCALARS):
@@ -72,16 +72,19 @@ def state_key(module: nn.Module) -> tuple:
     return tuple(key)
 
 
-def run(module: nn.Module, build: Callable[[nn.Module], Callable[..., Tensor]], *args) -> Tensor:
-    """``module``'s plan called on ``args``; the plan is ``build(module)``, rebuilt when the key changed."""
-    key = state_key(module)
+def run(module: nn.Module, build: Callable[[nn.Module], Callable[..., Tensor]], *args, parts=None) -> Tensor:
+    """``module``'s plan called on ``args``; the plan is ``build(module)``, rebuilt when the key changed.
+    ``parts``: the modules the plan is built from when not all of ``module.modules()`` (a model's
+    stem, whose blocks have plans of their own), keyed and held instead."""
+    key = state_key(module, parts)
     cached = module.__dict__.get(_PLAN)
     if cached is None or cached[0] != key:
         with torch.no_grad():
             # The source tensors are held with the plan: while it lives, no new tensor can take an
             # old one's id or memory and match the key (a freed parameter's id is reused by Python,
             # its storage by the allocator, and both start at version 0).
-            sources = tuple(t for m in module.modules() for t in (*m._parameters.values(), *m._buffers.values()))
+            sources = tuple(t for m in (module.modules() if parts is None else parts)
+                            for t in (*m._parameters.values(), *m._buffers.values()))
             cached = (key, build(module), sources)
         module.__dict__[_PLAN] = cached
     return cached[1](*args)

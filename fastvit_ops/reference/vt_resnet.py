@@ -145,7 +145,7 @@ class VTResNet(nn.Module):
         widths: the three stages' channels (64, 128, 256).
         vt_channels: the VT feature map's channels C (512).
         num_tokens, token_channels, qk_channels: L (16), C_T (1024), the transformer's K/Q width (256).
-        layers: ``{name: class}`` replacing VT blocks (:data:`REFERENCE_LAYERS` names).
+        layers: ``{name: class}`` replacing the basic blocks or VT blocks (:data:`REFERENCE_LAYERS` names).
 
     Raises:
         ValueError: ``vt_modules < 1``, or a ``layers`` name this model does not use.
@@ -164,9 +164,10 @@ class VTResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
+        block = resolve_layers(REFERENCE_LAYERS, layers)["BasicBlock"]
         c = widths[0]
         for i, (w, n) in enumerate(zip(widths, depths)):
-            blocks = [BasicBlock(c if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1) for j in range(n)]
+            blocks = [block(c if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1) for j in range(n)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             c = w
         self.vt = nn.ModuleList([
@@ -176,10 +177,13 @@ class VTResNet(nn.Module):
         self.head = nn.Linear(token_channels, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv7×7/s2 → BN → ReLU → maxpool3×3/s2: ``(B, in_chans, H, W)`` → ``(B, 64, H/4, W/4)``."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W)`` → the last module's tokens ``(B, L, C_T)``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         tokens = None
         for m in self.vt:
             x, tokens = m(x, tokens)
@@ -194,6 +198,7 @@ class VTResNet(nn.Module):
 
 
 REFERENCE_LAYERS = {
+    "BasicBlock": BasicBlock,
     "FilterTokenizer": vt.FilterTokenizer,
     "RecurrentTokenizer": vt.RecurrentTokenizer,
     "TokenTransformer": vt.TokenTransformer,

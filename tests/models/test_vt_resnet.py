@@ -10,8 +10,9 @@ import fastvit_ops
 from conftest import assert_error_rule, backends_for, randomize_
 from fastvit_ops import models
 from fastvit_ops.nn import vt as fused_vt
+from fastvit_ops.nn import vt_resnet as fused_vt_resnet
 from fastvit_ops.reference import vt as ref_vt
-from fastvit_ops.reference.vt_resnet import VTResNet
+from fastvit_ops.reference.vt_resnet import BasicBlock, VTResNet
 
 # Paper Table 2 (VT-R18 / VT-R34): parameters (M) and FLOPs (M multiply-adds at 224²), and the
 # exact counts this implementation gives.
@@ -64,12 +65,14 @@ def test_fused_build_uses_fused_blocks_and_loads_reference_weights():
     assert isinstance(fused.vt[0].tokenizer, fused_vt.FilterTokenizer)
     assert isinstance(fused.vt[1].tokenizer, fused_vt.RecurrentTokenizer)
     assert isinstance(fused.vt[0].projector, fused_vt.Projector)
+    assert isinstance(fused, fused_vt_resnet.VTResNet) and isinstance(fused.layer2[0], fused_vt_resnet.BasicBlock)
     assert [(k, v.shape) for k, v in fused.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
     fused.load_state_dict(ref.state_dict(), strict=True)
     conv = fastvit_ops.convert(ref)
     assert conv.fastvit_ops_report == {"FilterTokenizer": 1, "RecurrentTokenizer": 1, "TokenTransformer": 2,
-                                       "Projector": 1}
+                                       "Projector": 1, "BasicBlock": 6, "VTResNet": 1}
     back = fastvit_ops.revert(conv)
+    assert type(back) is VTResNet and type(back.layer1[0]) is BasicBlock
     assert all(type(m) in (ref_vt.FilterTokenizer, ref_vt.RecurrentTokenizer, ref_vt.TokenTransformer,
                            ref_vt.Projector) for v in back.vt for m in v.children() if m is not None)
 
@@ -161,3 +164,64 @@ def test_projector_computes_each_projection_once(channels):
     with torch.no_grad():
         torch.testing.assert_close(fused(x, tokens), ref(x, tokens), rtol=1e-5, atol=1e-5)
     assert sorted(calls) == ["k", "q", "wv"]
+
+
+def _trunk_model(seed):
+    """A VT-ResNet whose trunk has every kind of block (stride 1 identity shortcut, stride 2
+    downsample), random weights and BN statistics, in eval mode: (reference, converted, float64)."""
+    torch.manual_seed(seed)
+    ref = randomize_(VTResNet((2, 1, 1), 2, num_classes=7, widths=(8, 12, 16), vt_channels=24, num_tokens=5,
+                              token_channels=32, qk_channels=32), 0.3).eval()
+    exact = VTResNet((2, 1, 1), 2, num_classes=7, widths=(8, 12, 16), vt_channels=24, num_tokens=5,
+                     token_channels=32, qk_channels=32).double().eval()
+    exact.load_state_dict(ref.state_dict())
+    return ref, fastvit_ops.convert(ref), exact
+
+
+def _planned(model):
+    return [name for name, m in model.named_modules() if "_fastvit_ops_plan" in m.__dict__]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_trunk_inference_plan_matches_reference(memory_format):
+    """CPU inference runs the stem and every basic block through their plans (BN folded, stem
+    channels_last) and holds the 2x rule on the trunk's map and the logits against float64; an
+    odd input size exercises the pooling's edges."""
+    ref, conv, exact = _trunk_model(int(torch.randint(0, 2**31, ()).item()))
+    x = torch.randn(2, 3, 45, 39).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        got = conv.layer3(conv.layer2(conv.layer1(conv.stem(x))))
+        want = ref.layer3(ref.layer2(ref.layer1(ref.stem(x))))
+        exact_map = exact.layer3(exact.layer2(exact.layer1(exact.stem(x.double()))))
+        assert_error_rule("trunk", got, want, exact_map)
+        assert_error_rule("logits", conv(x), ref(x), exact(x.double()))
+    assert set(_planned(conv)) == {"", "layer1.0", "layer1.1", "layer2.0", "layer3.0"}
+
+
+def test_trunk_plan_follows_edits_and_modes():
+    """Plans notice in-place edits of BN statistics and weights, a replaced activation, and are not
+    used with gradients, in training, or when pickled (a copy rebuilds its own)."""
+    import pickle
+
+    ref, conv, _ = _trunk_model(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), ref(x), rtol=1e-4, atol=1e-5)
+        for m in (ref, conv):
+            m.bn1.running_var.mul_(3.0)
+            m.layer2[0].downsample[1].running_mean.add_(0.5)
+            m.layer1[1].conv2.weight.mul_(-1.0)
+        torch.testing.assert_close(conv(x), ref(x), rtol=1e-4, atol=1e-5)
+        for m in (ref, conv):
+            m.layer1[0].relu = torch.nn.GELU()  # not a ReLU: the block runs its reference forward
+        torch.testing.assert_close(conv(x), ref(x), rtol=1e-4, atol=1e-5)
+        copy_ = pickle.loads(pickle.dumps(conv))
+        assert not _planned(copy_)
+        torch.testing.assert_close(copy_(x), ref(x), rtol=1e-4, atol=1e-5)
+    conv.train(), ref.train()
+    torch.testing.assert_close(conv(x), ref(x), rtol=1e-4, atol=1e-5)  # batch statistics, graph kept
+    conv.eval()
+    for p in conv.parameters():
+        p.grad = None
+    conv(x.requires_grad_()).sum().backward()  # with gradients: the reference composition
+    assert conv.conv1.weight.grad is not None
