@@ -232,7 +232,7 @@ void backward(const AttnBackwardArgs<T>& g) {
         gather_any(Q, q_tok, b, h, n0, cnt, D, X.data());
         for (int64_t n = 0; n < NT; ++n) {
           mrow[n] = n < cnt ? L[(bh * g.N + n0 + n) * 2] : A(0);
-          lrow[n] = n < cnt ? L[(bh * g.N + n0 + n) * 2 + 1] : A(0);
+          if constexpr (!std::is_same_v<A, float>) lrow[n] = n < cnt ? L[(bh * g.N + n0 + n) * 2 + 1] : A(0);
         }
         rows_dot(kraw.data(), X.data(), S.data(), M, D);
         if constexpr (std::is_same_v<A, float>) {
