@@ -149,20 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gc_forward_samples(const at::Tens
       std::vector<A> D(k.G * k.N), pp(2 * k.G), buf, obuf;
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* xb = xp + b * k.C * k.N;
-        A* gb = gp + b * k.C;
-        for (int64_t ch = 0; ch < k.C; ++ch) gb[ch] = static_cast<A>(plane_mean(xb + ch * k.N, k.N));
-        const A* cb = nullptr;
-        if (has_c) {
-          mlp_rows<A>(*mlp, gb, b, b + 1, k.C);
-          cb = mlp->c.const_data_ptr<A>() + b * k.C;
-        }
-        for (int64_t gamma = 0; gamma < k.G; ++gamma) {
-          A* dg = D.data() + gamma * k.N;
-          similarity_rows<scalar_t, A>(xb, gb, k, gamma, dg, buf);
-          row_moments(dg, k.N, &pp[2 * gamma], &pp[2 * gamma + 1]);
-        }
-        merge_stats(pp.data(), k, st + 2 * b);
+        sample_statistics<scalar_t, A>(xb, b, mlp, k, gp + b * k.C, D.data(), pp.data(), st + 2 * b, buf);
         if (stats_only) continue;
+        const A* cb = has_c ? mlp->c.const_data_ptr<A>() + b * k.C : nullptr;
         for (int64_t gamma = 0; gamma < k.G; ++gamma)
           apply_group<scalar_t, A>(xb, op_ + b * (has_c ? k.C : k.G) * k.N, D.data() + gamma * k.N, cb, st + 2 * b,
                                    alpha[gamma], beta[gamma], eps, k, gamma, residual, buf, obuf);

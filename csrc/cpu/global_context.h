@@ -298,6 +298,22 @@ template <typename A>
 void mlp_weight_grads(const A* dc, int64_t ldc, const A* du, const A* g, const A* m, int64_t B, int64_t C,
                       int64_t h, A* dw1, A* db1, A* dw2, A* db2);
 
+// One sample's statistics as the per-sample forward and the fp32 backward's recompute both form
+// them (one function: the same numbers in both): g_b (C means), the MLP's row b (when `mlp`), each
+// group's D in D_b (G rows of N) and st_b = (mean, σ). `pp`: 2·G of scratch.
+template <typename T, typename A>
+void sample_statistics(const T* x_b, int64_t b, const Mlp* mlp, const Dims& k, A* g_b, A* D_b, A* pp, A* st_b,
+                       std::vector<A>& buf) {
+  for (int64_t ch = 0; ch < k.C; ++ch) g_b[ch] = static_cast<A>(plane_mean(x_b + ch * k.N, k.N));
+  if (mlp != nullptr) mlp_rows<A>(*mlp, g_b, b, b + 1, k.C);
+  for (int64_t gamma = 0; gamma < k.G; ++gamma) {
+    A* dg = D_b + gamma * k.N;
+    similarity_rows<T, A>(x_b, g_b, k, gamma, dg, buf);
+    row_moments(dg, k.N, &pp[2 * gamma], &pp[2 * gamma + 1]);
+  }
+  merge_stats(pp, k, st_b);
+}
+
 // ---- the passes (global_context.cpp, global_context_backward.cpp) --------------------------------
 // The whole forward; `mlp_out` (when given) receives the MLP's activations for the backward. `acc`:
 // the accumulation dtype (Undefined: acc_type(x)); g, the statistics and the MLP come out in it.

@@ -319,16 +319,8 @@ gc_backward_impl(const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor
           A* gb = gv + b * k.C;
           A* chb = ch + b * 3 * k.C;
           A* grb = gr + b * 3 * k.G;
-          if (recompute) {  // as gc_forward_samples computes them; each group's D stays in shat
-            for (int64_t i = 0; i < k.C; ++i) gb[i] = static_cast<A>(plane_mean(xb + i * k.N, k.N));
-            if (has_mlp) mlp_rows<A>(mlp, gb, b, b + 1, k.C);
-            for (int64_t gamma = 0; gamma < k.G; ++gamma) {
-              A* dg = shat.data() + gamma * k.N;
-              similarity_rows<T, A>(xb, gb, k, gamma, dg, buf);
-              row_moments(dg, k.N, &pp[2 * gamma], &pp[2 * gamma + 1]);
-            }
-            merge_stats(pp.data(), k, st + 2 * b);
-          }
+          if (recompute)  // as gc_forward_samples computes them; each group's D stays in shat
+            sample_statistics<T, A>(xb, b, has_mlp ? &mlp : nullptr, k, gb, shat.data(), pp.data(), st + 2 * b, buf);
           for (int64_t gamma = 0; gamma < k.G; ++gamma)
             reduce_group<T, A>(xb, dyb, gb, has_mlp ? cp + b * k.C : nullptr, st + 2 * b, a[gamma], bt[gamma], eps,
                                k, gamma, recompute, shat.data() + gamma * k.N, dsp.data() + gamma * k.N, chb, grb,

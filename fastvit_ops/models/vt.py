@@ -4,7 +4,7 @@ fused VT blocks of ``fastvit_ops.nn``.
 Each factory returns a :class:`fastvit_ops.reference.vt_resnet.VTResNet` (its docstring gives the
 architecture, the choices the paper leaves open, and the parameter / FLOP counts against the
 paper's Table 2): by default the fused subclass :class:`fastvit_ops.nn.vt_resnet.VTResNet` with
-fused basic blocks (channels_last CPU inference path) and VT blocks; ``reference=True`` builds the
+its stem and basic blocks on a CPU inference path (docs/vt.md) and fused VT blocks; ``reference=True`` builds the
 pure-PyTorch reference instead (same
 parameters and state_dict keys). Input images ``(B, 3, H, W)`` (224² in the paper), output logits
 ``(B, num_classes)``. No released weights exist.
